@@ -1,0 +1,130 @@
+"""The Transition record: one verification round, everything the learner needs, as numpy arrays.
+
+A transition is self-contained: because the trunk is frozen, the stored layer-k hidden states stay
+valid training inputs whatever head version reads them later. Only numpy (no torch tensors) so that
+it crosses Ray and Redis boundaries cheaply and without pickling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+# name -> (dtype, trailing shape spec). "n" = drafted positions, "K" = top-k, "d" = hidden size,
+# "W" = context window. Used by validation here and by the wire codec.
+ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    "hidden": (np.dtype(np.float16), ("n", "d")),
+    "draft_tokens": (np.dtype(np.int32), ("n",)),
+    "draft_logprobs": (np.dtype(np.float32), ("n",)),
+    "draft_topk_ids": (np.dtype(np.int32), ("n", "K")),
+    "draft_topk_logprobs": (np.dtype(np.float32), ("n", "K")),
+    "target_topk_ids": (np.dtype(np.int32), ("n", "K")),
+    "target_topk_logprobs": (np.dtype(np.float32), ("n", "K")),
+    "target_tokens": (np.dtype(np.int32), ("n",)),
+    "accept_mask": (np.dtype(np.bool_), ("n",)),
+    "on_path": (np.dtype(np.bool_), ("n",)),
+    "context_hidden": (np.dtype(np.float16), ("W", "d")),
+}
+SCALAR_FIELDS = ("run_id", "actor_id", "request_id", "round", "policy_version", "workload",
+                 "t_start", "t_end", "temperature")
+
+
+class TransitionError(ValueError):
+    """A transition whose arrays do not agree with each other or with the contract."""
+
+
+@dataclass
+class Transition:
+    run_id: str
+    actor_id: int
+    request_id: str
+    round: int
+    policy_version: int
+    workload: str
+    t_start: float  # wall-clock seconds (time.time()) when the round began drafting
+    t_end: float  # ... and when verification finished
+    temperature: float  # 0.0 = greedy
+    hidden: np.ndarray  # [n, d] float16: the layer-k hidden state the head saw at each drafted position
+    draft_tokens: np.ndarray  # [n] int32: full-vocabulary ids
+    draft_logprobs: np.ndarray  # [n] float32: behaviour log-prob of each drafted token
+    draft_topk_ids: np.ndarray  # [n, K] int32
+    draft_topk_logprobs: np.ndarray  # [n, K] float32
+    target_topk_ids: np.ndarray  # [n, K] int32: verifier distribution at the same positions
+    target_topk_logprobs: np.ndarray  # [n, K] float32
+    target_tokens: np.ndarray  # [n] int32: the verifier's choice at each position
+    accept_mask: np.ndarray  # [n] bool: True on the accepted prefix
+    on_path: np.ndarray  # [n] bool: positions before or at the first reject (these carry reward)
+    context_hidden: np.ndarray = field(  # [W, d] float16: trunk hidden of W committed positions before the draft
+        default_factory=lambda: np.zeros((0, 0), np.float16))
+
+    @property
+    def transition_id(self) -> str:
+        return f"{self.run_id}:{self.actor_id}:{self.request_id}:{self.round}"
+
+    @property
+    def n(self) -> int:
+        return int(self.draft_tokens.shape[0])
+
+    @property
+    def n_accepted(self) -> int:
+        return int(self.accept_mask.sum())
+
+    def validate(self) -> "Transition":
+        """Check dtypes and that every array agrees on n, K and d; raise TransitionError naming the field."""
+        dims: dict[str, int] = {}
+        for name, (dtype, spec) in ARRAY_FIELDS.items():
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray):
+                raise TransitionError(f"{name}: expected numpy array, got {type(arr).__name__}")
+            if arr.dtype != dtype:
+                raise TransitionError(f"{name}: dtype {arr.dtype}, expected {dtype}")
+            if arr.ndim != len(spec):
+                raise TransitionError(f"{name}: shape {arr.shape}, expected {len(spec)} dims {spec}")
+            if name == "context_hidden" and arr.shape[0] == 0:
+                continue  # no context window: its hidden size is free
+            for sym, size in zip(spec, arr.shape):
+                if dims.setdefault(sym, size) != size:
+                    raise TransitionError(f"{name}: dim {sym}={size} disagrees with {dims[sym]} seen before")
+        accepted = self.accept_mask.astype(np.int8)
+        if np.any(np.diff(accepted) > 0):
+            raise TransitionError("accept_mask: accepted positions must form a prefix")
+        if np.any(self.accept_mask & ~self.on_path):
+            raise TransitionError("accept_mask: an accepted position must be on_path")
+        return self
+
+    def scalars(self) -> dict:
+        return {name: getattr(self, name) for name in SCALAR_FIELDS}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAY_FIELDS}
+
+    @classmethod
+    def from_parts(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> "Transition":
+        names = {f.name for f in fields(cls)}
+        unknown = (set(scalars) | set(arrays)) - names
+        if unknown:
+            raise TransitionError(f"unknown fields {sorted(unknown)}")
+        return cls(**scalars, **arrays).validate()
+
+
+def random_transition(rng: np.random.Generator, *, n: int = 4, d: int = 576, k: int = 16, vocab: int = 49152,
+                      window: int = 0, run_id: str = "run", actor_id: int = 0, request_id: str = "r0",
+                      round: int = 0, policy_version: int = 0) -> Transition:
+    """A well-formed transition with random content, for tests and buffer benchmarks."""
+    n_acc = int(rng.integers(0, n + 1))
+    accept = np.arange(n) < n_acc
+    on_path = np.arange(n) <= n_acc
+    return Transition(
+        run_id=run_id, actor_id=actor_id, request_id=request_id, round=round,
+        policy_version=policy_version, workload="random", t_start=0.0, t_end=0.0, temperature=0.0,
+        hidden=rng.standard_normal((n, d)).astype(np.float16),
+        draft_tokens=rng.integers(0, vocab, n, dtype=np.int32),
+        draft_logprobs=-rng.random(n, dtype=np.float32),
+        draft_topk_ids=rng.integers(0, vocab, (n, k), dtype=np.int32),
+        draft_topk_logprobs=-rng.random((n, k), dtype=np.float32),
+        target_topk_ids=rng.integers(0, vocab, (n, k), dtype=np.int32),
+        target_topk_logprobs=-rng.random((n, k), dtype=np.float32),
+        target_tokens=rng.integers(0, vocab, n, dtype=np.int32),
+        accept_mask=accept, on_path=on_path,
+        context_hidden=rng.standard_normal((window, d)).astype(np.float16) if window else np.zeros((0, 0), np.float16),
+    )
