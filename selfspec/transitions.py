@@ -54,7 +54,9 @@ class Transition:
     target_tokens: np.ndarray  # [n] int32: the verifier's choice at each position
     accept_mask: np.ndarray  # [n] bool: True on the accepted prefix
     on_path: np.ndarray  # [n] bool: positions before or at the first reject (these carry reward)
-    context_hidden: np.ndarray = field(  # [W, d] float16: trunk hidden of W committed positions before the draft
+    # [w, d] float16, w <= W: trunk hidden of the last w committed positions before the draft (fewer
+    # than the head's window W only at the start of a short request); [0, 0] for single-position heads.
+    context_hidden: np.ndarray = field(
         default_factory=lambda: np.zeros((0, 0), np.float16))
 
     @property

@@ -1,0 +1,42 @@
+"""A preallocated per-layer KV cache whose layers can hold different lengths.
+
+Drafting advances the trunk layers [0,k) one token at a time while the verifier layers [k,L) lag
+behind until verification, so each layer keeps its own length. Rolling back after a rejection is
+just lowering the lengths: no copies, no reallocation.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * num_layers
+        self.capacity = capacity
+
+    @classmethod
+    def for_model(cls, config, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, capacity, dtype, device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+        """Called by the HF attention module: append [1, heads, n, dim] and return the layer's whole K, V."""
+        start = self.lengths[layer_idx]
+        end = start + key.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        self.keys[layer_idx, :, :, start:end] = key
+        self.values[layer_idx, :, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def length(self, layer_idx: int) -> int:
+        return self.lengths[layer_idx]
+
+    def crop(self, length: int) -> None:
+        """Forget every position >= length in every layer (rejected drafts)."""
+        self.lengths = [min(n, length) for n in self.lengths]

@@ -1,0 +1,132 @@
+"""How many tokens to draft each round.
+
+The engine asks `start_round()` before calling the head at all, then `keep(i, top_prob, entropy)` for
+each candidate draft (after the head produced it, before it is committed to verification), and
+reports the outcome with `update(top_probs, n_accepted)`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+class LengthPolicy:
+    """Fixed γ: always draft max_drafts tokens (γ=0 is plain autoregressive decoding)."""
+
+    name = "fixed"
+
+    def __init__(self, max_drafts: int):
+        if max_drafts < 0:
+            raise ValueError(f"gamma must be >= 0, got {max_drafts}")
+        self.max_drafts = max_drafts
+
+    def start_round(self) -> bool:
+        return self.max_drafts > 0
+
+    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
+        return True
+
+    def update(self, top_probs: list[float], n_accepted: int) -> None:
+        pass
+
+
+class ConfidenceThreshold(LengthPolicy):
+    """SVIP / AdaEDL style: stop drafting once the head is unsure (entropy high or top probability low)."""
+
+    name = "threshold"
+
+    def __init__(self, max_drafts: int, min_top_prob: float = 0.4, max_entropy: float = 2.0):
+        super().__init__(max_drafts)
+        self.min_top_prob, self.max_entropy = min_top_prob, max_entropy
+
+    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
+        return top_prob >= self.min_top_prob and entropy <= self.max_entropy
+
+
+@dataclass
+class StepCosts:
+    """Seconds, measured on the running machine (see selfspec.step_costs)."""
+
+    trunk: float  # one token through layers [0, k)
+    head: float  # one drafter-head call
+    verify: list[float]  # verify[m]: m tokens through layers [k, L) + norm + lm_head (index 0 unused)
+
+    def round_time(self, n_drafts: int, n_heads: int) -> float:
+        return self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]
+
+
+class CostAware(LengthPolicy):
+    """Draft only as much as the head's calibrated confidence pays for, down to zero.
+
+    Acceptance of a draft is estimated from the head's top probability, calibrated online per
+    confidence bin (the raw confidence acts as a prior worth `prior_weight` observations). A round's
+    value is expected tokens / expected time, with measured per-size verify costs, which are uneven
+    here (verifying 3 tokens can cost more than 5). When no confidence the head shows would pay, the
+    head is not called at all, except in a small `explore` fraction of rounds that keep calibrating.
+    """
+
+    name = "cost_aware"
+
+    def __init__(self, costs: StepCosts, max_drafts: int, explore: float = 0.03, prior_weight: float = 4.0,
+                 bins: int = 10, seed: int = 0):
+        super().__init__(min(max_drafts, len(costs.verify) - 2))
+        self.costs, self.explore, self.prior_weight, self.bins = costs, explore, prior_weight, bins
+        self.accepted = [0.0] * bins
+        self.trials = [0.0] * bins
+        self.seen = [1.0] * bins  # how often the head shows each confidence (uniform prior)
+        self.rng = random.Random(seed)
+        self._exploring = False
+        self._head_pays = True
+
+    def _bin(self, top_prob: float) -> int:
+        return min(int(top_prob * self.bins), self.bins - 1)
+
+    def acceptance(self, top_prob: float) -> float:
+        b = self._bin(top_prob)
+        return (self.accepted[b] + self.prior_weight * top_prob) / (self.trials[b] + self.prior_weight)
+
+    def _best_rate(self, accept_probs: list[float], a_next: float, n_heads_done: int) -> float:
+        """Best tokens/s over every round length >= len(accept_probs), later drafts accepted with a_next."""
+        best, expected, survive = 0.0, 1.0, 1.0
+        for a in accept_probs:
+            survive *= a
+            expected += survive
+        for n in range(len(accept_probs), self.max_drafts + 1):
+            if n > len(accept_probs):
+                survive *= a_next
+                expected += survive
+            best = max(best, expected / self.costs.round_time(n, max(n, n_heads_done)))
+        return best
+
+    def start_round(self) -> bool:
+        self._round_probs: list[float] = []
+        self._exploring = self.rng.random() < self.explore
+        return self.max_drafts > 0 and (self._head_pays or self._exploring)
+
+    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
+        self.seen[self._bin(top_prob)] += 1
+        a = self.acceptance(top_prob)
+        stop_rate = self._best_rate(self._round_probs, 0.0, i + 1)
+        go_rate = self._best_rate(self._round_probs + [a], a, i + 1)
+        if go_rate > stop_rate or (self._exploring and i == 0):
+            self._round_probs.append(a)
+            return True
+        return False
+
+    def update(self, top_probs: list[float], n_accepted: int) -> None:
+        # Only positions up to the first reject were observed; later ones say nothing.
+        for j, p in enumerate(top_probs[: n_accepted + 1]):
+            b = self._bin(p)
+            self.trials[b] += 1
+            self.accepted[b] += j < n_accepted
+        self._head_pays = self._value_of_head() > 1.0 / self.costs.round_time(0, 0)
+
+    def _value_of_head(self) -> float:
+        """Expected tokens/s of a round that calls the head, over the confidences the head shows."""
+        total = sum(self.seen)
+        value = 0.0
+        for b in range(self.bins):
+            a = self.acceptance((b + 0.5) / self.bins)
+            value += self.seen[b] / total * max(self._best_rate([a], a, 1), 1.0 / self.costs.round_time(0, 1))
+        return value
+

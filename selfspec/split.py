@@ -1,0 +1,57 @@
+"""One Hugging Face causal LM viewed as trunk (layers [0,k)) + verifier (layers [k,L), norm, lm_head).
+
+Only the decoder layers' own forward is used, so any Llama-like HF model works. Both halves share one
+KVCache and one set of rotary embeddings: a token's trunk pass during drafting is the same pass the
+verifier would have run, which is what lets verification start at layer k.
+"""
+from __future__ import annotations
+
+import torch
+
+from selfspec.kv_cache import KVCache
+
+
+class SplitModel:
+    def __init__(self, model, exit_layer: int):
+        base = model.model
+        self.num_layers = len(base.layers)
+        if not 1 <= exit_layer <= self.num_layers - 1:
+            raise ValueError(f"exit layer {exit_layer} out of range: must be in [1, {self.num_layers - 1}] "
+                             f"for this {self.num_layers}-layer model")
+        self.model = model
+        self.config = model.config
+        self.exit_layer = exit_layer
+        self.layers = base.layers
+        self.embed = base.embed_tokens
+        self.rotary = base.rotary_emb
+        self.norm = base.norm
+        self.lm_head = model.lm_head
+        self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 30)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache.for_model(self.config, capacity, self.dtype, self.device)
+
+    def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int, cache: KVCache) -> torch.Tensor:
+        """Layers [lo, hi) on hidden [1, n, d] at positions start..start+n-1, appending to the cache."""
+        n = hidden.shape[1]
+        positions = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
+        rope = self.rotary(hidden, positions)
+        mask = None
+        if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
+            kv_len = start + n
+            mask = (torch.arange(kv_len, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
+        for layer in self.layers[lo:hi]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, position_embeddings=rope)
+        return hidden
+
+    def trunk(self, token_ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """token ids [n] -> layer-k hidden [1, n, d]."""
+        return self._run(self.embed(token_ids[None]), 0, self.exit_layer, start, cache)
+
+    def verify(self, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """layer-k hidden [1, n, d] -> full-model logits [n, V] (float32)."""
+        hidden = self._run(hidden, self.exit_layer, self.num_layers, start, cache)
+        return self.lm_head(self.norm(hidden))[0].float()

@@ -1,0 +1,99 @@
+"""The cache is shared and rolled back correctly: no trunk layer runs twice for a drafted token, and
+after a rejection the next verification sees exactly what a fresh full forward sees."""
+import numpy as np
+import pytest
+import torch
+from tiny_model import tiny_llama
+
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.engine import SelfSpecDecoder
+from selfspec.length_policy import LengthPolicy
+from selfspec.split import SplitModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=1)
+
+
+def count_tokens(module, counter):
+    return module.register_forward_hook(lambda mod, args, out: counter.append(args[0].shape[1]))
+
+
+def test_trunk_never_runs_twice_for_a_drafted_token(model):
+    k = 2
+    split = SplitModel(model, k)
+    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
+                              LengthPolicy(4))
+    trunk_seen, verifier_seen = [], []
+    hooks = [count_tokens(model.model.layers[0], trunk_seen), count_tokens(model.model.layers[k], verifier_seen)]
+    prompt = list(range(5, 17))
+    result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
+    for h in hooks:
+        h.remove()
+    drafted = sum(r.drafted for r in result.rounds)
+    assert drafted > 0 and any(r.accepted < r.drafted for r in result.rounds)
+    # each round: the pending token once + each draft once, for both halves of the model
+    expected = len(prompt) + sum(1 + r.drafted for r in result.rounds)
+    assert sum(trunk_seen) == expected
+    assert sum(verifier_seen) == expected
+    # the trunk ran one token at a time after prefill; the verifier ran each round as one block
+    assert all(n == 1 for n in trunk_seen[1:])
+    assert verifier_seen[1:] == [1 + r.drafted for r in result.rounds]
+
+
+def test_verification_after_rejection_equals_fresh_forward(model):
+    k = 2
+    split = SplitModel(model, k)
+    transitions = []
+    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
+                              LengthPolicy(4), sink=transitions.append, topk=8)
+    prompt = [3, 14, 15, 92, 65, 35]
+    result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
+    drafting_rounds = [r for r in result.rounds if r.drafted]  # a round with no budget left drafts nothing
+    assert len(transitions) == len(drafting_rounds)
+    by_round = iter(transitions)
+    pending_index, checked = 0, 0
+    for i, r in enumerate(result.rounds):
+        tr = next(by_round) if r.drafted else None
+        if tr is not None and i > 0 and result.rounds[i - 1].accepted < result.rounds[i - 1].drafted:
+            seq = prompt + result.tokens[: pending_index + 1] + tr.draft_tokens.tolist()
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+            start = len(prompt) + pending_index
+            fresh = logp[start:start + tr.n].topk(8, -1)
+            np.testing.assert_array_equal(tr.target_topk_ids, fresh.indices.numpy())
+            np.testing.assert_allclose(tr.target_topk_logprobs, fresh.values.numpy(), rtol=0, atol=1e-5)
+            checked += 1
+        pending_index += r.accepted + 1
+    assert checked >= 3, "too few rounds after a rejection to check"
+
+
+def test_transition_fields(model):
+    k = 2
+    split = SplitModel(model, k)
+    head = DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=8, lora_rank=2, context_window=4))
+    transitions = []
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), sink=transitions.append, topk=5, run_id="r",
+                              actor_id=2, policy_version=7, workload="w")
+    decoder.generate([1, 2, 3], max_new_tokens=20, eos_ids=set(), request_id="q")
+    assert transitions
+    for i, tr in enumerate(transitions):
+        tr.validate()
+        assert tr.transition_id == f"r:2:q:{i + 1}"
+        # up to W committed positions before the draft: the 3-token prompt first, then a full window
+        assert tr.hidden.shape == (tr.n, 64) and tr.context_hidden.shape == ((3 if i == 0 else 4), 64)
+        assert tr.policy_version == 7 and tr.workload == "w"
+        assert tr.draft_topk_ids.shape == (tr.n, 5)
+        # greedy drafts are the head's argmax: the top-1 of its own distribution
+        np.testing.assert_array_equal(tr.draft_tokens, tr.draft_topk_ids[:, 0])
+        np.testing.assert_allclose(tr.draft_logprobs, tr.draft_topk_logprobs[:, 0], rtol=1e-6)
+        accepted = tr.accept_mask.sum()
+        np.testing.assert_array_equal(tr.target_tokens[:accepted], tr.draft_tokens[:accepted])
+        if accepted < tr.n:
+            assert tr.target_tokens[accepted] != tr.draft_tokens[accepted]
+    # the hidden state stored is the trunk's layer-k output at that position
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    np.testing.assert_allclose(transitions[0].context_hidden[-3:].astype(np.float64),
+                               out.hidden_states[k][0].numpy(), rtol=1e-2, atol=1e-2)

@@ -1,0 +1,98 @@
+"""Greedy self-speculative decoding is token-identical to plain greedy decoding of the same model."""
+import numpy as np
+import pytest
+import torch
+from tiny_model import plain_greedy, tiny_llama
+
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.engine import SelfSpecDecoder
+from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy, StepCosts
+from selfspec.split import SplitModel
+
+MAX_POS = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(max_positions=MAX_POS)
+
+
+def make_head(model, k, noise, draft_vocab=None, seed=0):
+    head = DrafterHead(SplitModel(model, k), HeadConfig(exit_layer=k, adapter_hidden=32, lora_rank=4,
+                                                         draft_vocab=draft_vocab))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # perturb so that the head is sometimes right, sometimes wrong
+        head.proj.lora_B.default.weight.copy_(torch.randn(head.proj.lora_B.default.weight.shape, generator=gen,
+                                                          dtype=torch.float64) * noise)
+    return head
+
+
+def make_policy(kind, gamma):
+    if kind == "fixed":
+        return LengthPolicy(gamma)
+    if kind == "threshold":
+        return ConfidenceThreshold(gamma, min_top_prob=0.2, max_entropy=4.0)
+    # Made-up costs where drafting pays, so the cost-aware policy really drafts (and varies lengths).
+    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, explore=0.2)
+
+
+SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab)
+    (1, 3, "fixed", 0.0, None),
+    (2, 4, "fixed", 0.05, None),
+    (2, 5, "threshold", 0.0, 64),
+    (3, 4, "cost_aware", 0.05, None),
+    (3, 5, "fixed", 0.0, 192),
+]
+
+
+@pytest.mark.parametrize("k,gamma,policy,noise,vocab", SETTINGS)
+def test_greedy_identical_over_random_prompts(model, k, gamma, policy, noise, vocab):
+    rng = np.random.default_rng(k * 100 + gamma)
+    head = make_head(model, k, noise, vocab)
+    decoder = SelfSpecDecoder(SplitModel(model, k), head, make_policy(policy, gamma))
+    per_position = np.zeros((gamma, 2))  # [accepted, rejected] at each draft position
+    eos_inside_draft = 0
+    for _ in range(50):
+        prompt = rng.integers(0, 256, int(rng.integers(1, 24))).tolist()
+        max_new = int(rng.integers(1, 30))  # often lands mid-draft
+        # EOS = a token the model itself emits a few steps in, so it often sits inside a draft.
+        free_run = plain_greedy(model, prompt, 8)
+        eos = {free_run[int(rng.integers(0, len(free_run)))]} if rng.random() < 0.5 else set()
+        expected = plain_greedy(model, prompt, max_new, eos)
+        result = decoder.generate(prompt, max_new_tokens=max_new, eos_ids=eos)
+        assert result.tokens == expected, f"prompt={prompt} max_new={max_new} eos={eos}"
+        emitted = 1
+        for r in result.rounds:
+            per_position[: r.accepted, 0] += 1
+            if r.accepted < r.drafted:
+                per_position[r.accepted, 1] += 1
+            emitted += r.accepted + 1
+            eos_inside_draft += bool(eos) and emitted > len(result.tokens) and result.stop_reason == "eos"
+    if policy == "fixed":
+        assert (per_position[:, 1] > 0).all(), f"no rejection at some position: {per_position}"
+    assert per_position[:, 0].sum() > 0 and per_position[:, 1].sum() > 0
+    assert eos_inside_draft > 0, "no case where EOS cut a round short"
+
+
+def test_prompt_near_context_limit(model):
+    head = make_head(model, 2, 0.05)
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, LengthPolicy(4))
+    rng = np.random.default_rng(7)
+    for length in (MAX_POS - 1, MAX_POS - 2, MAX_POS - 5):
+        prompt = rng.integers(0, 256, length).tolist()
+        result = decoder.generate(prompt, max_new_tokens=20, eos_ids=set())
+        assert len(prompt) + len(result.tokens) == MAX_POS
+        assert result.tokens == plain_greedy(model, prompt, 20)
+
+
+def test_trained_looking_head_is_still_lossless(model):
+    """Whatever the head's weights (here: large random ones), the output is the model's own."""
+    head = make_head(model, 2, 1.0, seed=3)
+    with torch.no_grad():
+        for p in head.adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, LengthPolicy(4))
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        prompt = rng.integers(0, 256, 10).tolist()
+        assert decoder.generate(prompt, max_new_tokens=25, eos_ids=set()).tokens == plain_greedy(model, prompt, 25)

@@ -1,0 +1,34 @@
+"""A tiny random Llama for exactness tests: float64, later layers damped so early exit is close to
+(but not the same as) the full model, which makes drafts accepted and rejected at every position."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, vocab: int = 256, layers: int = 4, max_positions: int = 96,
+               damp: float = 0.3, init: float = 0.3) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=True, initializer_range=init, eos_token_id=None, bos_token_id=None,
+                      pad_token_id=None)
+    model = LlamaForCausalLM(cfg).double().eval().requires_grad_(False)
+    with torch.no_grad():
+        for layer in model.model.layers[layers // 2:]:
+            layer.self_attn.o_proj.weight.mul_(damp)
+            layer.mlp.down_proj.weight.mul_(damp)
+    return model
+
+
+@torch.no_grad()
+def plain_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(),
+                 max_positions: int | None = None) -> list[int]:
+    """Reference: a full forward over the whole sequence for every token, no cache, no drafting."""
+    ids = list(prompt)
+    limit = max_positions or model.config.max_position_embeddings
+    while len(ids) - len(prompt) < max_new_tokens and len(ids) < limit:
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        if ids[-1] in eos:
+            break
+    return ids[len(prompt):]
