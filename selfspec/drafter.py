@@ -112,8 +112,8 @@ def save_head(head: DrafterHead, out_dir: str | Path, meta: dict) -> Path:
     return out
 
 
-def load_head(split: SplitModel, path: str | Path) -> tuple[DrafterHead, dict]:
-    """Load a head saved by save_head (directory or its head.json); checks it fits this model."""
+def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
+    """Load a head saved by save_head (its directory or head.json) onto `model`, split at its exit layer."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
     if not (root / "head.json").exists():
@@ -121,10 +121,9 @@ def load_head(split: SplitModel, path: str | Path) -> tuple[DrafterHead, dict]:
                                 f"(written by `dvi online --out-dir`)")
     meta = json.loads((root / "head.json").read_text())
     config = HeadConfig(**meta.pop("head"))
-    if config.exit_layer != split.exit_layer:
-        split = SplitModel(split.model, config.exit_layer)
+    split = SplitModel(model, config.exit_layer)
     tensors = load_file(str(root / "head.safetensors"))
     vocab_ids = tensors.pop("vocab_ids", None)
     head = DrafterHead(split, config, vocab_ids)
     head.load_trainable_state(tensors)
-    return head, meta
+    return split, head, meta

@@ -1,0 +1,127 @@
+"""Side-by-side decoding benchmark: what a user has today (Hugging Face generate) against dvi.
+
+All methods run in one process on the same prompts (chat template, batch 1, greedy), interleaved
+prompt by prompt with the order rotated, so that machine noise hits every method alike.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfspec.engine import DecodeResult, SelfSpecDecoder
+from selfspec.loading import Drafter, make_policy
+from selfspec.prompts import Prompt, chat_ids
+
+METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic")
+
+
+@dataclass
+class MethodRuns:
+    name: str
+    tokens: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    results: list[DecodeResult] = field(default_factory=list)  # dvi methods only
+
+
+def _hf_runner(model, max_new_tokens: int, **assist):
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, **assist)
+
+    def run(ids: list[int]):
+        input_ids = torch.tensor([ids])
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        return out[0, len(ids):].tolist(), None
+    return run
+
+
+def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
+    def run(ids: list[int]):
+        result = decoder.generate(ids, max_new_tokens=max_new_tokens)
+        return result.tokens, result
+    return run
+
+
+def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
+              methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
+    model, split, head = drafter.model, drafter.split, drafter.head
+    runners = {
+        "hf_ar": _hf_runner(model, max_new_tokens),
+        "hf_prompt_lookup": _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
+        "hf_early_exit": _hf_runner(model, max_new_tokens, assistant_early_exit=split.exit_layer),
+        "dvi_ar": _dvi_runner(SelfSpecDecoder(split, head, make_policy("fixed", 0)), max_new_tokens),
+        "dvi_spec": _dvi_runner(SelfSpecDecoder(split, head, make_policy("fixed", gamma)), max_new_tokens),
+        "dvi_spec_dynamic": _dvi_runner(SelfSpecDecoder(split, head, make_policy("cost_aware", gamma, split, head)),
+                                        max_new_tokens),
+    }
+    names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]  # hf_ar is the reference for speedup and identity
+    encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
+    for name in names:  # warm-up: first calls allocate buffers and pick kernels
+        runners[name](encoded[0][:16])
+    runs = {name: MethodRuns(name) for name in names}
+    with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
+        for i, ids in enumerate(encoded):
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                tokens, result = runners[name](ids)
+                runs[name].seconds.append(time.perf_counter() - start)
+                runs[name].tokens.append(tokens)
+                if result is not None:
+                    runs[name].results.append(result)
+                bar.set_postfix_str(f"{name} {len(tokens) / runs[name].seconds[-1]:.1f} tok/s")
+                bar.update()
+    reference = runs["hf_ar"]
+    ref_tps = sum(map(len, reference.tokens)) / sum(reference.seconds)
+    report = {
+        "model": drafter.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
+        "device": str(split.device), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
+        "gamma": gamma, "drafter": drafter.meta.get("path"),
+        "prompts": [{"id": p.id, "category": p.category} for p in prompts],
+        "methods": [_summarise(runs[name], reference, ref_tps, model, encoded) for name in names],
+    }
+    return report
+
+
+def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model, encoded) -> dict:
+    tps = sum(map(len, runs.tokens)) / sum(runs.seconds)
+    same = [a == b for a, b in zip(runs.tokens, reference.tokens)]
+    out = {"name": runs.name, "tokens_per_s": tps, "speedup": tps / ref_tps,
+           "tokens": int(sum(map(len, runs.tokens))), "seconds": float(sum(runs.seconds)),
+           "identical_to_ar": float(np.mean(same)),
+           "mean_accepted_length": 1.0 if runs.name == "hf_ar" else None,
+           "acceptance_rate": None, "per_position_acceptance": None}
+    if runs.results:
+        rounds = [r for res in runs.results for r in res.rounds]
+        drafted = sum(r.drafted for r in rounds)
+        longest = max((r.drafted for r in rounds), default=0)
+        reached = np.array([sum(r.drafted > i for r in rounds) for i in range(longest)])
+        accepted = np.array([sum(r.accepted > i for r in rounds) for i in range(longest)])
+        total = sum(res.t_total for res in runs.results)
+        out.update(
+            mean_accepted_length=float(np.mean([r.accepted + 1 for r in rounds])),
+            acceptance_rate=(sum(r.accepted for r in rounds) / drafted) if drafted else None,
+            per_position_acceptance=(accepted / np.maximum(reached, 1)).round(4).tolist(),
+            rounds=len(rounds), drafted=drafted, mean_drafted=drafted / max(len(rounds), 1),
+            time_split={"prefill": sum(res.t_prefill for res in runs.results) / total,
+                        "draft": sum(r.t_draft for r in rounds) / total,
+                        "verify": sum(r.t_verify for r in rounds) / total})
+        out["divergences"] = [_divergence(model, encoded[i], ref, got)
+                              for i, (ref, got) in enumerate(zip(reference.tokens, runs.tokens)) if ref != got]
+    return out
+
+
+@torch.inference_mode()
+def _divergence(model, prompt: list[int], ref: list[int], got: list[int]) -> dict:
+    """Where an output first departs from hf_ar's, and the full model's top-2 logit margin there."""
+    i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return {"index": i, "ref_token": ref[i] if i < len(ref) else None, "got_token": got[i] if i < len(got) else None,
+            "logit_margin": float(top[0] - top[1])}

@@ -1,0 +1,65 @@
+"""`dvi bench`: Hugging Face generate vs dvi on the same prompts; prints a table, writes JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dvi.bench import METHODS
+from dvi.common_args import add_model_args, quiet_transformers
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="benchmark hf_ar, hf_prompt_lookup, hf_early_exit, dvi_ar, dvi_spec, dvi_spec_dynamic",
+                       description=__doc__)
+    add_model_args(p)
+    p.add_argument("--prompts", default="builtin",
+                   help="`builtin`, `humaneval`, or a Spec-Bench-format JSONL path (default: builtin)")
+    p.add_argument("--n", type=int, default=14, help="number of prompts, categories interleaved (default: 14)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gamma", type=int, default=4, help="draft length for dvi_spec, cap for dvi_spec_dynamic")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (hf_ar always runs)")
+    p.add_argument("--out", default="runs/bench.json", help="JSON report path (default: runs/bench.json)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dvi.bench import run_bench
+    from selfspec.loading import load_drafter
+    from selfspec.prompts import load_prompts
+
+    quiet_transformers()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    prompts = load_prompts(args.prompts, args.n)
+    drafter = load_drafter(args.model, args.exit_layer, args.drafter)
+    drafter.meta.setdefault("base_model", args.model)
+    drafter.meta["path"] = args.drafter
+    report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    table = Table(title=f"{report['model']} on {report['machine']}, {report['n_prompts']} prompts x "
+                        f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, gamma {report['gamma']}")
+    for col in ("method", "tok/s", "speedup", "MAL", "accept", "identical", "draft/verify time"):
+        table.add_column(col, justify="right")
+    for m in report["methods"]:
+        split = m.get("time_split")
+        table.add_row(m["name"], f"{m['tokens_per_s']:.2f}", f"{m['speedup']:.2f}x", _fmt(m["mean_accepted_length"]),
+                      _fmt(m["acceptance_rate"]), f"{m['identical_to_ar']:.0%}",
+                      f"{split['draft']:.0%}/{split['verify']:.0%}" if split else "-")
+    Console(width=120).print(table)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"

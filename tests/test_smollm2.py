@@ -1,0 +1,58 @@
+"""End to end on the real default model (SmolLM2-135M, float32): lossless against transformers' own
+greedy generate, and one-line errors from the CLI."""
+import re
+
+import pytest
+import torch
+
+from dvi.cli import main
+from selfspec.engine import SelfSpecDecoder
+from selfspec.loading import load_drafter, make_policy
+from selfspec.prompts import chat_ids, load_prompts
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    return load_drafter("smollm2-135m", exit_layer=4)
+
+
+@pytest.mark.parametrize("policy,gamma", [("fixed", 4), ("cost_aware", 4), ("threshold", 6)])
+def test_identical_to_hf_generate(drafter, policy, gamma):
+    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy(policy, gamma, drafter.split, drafter.head))
+    for prompt in load_prompts("builtin", 3):
+        ids = chat_ids(drafter.tokenizer, prompt.text)
+        with torch.inference_mode():
+            ref = drafter.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+        result = decoder.generate(ids, max_new_tokens=40)
+        assert result.tokens == ref, prompt.id
+        assert sum(r.accepted for r in result.rounds) + len(result.rounds) + 1 == len(result.tokens) or \
+            result.stop_reason == "eos"
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "  "], r"empty prompt: give --prompt some text$"),
+    (["--prompt", "hi", "--temperature", "-1"], r"--temperature must be >= 0 \(0 = greedy\), got -1.0$"),
+    (["--prompt", "hi", "--exit-layer", "30"], r"exit layer 30 out of range: must be in \[1, 29\] for this 30-layer model$"),
+    (["--prompt", "word " * 8200, "--raw"],
+     r"prompt has 82\d\d tokens but the model has 8192 positions; shorten it to at most 8191$"),
+    (["--prompt", "hi", "--model", "/nonexistent/model"], r"model '/nonexistent/model' not found: .* or one of"),
+])
+def test_cli_errors_are_one_line(capsys, argv, message):
+    code, _, err = run_cli(capsys, "generate", *argv)
+    assert code == 2
+    assert re.match("dvi generate: error: " + message, err) and "\n" not in err, err
+
+
+def test_cli_generate_prints_text_and_stats(capsys):
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "What is 2 + 2?", "--max-new-tokens", "16",
+                           "--policy", "fixed", "--gamma", "3")
+    assert code == 0
+    assert "mean accepted length" in out and "exit layer 4, fixed gamma=3" in out
