@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "generate": "dvi.generate_cmd",
     "bench": "dvi.bench_cmd",
+    "online": "dvi.online_cmd",
+    "ablate": "dvi.ablate_cmd",
     "redis": "dvi.redis_cmd",
     "bench-buffer": "dvi.bench_buffer_cmd",
 }

@@ -160,10 +160,10 @@ class SelfSpecDecoder:
         return full.index_copy_(1, self.head.vocab_ids, q)
 
     def _transition(self, req, hiddens, draft_ids, draft_logits, target_logits, n_acc, nxt, temperature, wall_start):
-        n, k = len(draft_ids), self.topk
         tau = temperature if temperature else 1.0  # greedy: store the head's own (T=1) distribution
         draft_logp = torch.log_softmax(torch.stack(draft_logits) / tau, -1)
-        draft_top = draft_logp.topk(min(k, draft_logp.shape[-1]), -1)
+        n, k = len(draft_ids), min(self.topk, draft_logp.shape[-1])  # a small draft vocab bounds K for both sides
+        draft_top = draft_logp.topk(k, -1)
         target_logp = torch.log_softmax(target_logits[:n].float() / tau, -1)
         target_top = target_logp.topk(k, -1)
         target_tokens = target_logits[:n].argmax(-1)

@@ -1,0 +1,48 @@
+"""`dvi online`: train the drafter head online from the verifier's decisions, in one process."""
+from __future__ import annotations
+
+import json
+
+from dvi.common_args import quiet_transformers
+
+
+def add_online_args(p) -> None:
+    p.add_argument("--config", default=None, help="YAML config (see configs/online.yaml); flags below override it")
+    p.add_argument("--model", default=None)
+    p.add_argument("--workload", default=None, help="builtin, humaneval, or a Spec-Bench-format JSONL path")
+    p.add_argument("--train-prompts", type=int, default=None)
+    p.add_argument("--heldout-prompts", type=int, default=None, help="from the end of the workload, never trained on")
+    p.add_argument("--exit-layer", "-k", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def overrides(args) -> dict:
+    return {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
+            "heldout_prompts": args.heldout_prompts, "head.exit_layer": args.exit_layer, "gamma": args.gamma,
+            "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="train a drafter head online (in-process) and report MAL before/after",
+                       description=__doc__)
+    add_online_args(p)
+    p.add_argument("--schedule", default=None, help="kl_rl (default), kl_only, ce_only, pg_only")
+    p.add_argument("--out-dir", default="runs/online", help="head.safetensors, head.json, metrics, plot, summary")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dvi.config import load_config
+    from selfspec.online import OnlineConfig, run_online
+
+    quiet_transformers()
+    cfg = load_config(OnlineConfig, args.config, {**overrides(args), "schedule": args.schedule})
+    summary = run_online(cfg, args.out_dir)
+    print(json.dumps({k: summary[k] for k in ("mal_before", "mal_after", "train_prompts", "heldout_prompts",
+                                              "steps", "schedule", "exit_layer", "gamma")}, indent=2))
+    print(f"head and report in {args.out_dir} (use it with `dvi bench --drafter {args.out_dir}`)")
+    return 0

@@ -1,0 +1,123 @@
+"""Fast training data and exact acceptance measurement along greedy paths.
+
+Greedy self-speculative decoding is lossless, so the committed tokens of a request are the full
+model's greedy path whatever the head. The path is generated in batches (several times faster than
+batch-1 decoding on the CPU), then one forward per sequence gives the layer-k hidden state and the
+verifier's top-K at every position. Drafting is then simulated exactly: in a round whose pending
+token sits at p, the head drafts from h_p, h_p+1, ...; the accepted prefix is where its argmax
+equals the path, exactly as `SelfSpecDecoder` would decide. Positions after the first reject use
+the greedy context rather than the rejected drafts' context: still a valid distillation target
+(the same frozen trunk and verifier saw it), and they carry no reward either way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfspec.prompts import Prompt, chat_ids
+from selfspec.transitions import Transition
+
+
+@dataclass
+class GreedyPath:
+    prompt_id: str
+    category: str
+    tokens: np.ndarray  # [T] prompt then greedy continuation
+    prompt_len: int
+    hidden: np.ndarray  # [T, d] float16: layer-k hidden state at every position
+    target_topk_ids: np.ndarray  # [T, K] int32: verifier top-K at every position (predicting position + 1)
+    target_topk_logprobs: np.ndarray  # [T, K] float32
+
+
+@torch.inference_mode()
+def collect_greedy_paths(model, tokenizer, prompts: list[Prompt], exit_layer: int, max_new_tokens: int,
+                         batch_size: int = 8, topk: int = 32, progress: bool = True) -> list[GreedyPath]:
+    encoded = [chat_ids(tokenizer, p.text) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
+    paths: dict[int, GreedyPath] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    bar = tqdm(total=len(prompts), desc=f"greedy paths (k={exit_layer})", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in idx])[:, None]).long()
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        for row, i in enumerate(idx):
+            gen = out[row, width:].tolist()
+            cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
+            paths[i] = annotate_path(model, encoded[i] + gen[:cut], len(encoded[i]), exit_layer, topk,
+                                     prompts[i].id, prompts[i].category)
+        bar.update(len(idx))
+    bar.close()
+    return [paths[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, topk: int, prompt_id: str = "",
+                  category: str = "") -> GreedyPath:
+    """One forward over a finished sequence: layer-k hidden states and verifier top-K at every position."""
+    out = model(torch.tensor([tokens]), output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[0].float(), -1).topk(topk, -1)
+    return GreedyPath(prompt_id, category, np.asarray(tokens, np.int32), prompt_len,
+                      out.hidden_states[exit_layer][0].half().numpy(), logp.indices.int().numpy(),
+                      logp.values.numpy())
+
+
+@torch.no_grad()
+def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool = False, topk: int = 16,
+                    run_id: str = "online", request_id: str = "", policy_version: int = 0):
+    """Replay greedy self-speculative decoding of this path with `head` and a fixed γ.
+
+    Returns (accepted drafts per round, transitions). The first generated token comes from prefill,
+    so rounds start with the pending token at position prompt_len."""
+    tokens, start = path.tokens, path.prompt_len
+    end = len(tokens) - 1  # positions start..end-1 draft the token after them
+    if end <= start:
+        return [], []
+    param = next(head.parameters())
+    hidden = torch.from_numpy(path.hidden[start:end]).to(param.dtype)
+    logits = head(hidden).float()
+    logp = torch.log_softmax(logits, -1)
+    drafts = head.to_full_ids(logits.argmax(-1)).numpy()
+    match = drafts == tokens[start + 1:end + 1]
+    accepted, transitions, p = [], [], 0  # p: pending position, relative to start
+    while p < end - start:
+        n = min(gamma, end - start - p - 1)  # the bonus token needs one slot of what is left
+        n_acc = int(np.argmin(np.append(match[p:p + n], False)))
+        accepted.append(n_acc)
+        if make_transitions and n > 0:
+            transitions.append(_transition(path, logp[p:p + n], drafts[p:p + n], start + p, n, n_acc, head, topk,
+                                           run_id, request_id or path.prompt_id, len(accepted), policy_version))
+        p += n_acc + 1
+    return accepted, transitions
+
+
+def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:
+    top = logp.topk(min(topk, logp.shape[-1]), -1)
+    own = torch.as_tensor(drafts, dtype=torch.long)
+    own = own if head.vocab_ids is None else torch.searchsorted(head.vocab_ids, own)
+    positions = np.arange(n)
+    now = time.time()
+    return Transition(
+        run_id=run_id, actor_id=0, request_id=request_id, round=round_no, policy_version=version,
+        workload=path.category, t_start=now, t_end=now, temperature=0.0,
+        hidden=path.hidden[pos:pos + n], draft_tokens=drafts.astype(np.int32),
+        draft_logprobs=logp[torch.arange(n), own].numpy().astype(np.float32),
+        draft_topk_ids=head.to_full_ids(top.indices).int().numpy(), draft_topk_logprobs=top.values.numpy(),
+        target_topk_ids=path.target_topk_ids[pos:pos + n, :topk], target_topk_logprobs=path.target_topk_logprobs[pos:pos + n, :topk],
+        target_tokens=path.tokens[pos + 1:pos + n + 1].astype(np.int32),
+        accept_mask=positions < n_acc, on_path=positions <= n_acc)
+
+
+def mean_accepted_length(paths: list[GreedyPath], head, gamma: int) -> float:
+    """Mean accepted drafts + 1 per verification round over these paths, γ fixed."""
+    rounds = [a for path in paths for a in simulate_rounds(path, head, gamma)[0]]
+    return float(np.mean(rounds) + 1) if rounds else 1.0

@@ -1,0 +1,179 @@
+"""In-process online learning: draft with the current head, learn from the verifier, swap, repeat.
+
+Each chunk of training prompts is decoded along its greedy path (batched; see greedy_paths), the
+current head's drafting is replayed to produce on-policy Transitions, a few optimizer steps are
+taken on the head only, and the new head drafts the next chunk. Held-out prompts, never trained on,
+measure mean accepted length (MAL) at a fixed γ before, during and after training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from selfspec.drafter import DrafterHead, HeadConfig, save_head
+from selfspec.greedy_paths import GreedyPath, collect_greedy_paths, mean_accepted_length, simulate_rounds
+from selfspec.model import DEFAULT_MODEL, cache_dir, load_model, model_name
+from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
+from selfspec.prompts import load_prompts
+from selfspec.split import SplitModel
+
+
+class OnlineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = DEFAULT_MODEL
+    workload: str = Field("builtin", description="prompt source: builtin, humaneval, or a Spec-Bench JSONL path")
+    train_prompts: int = Field(28, ge=1)
+    heldout_prompts: int = Field(7, ge=1, description="taken from the end of the workload, never trained on")
+    max_new_tokens: int = Field(128, ge=2)
+    gamma: int = Field(4, ge=1)
+    head: HeadConfig = HeadConfig()
+    schedule: str = "kl_rl"
+    schedule_config: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    topk: int = Field(16, ge=1, le=32, description="top-K of draft and verifier distributions kept per position")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1, description="transitions per optimizer step")
+    epochs: int = Field(2, ge=1, description="passes over each chunk's transitions")
+    chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
+    collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
+    seed: int = 0
+
+
+def _cached_paths(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
+    """Greedy paths do not depend on the head, so they are computed once per (model, k, prompts) and
+    kept as a numpy .npz under the cache dir (no pickle: allow_pickle=False on load)."""
+    key = hashlib.sha256(json.dumps([model_name(cfg.model), cfg.head.exit_layer, cfg.max_new_tokens,
+                                     [p.text for p in prompts]]).encode()).hexdigest()[:16]
+    file = cache_dir() / "paths" / f"{key}.npz"
+    if file.exists():
+        data = np.load(file, allow_pickle=False)
+        return [GreedyPath(str(data[f"{i}_id"]), str(data[f"{i}_category"]), data[f"{i}_tokens"],
+                           int(data[f"{i}_prompt_len"]), data[f"{i}_hidden"], data[f"{i}_topk_ids"],
+                           data[f"{i}_topk_logprobs"]) for i in range(len(prompts))]
+    paths = collect_greedy_paths(model, tokenizer, prompts, cfg.head.exit_layer, cfg.max_new_tokens,
+                                 batch_size=cfg.collect_batch)
+    arrays = {}
+    for i, p in enumerate(paths):
+        arrays.update({f"{i}_id": np.array(p.prompt_id), f"{i}_category": np.array(p.category),
+                       f"{i}_tokens": p.tokens, f"{i}_prompt_len": np.array(p.prompt_len), f"{i}_hidden": p.hidden,
+                       f"{i}_topk_ids": p.target_topk_ids, f"{i}_topk_logprobs": p.target_topk_logprobs})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(file.with_suffix(".tmp.npz"), **arrays)
+    file.with_suffix(".tmp.npz").rename(file)
+    return paths
+
+
+def split_prompts(cfg: OnlineConfig):
+    prompts = load_prompts(cfg.workload)
+    if cfg.train_prompts + cfg.heldout_prompts > len(prompts):
+        raise ValueError(f"train_prompts + heldout_prompts = {cfg.train_prompts + cfg.heldout_prompts} but the "
+                         f"workload {cfg.workload!r} has only {len(prompts)} prompts")
+    return prompts[:cfg.train_prompts], prompts[len(prompts) - cfg.heldout_prompts:]
+
+
+def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    head = DrafterHead(SplitModel(model, cfg.head.exit_layer), cfg.head)
+    train, heldout = split_prompts(cfg)
+    heldout_paths = _cached_paths(model, tokenizer, cfg, heldout)
+    train_paths = _cached_paths(model, tokenizer, cfg, train)
+    start = time.time()
+    curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress)
+    summary = {"mal_before": curve[0]["mal_heldout"], "mal_after": curve[-1]["mal_heldout"], "gamma": cfg.gamma,
+               "train_prompts": len(train), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
+               "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
+               "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
+    save_head(head, out, {"base_model": cfg.model, "version": versions,
+                          "training": {k: summary[k] for k in ("mal_before", "mal_after", "train_prompts", "steps", "schedule")}})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curve([(cfg.schedule, curve)], out / "mal.png", cfg.gamma)
+    return summary
+
+
+def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_paths: list[GreedyPath],
+                   cfg: OnlineConfig, out: Path, progress: bool = True) -> tuple[list[dict], int, int]:
+    """The online loop proper. Returns the held-out MAL curve, optimizer steps and head versions."""
+    rng = random.Random(cfg.seed)
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    schedule = make_schedule(cfg.schedule, cfg.schedule_config)
+    baseline = EMABaseline(cfg.loss.baseline_decay, cfg.loss.baseline_init)
+    head.eval()
+    curve = [{"prompts": 0, "step": 0, "mal_heldout": mean_accepted_length(heldout_paths, head, cfg.gamma)}]
+    step, version, metrics = 0, 0, {}
+    with (out / "metrics.jsonl").open("w") as metrics_file, _tensorboard(out) as writer, \
+            tqdm(total=len(train_paths), desc="online", unit="prompt", disable=not progress) as bar:
+        for chunk_start in range(0, len(train_paths), cfg.chunk_prompts):
+            chunk = train_paths[chunk_start:chunk_start + cfg.chunk_prompts]
+            transitions, accepted = [], []
+            for path in chunk:  # the current head drafts: on-policy data
+                acc, trs = simulate_rounds(path, head, cfg.gamma, make_transitions=True, policy_version=version,
+                                           topk=cfg.topk)
+                transitions += trs
+                accepted += acc
+            head.train()
+            for _ in range(cfg.epochs):
+                rng.shuffle(transitions)
+                for b in range(0, len(transitions), cfg.batch_size):
+                    loss, metrics = total_loss(head, collate_for(head, transitions[b:b + cfg.batch_size]),
+                                               schedule, baseline, cfg.loss)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.advance()
+                    step += 1
+                    metrics_file.write(json.dumps({"step": step, "version": version, **metrics}) + "\n")
+                    for name, value in metrics.items():
+                        writer.add_scalar(name, value, step)
+            version += 1  # in-process the swap is immediate: the next chunk drafts with this head
+            head.eval()
+            seen = chunk_start + len(chunk)
+            point = {"prompts": seen, "step": step, "mal_heldout": mean_accepted_length(heldout_paths, head, cfg.gamma),
+                     "mal_train_chunk": float(np.mean(accepted) + 1) if accepted else 1.0}
+            curve.append(point)
+            for name in ("mal_heldout", "mal_train_chunk"):
+                writer.add_scalar(f"charts/{name}", point[name], step)
+            metrics_file.write(json.dumps({"step": step, "version": version, "prompts": seen,
+                                           "charts/mal_heldout": point["mal_heldout"]}) + "\n")
+            bar.set_postfix_str(f"MAL held-out {point['mal_heldout']:.3f} train {point['mal_train_chunk']:.3f} "
+                                f"kl {metrics.get('losses/kl', float('nan')):.2f}")
+            bar.update(len(chunk))
+    return curve, step, version
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
+
+
+def plot_curve(curves: list[tuple[str, list[dict]]], file: Path, gamma: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves:
+        ax.plot([c["prompts"] for c in curve], [c["mal_heldout"] for c in curve], marker="o", label=label)
+    ax.set_xlabel("training prompts seen")
+    ax.set_ylabel(f"mean accepted length, held-out (γ={gamma})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)

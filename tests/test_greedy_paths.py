@@ -1,0 +1,46 @@
+"""Simulated drafting along the greedy path decides exactly what the real decoder decides."""
+import numpy as np
+import torch
+from tiny_model import plain_greedy, tiny_llama
+
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.engine import SelfSpecDecoder
+from selfspec.greedy_paths import annotate_path, mean_accepted_length, simulate_rounds
+from selfspec.length_policy import LengthPolicy
+from selfspec.split import SplitModel
+
+
+def test_simulation_matches_real_decoding():
+    model = tiny_llama(seed=4)
+    k, gamma = 2, 4
+    split = SplitModel(model, k)
+    head = DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=16, lora_rank=2))
+    with torch.no_grad():
+        head.proj.lora_B.default.weight.normal_(0, 0.05)
+    real_transitions = []
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(gamma), sink=real_transitions.append, topk=8)
+    rng = np.random.default_rng(0)
+    all_rounds = []
+    for i in range(12):
+        prompt = rng.integers(0, 256, int(rng.integers(2, 12))).tolist()
+        real_transitions.clear()
+        result = decoder.generate(prompt, max_new_tokens=30, eos_ids=set())
+        assert result.tokens == plain_greedy(model, prompt, 30)
+        path = annotate_path(model, prompt + result.tokens, len(prompt), k, topk=8)
+        accepted, transitions = simulate_rounds(path, head, gamma, make_transitions=True, topk=8)
+        assert accepted == [r.accepted for r in result.rounds]
+        all_rounds += accepted
+        assert len(transitions) == len(real_transitions)
+        for sim, real in zip(transitions, real_transitions):
+            sim.validate()
+            on_path = real.on_path
+            np.testing.assert_array_equal(sim.accept_mask, real.accept_mask)
+            np.testing.assert_array_equal(sim.on_path, real.on_path)
+            # on the path the contexts are identical, so are the drafts and the verifier's view
+            np.testing.assert_array_equal(sim.draft_tokens[on_path], real.draft_tokens[on_path])
+            np.testing.assert_array_equal(sim.target_topk_ids[on_path], real.target_topk_ids[on_path])
+            # the simulation drafts from the stored float16 hidden state, the decoder from the float64 one
+            np.testing.assert_allclose(sim.draft_logprobs[on_path], real.draft_logprobs[on_path], atol=5e-3)
+            np.testing.assert_allclose(sim.hidden[on_path].astype(float), real.hidden[on_path].astype(float), atol=1e-2)
+    assert 0 < np.mean(all_rounds) < gamma  # both accepts and rejects happened
+    assert mean_accepted_length([path], head, gamma) == np.mean(accepted) + 1

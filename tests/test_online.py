@@ -1,0 +1,85 @@
+"""The online loop learns from the verifier: on a tiny verifier whose next token is a function of the
+current token (attention switched off), a head starting at plain early exit (near chance) learns it."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import plain_greedy, tiny_llama
+
+from selfspec.drafter import DrafterHead, HeadConfig, load_head, save_head
+from selfspec.engine import SelfSpecDecoder
+from selfspec.greedy_paths import annotate_path, mean_accepted_length
+from selfspec.length_policy import LengthPolicy
+from selfspec.online import OnlineConfig, train_on_paths
+from selfspec.split import SplitModel
+
+K = 1
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    model = tiny_llama(seed=5, damp=1.0, init=0.3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+        model.model.norm.weight.mul_(3.0)  # a peaked distribution, as a trained LM has
+    return model
+
+
+@pytest.fixture(scope="module")
+def paths(verifier):
+    decoder = SelfSpecDecoder(SplitModel(verifier, K))
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(56):
+        prompt = rng.integers(0, 256, 8).tolist()
+        tokens = decoder.generate(prompt, max_new_tokens=32, eos_ids=set()).tokens
+        out.append(annotate_path(verifier, prompt + tokens, len(prompt), K, topk=16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(verifier, paths, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = OnlineConfig(head=HeadConfig(exit_layer=K, adapter_hidden=128, lora_rank=8), gamma=4, lr=3e-3,
+                       chunk_prompts=8, epochs=2, batch_size=16, topk=16,
+                       schedule_config=dict(warmup_steps=40, ramp_steps=40))
+    head = DrafterHead(SplitModel(verifier, K), cfg.head)
+    out = tmp_path_factory.mktemp("online")
+    curve, steps, versions = train_on_paths(head, paths[:48], paths[48:], cfg, out, progress=False)
+    return head, curve, steps, versions, out
+
+
+def test_acceptance_rises_from_chance_to_high(trained):
+    _, curve, steps, versions, out = trained
+    assert curve[0]["mal_heldout"] < 1.2, "plain early exit should be near chance here"
+    assert curve[-1]["mal_heldout"] > 3.0, curve
+    assert steps <= 120 and versions == 6
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == steps + versions  # one line per optimizer step, one per new head version
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+
+
+def test_checkpoint_round_trip_is_lossless(trained, verifier, paths, tmp_path):
+    head, *_ = trained
+    save_head(head, tmp_path, {"base_model": "tiny", "version": 6})
+    split, loaded, meta = load_head(verifier, tmp_path)
+    assert meta["version"] == 6 and split.exit_layer == K
+    x = torch.randn(5, 64, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), head(x), rtol=0, atol=0)
+    assert mean_accepted_length(paths[48:], loaded, 4) == mean_accepted_length(paths[48:], head, 4)
+    decoder = SelfSpecDecoder(split, loaded, LengthPolicy(4))
+    rng = np.random.default_rng(1)
+    accepted = 0
+    for _ in range(8):
+        prompt = rng.integers(0, 256, 6).tolist()
+        result = decoder.generate(prompt, max_new_tokens=30, eos_ids=set())
+        assert result.tokens == plain_greedy(verifier, prompt, 30)
+        accepted += sum(r.accepted for r in result.rounds)
+    assert accepted > 8 * 10, "the trained head should be accepted often when really decoding"
+
+
+def test_checkpoint_missing_says_what_to_run(verifier, tmp_path):
+    with pytest.raises(FileNotFoundError, match="written by `dvi online --out-dir`"):
+        load_head(verifier, Path(tmp_path) / "nothing")
