@@ -1,0 +1,25 @@
+"""`dvi bench-buffer` end to end on a tiny run: it must produce every number the report promises."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dvi import cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_buffer_writes_every_metric(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", {"bench-buffer": "dvi.bench_buffer_cmd"})
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench-buffer", "--n", "200", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["records"]) == {"smollm2", "smollm2-int8", "7b", "7b-int8"}
+    for name, row in report["records"].items():
+        assert min(row["write_tps"], row["read_tps"], row["redis_mb_per_10k"]) > 0, name
+    records = report["records"]
+    assert records["smollm2"]["bytes_per_transition"] > 4 * 576 * 2  # the float16 hidden states alone
+    assert records["7b-int8"]["bytes_per_transition"] < 0.6 * records["7b"]["bytes_per_transition"]
+    assert report["weights"]["blob_mb"] > 10 and report["weights"]["weight_pull_ms"] > 0
+    assert "weights (11.67 MB float32 head)" in capsys.readouterr().out
