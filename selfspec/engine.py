@@ -113,7 +113,7 @@ class SelfSpecDecoder:
         wall_start, t0 = time.time(), time.perf_counter()
         hiddens = [split.trunk(torch.tensor([req.pending], device=split.device), t, req.cache)]
         t1 = time.perf_counter()
-        drafts, draft_logits, confidences = [], [], []
+        drafts, draft_logits, confidences, shadow = [], [], [], None
         room = min(self.policy.max_drafts, req.budget - 1)  # the bonus token needs one slot of the budget
         if room > 0 and self.policy.start_round():
             while len(drafts) < room:
@@ -121,6 +121,8 @@ class SelfSpecDecoder:
                 logp = torch.log_softmax(logits / max(temperature, 1e-6) if temperature else logits, -1)
                 top = float(logp.max().exp())
                 if not self.policy.keep(len(drafts), top, float(-(logp.exp() * logp).sum())):
+                    if not drafts and temperature == 0:  # a shadow draft: judged for free by this round's token
+                        shadow = (top, int(head.to_full_ids(logp.argmax())))
                     break
                 idx = torch.multinomial(logp.exp(), 1, generator=req.generator)[0] if temperature else logp.argmax()
                 drafts.append(int(head.to_full_ids(idx)))
@@ -141,6 +143,8 @@ class SelfSpecDecoder:
         req.rounds += 1
         if drafts:
             self.policy.update(confidences, n_acc)
+        elif shadow is not None:
+            self.policy.update([shadow[0]], int(shadow[1] == nxt))
         if self.sink is not None and drafts:
             self.sink(self._transition(req, hiddens, draft_ids, draft_logits, target_logits, n_acc, nxt,
                                        temperature, wall_start))

@@ -5,9 +5,9 @@ model's greedy path whatever the head. The path is generated in batches (several
 batch-1 decoding on the CPU), then one forward per sequence gives the layer-k hidden state and the
 verifier's top-K at every position. Drafting is then simulated exactly: in a round whose pending
 token sits at p, the head drafts from h_p, h_p+1, ...; the accepted prefix is where its argmax
-equals the path, exactly as `SelfSpecDecoder` would decide. Positions after the first reject use
-the greedy context rather than the rejected drafts' context: still a valid distillation target
-(the same frozen trunk and verifier saw it), and they carry no reward either way.
+equals the path, exactly as `SelfSpecDecoder` would decide. Simulated transitions hold the on-path
+positions only (the accepted prefix and the first reject): the real decoder's later positions
+see the rejected drafts' context, which a greedy path does not have.
 """
 from __future__ import annotations
 
@@ -34,30 +34,29 @@ class GreedyPath:
 
 
 @torch.inference_mode()
-def collect_greedy_paths(model, tokenizer, prompts: list[Prompt], exit_layer: int, max_new_tokens: int,
-                         batch_size: int = 8, topk: int = 32, progress: bool = True) -> list[GreedyPath]:
+def generate_greedy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
+                    progress: bool = True) -> list[tuple[list[int], int]]:
+    """(prompt + greedy continuation, prompt length) per prompt, generated in left-padded batches."""
     encoded = [chat_ids(tokenizer, p.text) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
-    paths: dict[int, GreedyPath] = {}
+    results: dict[int, tuple[list[int], int]] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
-    bar = tqdm(total=len(prompts), desc=f"greedy paths (k={exit_layer})", unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in idx])[:, None]).long()
-        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
-        for row, i in enumerate(idx):
-            gen = out[row, width:].tolist()
-            cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
-            paths[i] = annotate_path(model, encoded[i] + gen[:cut], len(encoded[i]), exit_layer, topk,
-                                     prompts[i].id, prompts[i].category)
-        bar.update(len(idx))
-    bar.close()
-    return [paths[i] for i in range(len(prompts))]
+    with tqdm(total=len(prompts), desc="greedy paths", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
+            mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in idx])[:, None]).long()
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+            for row, i in enumerate(idx):
+                gen = out[row, width:].tolist()
+                cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
+                results[i] = (encoded[i] + gen[:cut], len(encoded[i]))
+            bar.update(len(idx))
+    return [results[i] for i in range(len(prompts))]
 
 
 @torch.inference_mode()
@@ -94,8 +93,11 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
         n_acc = int(np.argmin(np.append(match[p:p + n], False)))
         accepted.append(n_acc)
         if make_transitions and n > 0:
-            transitions.append(_transition(path, logp[p:p + n], drafts[p:p + n], start + p, n, n_acc, head, topk,
-                                           run_id, request_id or path.prompt_id, len(accepted), policy_version))
+            # Only on-path positions: off the path the simulation would repeat the greedy context of the
+            # next round's positions, which adds compute, not information (on-path positions tile the path).
+            kept = min(n, n_acc + 1)
+            transitions.append(_transition(path, logp[p:p + kept], drafts[p:p + kept], start + p, kept, n_acc, head,
+                                           topk, run_id, request_id or path.prompt_id, len(accepted), policy_version))
         p += n_acc + 1
     return accepted, transitions
 

@@ -62,7 +62,9 @@ class CostAware(LengthPolicy):
     confidence bin (the raw confidence acts as a prior worth `prior_weight` observations). A round's
     value is expected tokens / expected time, with measured per-size verify costs, which are uneven
     here (verifying 3 tokens can cost more than 5). When no confidence the head shows would pay, the
-    head is not called at all, except in a small `explore` fraction of rounds that keep calibrating.
+    head is not called at all, except in a small `explore` fraction of rounds. A round that calls the
+    head but drafts nothing still learns: the engine checks that "shadow" draft against the token the
+    verifier emits anyway, so calibrating costs one head call, never a longer verification.
     """
 
     name = "cost_aware"
@@ -75,7 +77,6 @@ class CostAware(LengthPolicy):
         self.trials = [0.0] * bins
         self.seen = [1.0] * bins  # how often the head shows each confidence (uniform prior)
         self.rng = random.Random(seed)
-        self._exploring = False
         self._head_pays = True
 
     def _bin(self, top_prob: float) -> int:
@@ -100,15 +101,14 @@ class CostAware(LengthPolicy):
 
     def start_round(self) -> bool:
         self._round_probs: list[float] = []
-        self._exploring = self.rng.random() < self.explore
-        return self.max_drafts > 0 and (self._head_pays or self._exploring)
+        return self.max_drafts > 0 and (self._head_pays or self.rng.random() < self.explore)
 
     def keep(self, i: int, top_prob: float, entropy: float) -> bool:
         self.seen[self._bin(top_prob)] += 1
         a = self.acceptance(top_prob)
         stop_rate = self._best_rate(self._round_probs, 0.0, i + 1)
         go_rate = self._best_rate(self._round_probs + [a], a, i + 1)
-        if go_rate > stop_rate or (self._exploring and i == 0):
+        if go_rate > stop_rate:
             self._round_probs.append(a)
             return True
         return False

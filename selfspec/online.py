@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, save_head
-from selfspec.greedy_paths import GreedyPath, collect_greedy_paths, mean_accepted_length, simulate_rounds
+from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy, mean_accepted_length, simulate_rounds
 from selfspec.model import DEFAULT_MODEL, cache_dir, load_model, model_name
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
 from selfspec.prompts import load_prompts
@@ -50,27 +50,38 @@ class OnlineConfig(BaseModel):
 
 
 def _cached_paths(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
-    """Greedy paths do not depend on the head, so they are computed once per (model, k, prompts) and
-    kept as a numpy .npz under the cache dir (no pickle: allow_pickle=False on load)."""
-    key = hashlib.sha256(json.dumps([model_name(cfg.model), cfg.head.exit_layer, cfg.max_new_tokens,
-                                     [p.text for p in prompts]]).encode()).hexdigest()[:16]
-    file = cache_dir() / "paths" / f"{key}.npz"
-    if file.exists():
-        data = np.load(file, allow_pickle=False)
-        return [GreedyPath(str(data[f"{i}_id"]), str(data[f"{i}_category"]), data[f"{i}_tokens"],
-                           int(data[f"{i}_prompt_len"]), data[f"{i}_hidden"], data[f"{i}_topk_ids"],
-                           data[f"{i}_topk_logprobs"]) for i in range(len(prompts))]
-    paths = collect_greedy_paths(model, tokenizer, prompts, cfg.head.exit_layer, cfg.max_new_tokens,
-                                 batch_size=cfg.collect_batch)
-    arrays = {}
+    """Greedy paths do not depend on the head: generated once per (model, prompts, length), annotated
+    once per exit layer, kept as .npz under the cache dir (loaded with allow_pickle=False)."""
+    key = hashlib.sha256(json.dumps([model_name(cfg.model), cfg.max_new_tokens, [p.text for p in prompts]])
+                         .encode()).hexdigest()[:16]
+    folder = cache_dir() / "paths"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens_file, paths_file = folder / f"{key}.tokens.npz", folder / f"{key}.k{cfg.head.exit_layer}.npz"
+    if paths_file.exists():
+        data = np.load(paths_file, allow_pickle=False)
+        return [GreedyPath(p.id, p.category, data[f"tokens{i}"], int(data["prompt_lens"][i]), data[f"hidden{i}"],
+                           data[f"ids{i}"], data[f"logprobs{i}"]) for i, p in enumerate(prompts)]
+    if tokens_file.exists():
+        data = np.load(tokens_file, allow_pickle=False)
+        sequences = [(data[f"tokens{i}"].tolist(), int(data["prompt_lens"][i])) for i in range(len(prompts))]
+    else:
+        sequences = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.collect_batch)
+        _save_npz(tokens_file, prompt_lens=np.array([n for _, n in sequences]),
+                  **{f"tokens{i}": np.asarray(t, np.int32) for i, (t, _) in enumerate(sequences)})
+    paths = [annotate_path(model, tokens, n, cfg.head.exit_layer, 32, p.id, p.category)
+             for p, (tokens, n) in zip(tqdm(prompts, desc=f"annotate k={cfg.head.exit_layer}", unit="prompt"), sequences)]
+    arrays = {"prompt_lens": np.array([p.prompt_len for p in paths])}
     for i, p in enumerate(paths):
-        arrays.update({f"{i}_id": np.array(p.prompt_id), f"{i}_category": np.array(p.category),
-                       f"{i}_tokens": p.tokens, f"{i}_prompt_len": np.array(p.prompt_len), f"{i}_hidden": p.hidden,
-                       f"{i}_topk_ids": p.target_topk_ids, f"{i}_topk_logprobs": p.target_topk_logprobs})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(file.with_suffix(".tmp.npz"), **arrays)
-    file.with_suffix(".tmp.npz").rename(file)
+        arrays.update({f"tokens{i}": p.tokens, f"hidden{i}": p.hidden, f"ids{i}": p.target_topk_ids,
+                       f"logprobs{i}": p.target_topk_logprobs})
+    _save_npz(paths_file, **arrays)
     return paths
+
+
+def _save_npz(file: Path, **arrays) -> None:
+    tmp = file.with_name(file.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(file)
 
 
 def split_prompts(cfg: OnlineConfig):

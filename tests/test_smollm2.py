@@ -1,5 +1,6 @@
 """End to end on the real default model (SmolLM2-135M, float32): lossless against transformers' own
 greedy generate, and one-line errors from the CLI."""
+import json
 import re
 
 import pytest
@@ -56,3 +57,24 @@ def test_cli_generate_prints_text_and_stats(capsys):
                            "--policy", "fixed", "--gamma", "3")
     assert code == 0
     assert "mean accepted length" in out and "exit layer 4, fixed gamma=3" in out
+
+
+def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
+    head_dir = tmp_path / "head"
+    code, out, _ = run_cli(capsys, "online", "--workload", "builtin", "--train-prompts", "4", "--heldout-prompts", "2",
+                           "--max-new-tokens", "16", "--out-dir", str(head_dir))
+    assert code == 0 and '"mal_before"' in out
+    summary = json.loads((head_dir / "summary.json").read_text())
+    assert summary["train_prompts"] == 4 and summary["heldout_prompts"] == 2 and summary["steps"] > 0
+    assert {"head.safetensors", "head.json", "metrics.jsonl", "mal.png", "summary.json"} <= {p.name for p in head_dir.iterdir()}
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "Hi!", "--drafter", str(head_dir), "--max-new-tokens", "8",
+                           "--policy", "fixed")
+    assert code == 0 and "exit layer 4" in out
+    report_file = tmp_path / "bench.json"
+    code, out, _ = run_cli(capsys, "bench", "--n", "1", "--max-new-tokens", "8", "--methods", "dvi_ar,dvi_spec",
+                           "--drafter", str(head_dir), "--out", str(report_file))
+    assert code == 0
+    report = json.loads(report_file.read_text())
+    assert [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar", "dvi_spec"]
+    assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
+    assert report["drafter"] == str(head_dir)

@@ -1,0 +1,51 @@
+"""The cost-aware policy drafts only what pays: nothing for a useless head, long drafts for a good one,
+and never a round length whose verification shape is too slow."""
+from selfspec.length_policy import ConfidenceThreshold, CostAware, StepCosts
+
+# Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
+COSTS = StepCosts(trunk=0.11, head=0.16, verify=[0.0, 0.89, 1.5, 1.7, 1.3, 1.3])
+
+
+def run_rounds(policy, accept: bool, confidence: float, rounds: int = 2000) -> tuple[int, list[int]]:
+    """Drive the policy as the engine does; a round that called the head but kept nothing reports its
+    shadow draft (accepted or not) like the engine."""
+    head_calls, lengths = 0, []
+    for _ in range(rounds):
+        kept = 0
+        if policy.start_round():
+            head_calls += 1
+            while kept < policy.max_drafts and policy.keep(kept, confidence, 0.1):
+                kept += 1
+            policy.update([confidence] * max(kept, 1), kept if accept else 0)
+        lengths.append(kept)
+    return head_calls, lengths
+
+
+def test_useless_head_is_soon_not_called():
+    policy = CostAware(COSTS, 4, explore=0.03, seed=1)
+    head_calls, lengths = run_rounds(policy, accept=False, confidence=0.95)
+    assert head_calls < 0.06 * 2000  # the exploring fraction plus the first rounds that calibrate
+    assert sum(lengths[-1000:]) == 0
+
+
+def test_good_head_drafts_to_the_cap():
+    policy = CostAware(COSTS, 4, seed=1)
+    _, lengths = run_rounds(policy, accept=True, confidence=0.95)
+    assert lengths[-100:] == [4] * 100
+
+
+def test_slow_verify_shapes_are_skipped():
+    # Each draft accepted with probability 0.6. Tokens/time by round length n (by hand from COSTS):
+    # n=0 0.862, n=1 0.851, n=2 0.834, n=3 0.980, n=4 0.926. A myopic rule would not even start
+    # (n=1 < n=0); looking past the slow shapes, the policy drafts exactly 3.
+    policy = CostAware(COSTS, 4, prior_weight=1e9)  # trust the confidence as the acceptance estimate
+    assert policy.start_round()
+    kept = 0
+    while kept < 4 and policy.keep(kept, 0.6, 0.5):
+        kept += 1
+    assert kept == 3
+
+
+def test_threshold_policy_stops_on_low_confidence():
+    policy = ConfidenceThreshold(6, min_top_prob=0.5, max_entropy=1.0)
+    assert policy.keep(0, 0.9, 0.2) and not policy.keep(1, 0.4, 0.2) and not policy.keep(1, 0.9, 1.5)
