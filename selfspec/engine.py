@@ -90,11 +90,12 @@ class SelfSpecDecoder:
         generator = torch.Generator(self.split.device).manual_seed(seed) if temperature > 0 and seed is not None else None
         hidden = self.split.trunk(prompt, 0, cache)
         logits = self.split.verify(hidden, 0, cache)[-1:]
-        first = int(greedy_accept(torch.empty(0, dtype=torch.long), logits)[1] if temperature == 0
-                    else sampling_accept(torch.empty(0, dtype=torch.long), None, _probs(logits, temperature), generator)[1])
+        no_drafts = torch.empty(0, dtype=torch.long)
+        _, first = (greedy_accept(no_drafts, logits) if temperature == 0
+                    else sampling_accept(no_drafts, None, _probs(logits, temperature), generator))
         req = _Request(cache, first, prompt.numel(), budget - 1, [first], generator, request_id or uuid.uuid4().hex[:12])
         if self.window:
-            req.history = list(hidden[0])
+            req.history = list(hidden[0, -self.window:])
         result = DecodeResult(req.out, t_prefill=time.perf_counter() - start)
         result.stop_reason = "eos" if first in eos else "length"
         while req.budget > 0 and result.stop_reason != "eos":
@@ -118,7 +119,7 @@ class SelfSpecDecoder:
         if room > 0 and self.policy.start_round():
             while len(drafts) < room:
                 logits = head(hiddens[-1][0, -1]).float()
-                logp = torch.log_softmax(logits / max(temperature, 1e-6) if temperature else logits, -1)
+                logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
                 top = float(logp.max().exp())
                 if not self.policy.keep(len(drafts), top, float(-(logp.exp() * logp).sum())):
                     if not drafts and temperature == 0:  # a shadow draft: judged for free by this round's token
@@ -150,6 +151,7 @@ class SelfSpecDecoder:
                                        temperature, wall_start))
         if self.window:
             req.history.extend(h[0, -1] for h in hiddens[: n_acc + 1])
+            del req.history[:-self.window]
         t3 = time.perf_counter()
         return RoundStats(len(drafts), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
 
