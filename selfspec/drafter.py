@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
+from selfspec.model import eos_ids
 from selfspec.split import SplitModel
 
 
@@ -52,7 +53,7 @@ class DrafterHead(nn.Module):
         d = split.config.hidden_size
         weight = split.lm_head.weight
         if config.draft_vocab is not None and vocab_ids is None:
-            vocab_ids = draft_vocab_ids(weight.shape[0], config.draft_vocab, always=_eos_ids(split))
+            vocab_ids = draft_vocab_ids(weight.shape[0], config.draft_vocab, always=tuple(eos_ids(split.config)))
         self.register_buffer("vocab_ids", None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long))
         self.adapter = None
         if config.adapter_hidden:
@@ -93,11 +94,6 @@ class DrafterHead(nn.Module):
                 if tuple(value.shape) != tuple(params[name].shape):
                     raise ValueError(f"head state {name}: shape {value.shape}, expected {tuple(params[name].shape)}")
                 params[name].copy_(torch.from_numpy(np.asarray(value)))
-
-
-def _eos_ids(split: SplitModel) -> tuple[int, ...]:
-    eos = split.config.eos_token_id
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
 
 
 def save_head(head: DrafterHead, out_dir: str | Path, meta: dict) -> Path:

@@ -19,6 +19,7 @@ import torch
 from selfspec.acceptance import greedy_accept, sampling_accept
 from selfspec.drafter import DrafterHead
 from selfspec.length_policy import LengthPolicy
+from selfspec.model import eos_ids as model_eos_ids
 from selfspec.split import SplitModel
 from selfspec.transitions import Transition
 
@@ -83,7 +84,7 @@ class SelfSpecDecoder:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = eos_ids if eos_ids is not None else _eos_of(self.split.config)
+        eos = eos_ids if eos_ids is not None else model_eos_ids(self.split.config)
         budget = min(max_new_tokens, limit - prompt.numel())
         start = time.perf_counter()
         cache = self.split.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
@@ -199,7 +200,3 @@ class SelfSpecDecoder:
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.double() / temperature, -1)
 
-
-def _eos_of(config) -> set[int]:
-    eos = config.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())

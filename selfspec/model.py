@@ -82,5 +82,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     return model, tokenizer
 
 
+def eos_ids(config) -> set[int]:
+    """The model's end-of-sequence ids (HF configs hold one id, a list, or None)."""
+    eos = config.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+
 def model_name(spec: str) -> str:
     return spec if spec in BUILTIN_MODELS else Path(spec).resolve().name

@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from selfspec.drafter import DrafterHead, HeadConfig, save_head
+from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
 from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy, mean_accepted_length, simulate_rounds
-from selfspec.model import DEFAULT_MODEL, cache_dir, load_model, model_name
+from selfspec.model import DEFAULT_MODEL, cache_dir, eos_ids, load_model, model_name
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
 from selfspec.prompts import load_prompts
 from selfspec.split import SplitModel
@@ -78,6 +78,16 @@ def _cached_paths(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPa
     return paths
 
 
+def _frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) -> np.ndarray | None:
+    """A reduced draft vocabulary: the ids the model itself emits most often on the training prompts."""
+    if size is None:
+        return None
+    counts = np.zeros(split.config.vocab_size)
+    for p in paths:
+        np.add.at(counts, p.tokens[p.prompt_len:], 1)
+    return draft_vocab_ids(len(counts), size, counts, tuple(eos_ids(split.config)))
+
+
 def _save_npz(file: Path, **arrays) -> None:
     tmp = file.with_name(file.name + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -98,10 +108,11 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    head = DrafterHead(SplitModel(model, cfg.head.exit_layer), cfg.head)
     train, heldout = split_prompts(cfg)
     heldout_paths = _cached_paths(model, tokenizer, cfg, heldout)
     train_paths = _cached_paths(model, tokenizer, cfg, train)
+    split = SplitModel(model, cfg.head.exit_layer)
+    head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
     start = time.time()
     curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress)
     summary = {"mal_before": curve[0]["mal_heldout"], "mal_after": curve[-1]["mal_heldout"], "gamma": cfg.gamma,

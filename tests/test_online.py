@@ -83,3 +83,17 @@ def test_checkpoint_round_trip_is_lossless(trained, verifier, paths, tmp_path):
 def test_checkpoint_missing_says_what_to_run(verifier, tmp_path):
     with pytest.raises(FileNotFoundError, match="written by `dvi online --out-dir`"):
         load_head(verifier, Path(tmp_path) / "nothing")
+
+
+def test_reduced_vocab_keeps_the_ids_the_model_emits(verifier, paths):
+    from selfspec.online import _frequent_ids
+
+    split = SplitModel(verifier, K)
+    emitted = np.concatenate([p.tokens[p.prompt_len:] for p in paths])
+    distinct = np.unique(emitted)
+    ids = _frequent_ids(paths, split, len(distinct))
+    np.testing.assert_array_equal(ids, distinct)  # exactly the emitted ids when the budget allows
+    top = _frequent_ids(paths, split, 16)
+    counts = np.bincount(emitted, minlength=256)
+    assert counts[top].min() >= np.sort(counts)[-16]  # the 16 most frequent (ties broken by id)
+    assert _frequent_ids(paths, split, None) is None
