@@ -81,6 +81,16 @@ class DrafterHead(nn.Module):
     def to_full_ids(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.vocab_ids is None else self.vocab_ids[idx]
 
+    def draft_fields(self, logp: torch.Tensor, draft_ids: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+        """The draft side of a Transition: from log-probs over the draft vocabulary [n, V_draft] and the
+        drafted full-vocabulary ids [n], the behaviour log-prob of each draft and the top-k (full ids)."""
+        own = draft_ids if self.vocab_ids is None else torch.searchsorted(self.vocab_ids, draft_ids)
+        top = logp.topk(k, -1)
+        return {"draft_tokens": draft_ids.int().cpu().numpy(),
+                "draft_logprobs": logp[torch.arange(len(own)), own].float().cpu().numpy(),
+                "draft_topk_ids": self.to_full_ids(top.indices).int().cpu().numpy(),
+                "draft_topk_logprobs": top.values.float().cpu().numpy()}
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         return {n: p.detach().cpu().numpy().copy() for n, p in self.named_parameters() if p.requires_grad}
 

@@ -170,14 +170,12 @@ class SelfSpecDecoder:
         tau = temperature if temperature else 1.0  # greedy: store the head's own (T=1) distribution
         draft_logp = torch.log_softmax(torch.stack(draft_logits) / tau, -1)
         n, k = len(draft_ids), min(self.topk, draft_logp.shape[-1])  # a small draft vocab bounds K for both sides
-        draft_top = draft_logp.topk(k, -1)
         target_logp = torch.log_softmax(target_logits[:n].float() / tau, -1)
         target_top = target_logp.topk(k, -1)
         target_tokens = target_logits[:n].argmax(-1)
         target_tokens[:n_acc] = draft_ids[:n_acc]
         if n_acc < n:
             target_tokens[n_acc] = nxt
-        own_idx = draft_ids if self.head.vocab_ids is None else torch.searchsorted(self.head.vocab_ids, draft_ids)
         positions = torch.arange(n)
         context = (torch.stack(req.history[-self.window:]).half().cpu().numpy() if self.window
                    else np.zeros((0, 0), np.float16))
@@ -186,10 +184,7 @@ class SelfSpecDecoder:
             policy_version=self.policy_version, workload=self.workload, t_start=wall_start,
             t_end=time.time(), temperature=float(temperature),
             hidden=torch.cat(hiddens[:n], 1)[0].half().cpu().numpy(),
-            draft_tokens=draft_ids.int().numpy(),
-            draft_logprobs=draft_logp[positions, own_idx].float().cpu().numpy(),
-            draft_topk_ids=self.head.to_full_ids(draft_top.indices).int().cpu().numpy(),
-            draft_topk_logprobs=draft_top.values.float().cpu().numpy(),
+            **self.head.draft_fields(draft_logp, draft_ids, k),
             target_topk_ids=target_top.indices.int().cpu().numpy(),
             target_topk_logprobs=target_top.values.float().cpu().numpy(),
             target_tokens=target_tokens.int().cpu().numpy(),

@@ -103,18 +103,14 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
 
 
 def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:
-    top = logp.topk(min(topk, logp.shape[-1]), -1)
-    own = torch.as_tensor(drafts, dtype=torch.long)
-    own = own if head.vocab_ids is None else torch.searchsorted(head.vocab_ids, own)
+    k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
     positions = np.arange(n)
     now = time.time()
     return Transition(
         run_id=run_id, actor_id=0, request_id=request_id, round=round_no, policy_version=version,
-        workload=path.category, t_start=now, t_end=now, temperature=0.0,
-        hidden=path.hidden[pos:pos + n], draft_tokens=drafts.astype(np.int32),
-        draft_logprobs=logp[torch.arange(n), own].numpy().astype(np.float32),
-        draft_topk_ids=head.to_full_ids(top.indices).int().numpy(), draft_topk_logprobs=top.values.numpy(),
-        target_topk_ids=path.target_topk_ids[pos:pos + n, :topk], target_topk_logprobs=path.target_topk_logprobs[pos:pos + n, :topk],
+        workload=path.category, t_start=now, t_end=now, temperature=0.0, hidden=path.hidden[pos:pos + n],
+        **head.draft_fields(logp, torch.as_tensor(drafts, dtype=torch.long), k),
+        target_topk_ids=path.target_topk_ids[pos:pos + n, :k], target_topk_logprobs=path.target_topk_logprobs[pos:pos + n, :k],
         target_tokens=path.tokens[pos + 1:pos + n + 1].astype(np.int32),
         accept_mask=positions < n_acc, on_path=positions <= n_acc)
 

@@ -44,3 +44,18 @@ def test_simulation_matches_real_decoding():
             np.testing.assert_allclose(sim.hidden.astype(float), real.hidden[on_path].astype(float), atol=1e-2)
     assert 0 < np.mean(all_rounds) < gamma  # both accepts and rejects happened
     assert mean_accepted_length([path], head, gamma) == np.mean(accepted) + 1
+
+
+def test_small_draft_vocab_gives_matching_topk_widths():
+    model = tiny_llama(seed=4)
+    split = SplitModel(model, 2)
+    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=0, lora_rank=0, draft_vocab=16))
+    prompt = [5, 6, 7]
+    tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=20, eos_ids=set()).tokens
+    path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=32)
+    _, transitions = simulate_rounds(path, head, 4, make_transitions=True, topk=24)  # > the 16-id draft vocab
+    assert transitions
+    for tr in transitions:
+        tr.validate()
+        assert tr.draft_topk_ids.shape[1] == tr.target_topk_ids.shape[1] == 16
+        assert np.isin(tr.draft_topk_ids, head.vocab_ids.numpy()).all()
