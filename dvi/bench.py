@@ -50,16 +50,20 @@ def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
 def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
               methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
     model, split, head = drafter.model, drafter.split, drafter.head
-    runners = {
-        "hf_ar": _hf_runner(model, max_new_tokens),
-        "hf_prompt_lookup": _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
-        "hf_early_exit": _hf_runner(model, max_new_tokens, assistant_early_exit=split.exit_layer),
-        "dvi_ar": _dvi_runner(SelfSpecDecoder(split, head, make_policy("fixed", 0)), max_new_tokens),
-        "dvi_spec": _dvi_runner(SelfSpecDecoder(split, head, make_policy("fixed", gamma)), max_new_tokens),
-        "dvi_spec_dynamic": _dvi_runner(SelfSpecDecoder(split, head, make_policy("cost_aware", gamma, split, head)),
-                                        max_new_tokens),
+
+    def dvi(name: str, gamma: int):  # built only when asked for: cost_aware measures step costs at start-up
+        return _dvi_runner(SelfSpecDecoder(split, head, make_policy(name, gamma, split, head)), max_new_tokens)
+
+    makers = {
+        "hf_ar": lambda: _hf_runner(model, max_new_tokens),
+        "hf_prompt_lookup": lambda: _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
+        "hf_early_exit": lambda: _hf_runner(model, max_new_tokens, assistant_early_exit=split.exit_layer),
+        "dvi_ar": lambda: dvi("fixed", 0),
+        "dvi_spec": lambda: dvi("fixed", gamma),
+        "dvi_spec_dynamic": lambda: dvi("cost_aware", gamma),
     }
     names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]  # hf_ar is the reference for speedup and identity
+    runners = {name: makers[name]() for name in names}
     encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
     for name in names:  # warm-up: first calls allocate buffers and pick kernels
         runners[name](encoded[0][:16])
