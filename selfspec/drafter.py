@@ -1,8 +1,16 @@
-"""The drafter head: the only trainable part. Layer-k hidden state -> next-token logits.
+"""The drafter head: the only trainable part. Layer-k hidden states -> next-token logits.
 
-residual adapter (pre-norm MLP, output layer zero-initialised) -> own copy of the final norm ->
-output projection (the model's lm_head rows, frozen) with a peft LoRA on it. At initialisation the
-adapter adds zero and LoRA's B is zero, so an untrained head is exactly plain early exit.
+[attention adapter] -> residual adapter (pre-norm MLP, output layer zero-initialised) -> own copy of
+the final norm -> output projection (the model's lm_head rows, frozen) with a peft LoRA on it. At
+initialisation the MLP adapter adds zero and LoRA's B is zero, so an untrained MLP head is exactly
+plain early exit.
+
+The optional attention adapter (Kangaroo / EAGLE style) is a copy of the model's decoder layers
+k, k+1, ... that attends over the trunk's hidden states of the last `context_window` positions, with
+its own small KV cache; initialised from the model's own layers, it starts as early exit at k+1.
+Its receptive field is bounded (each of L layers looks back W / L positions) so that a Transition's
+`context_hidden` (the W committed positions before the draft) holds everything the head saw: training from a transition reproduces the draft
+logits exactly.
 
 An optional reduced draft vocabulary keeps only V rows of the projection (the lm_head is ~14% of a
 token on the 2-core CPU); drafted indices are mapped back to full-vocabulary ids.
@@ -16,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from selfspec.model import eos_ids
+from selfspec.kv_cache import KVCache
 from selfspec.split import SplitModel
 
 
@@ -32,7 +41,16 @@ class HeadConfig(BaseModel):
     lora_rank: int = Field(16, ge=0, description="LoRA rank on the output projection (0: none)")
     lora_alpha: float = Field(32.0, gt=0)
     draft_vocab: int | None = Field(None, ge=16, description="keep only this many output ids (None: full vocab)")
-    context_window: int = Field(0, ge=0, description="committed positions of trunk hidden a transition carries")
+    attention_layers: int = Field(0, ge=0, le=4, description="decoder layers copied from k, k+1, .. as an attention adapter")
+    context_window: int = Field(0, ge=0, description="committed positions of trunk hidden a transition carries "
+                                                    "(and an attention adapter attends to)")
+
+    @model_validator(mode="after")
+    def _window_for_attention(self):
+        if self.context_window < self.attention_layers:
+            raise ValueError(f"attention_layers {self.attention_layers} needs context_window >= {self.attention_layers} "
+                             f"(each layer looks back context_window / attention_layers positions)")
+        return self
 
 
 def draft_vocab_ids(vocab_size: int, size: int, counts: np.ndarray | None = None,
@@ -55,6 +73,13 @@ class DrafterHead(nn.Module):
         if config.draft_vocab is not None and vocab_ids is None:
             vocab_ids = draft_vocab_ids(weight.shape[0], config.draft_vocab, always=tuple(eos_ids(split.config)))
         self.register_buffer("vocab_ids", None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long))
+        k, n_attn = config.exit_layer, config.attention_layers
+        if k + n_attn > split.num_layers:
+            raise ValueError(f"attention_layers {n_attn} from exit layer {k}: the model has only {split.num_layers} layers")
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in split.layers[k:k + n_attn])
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = i  # its slot in the head's own KV cache
+        self.rotary = copy.deepcopy(split.rotary) if n_attn else None
         self.adapter = None
         if config.adapter_hidden:
             self.adapter = nn.Sequential(nn.RMSNorm(d, eps=1e-6), nn.Linear(d, config.adapter_hidden),
@@ -70,13 +95,80 @@ class DrafterHead(nn.Module):
             inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                                target_modules=["proj"], lora_dropout=0.0), self)
         for name, param in self.named_parameters():
-            param.requires_grad_(name.startswith(("adapter.", "norm.")) or "lora_" in name)
+            param.requires_grad_(name.startswith(("adapter.", "norm.", "layers.")) or "lora_" in name)
+
+    @property
+    def attends(self) -> bool:
+        return len(self.layers) > 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d] -> logits over the draft vocabulary [..., V_draft]."""
+        """Readout of already-attended hidden [..., d] -> logits over the draft vocabulary [..., V_draft].
+        For a head without attention layers this is the whole head."""
         if self.adapter is not None:
             hidden = hidden + self.adapter(hidden)
         return self.proj(self.norm(hidden))
+
+    def _attend(self, hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, key_valid=None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """The attention layers on hidden [B, n, d] at `positions` [n], over keys at positions `keys`
+        [S] (the cache plus these, or the sequence itself): causal, each layer at most
+        context_window / layers positions back, so that the stack never reaches further back than
+        `context_window` positions. `key_valid` [B, S] masks padding."""
+        window = self.config.context_window // len(self.layers)
+        mask = ((keys[None, :] <= positions[:, None]) & (keys[None, :] >= positions[:, None] - window))[None, None]
+        if key_valid is not None:  # a query always sees itself, so a padding row is never all-masked (NaN)
+            mask = mask & key_valid[:, None, None, :] | (keys[None, :] == positions[:, None])[None, None]
+        position_ids = positions[None].expand(hidden.shape[0], -1)
+        rope = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=cache is not None, position_embeddings=rope)
+        return hidden
+
+    def new_cache(self, capacity: int) -> KVCache | None:
+        if not self.attends:
+            return None
+        attn = self.layers[0].self_attn
+        p = next(self.parameters())
+        return KVCache(len(self.layers), attn.config.num_key_value_heads, attn.head_dim, capacity, p.dtype, p.device)
+
+    def next_logits(self, hidden: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        """Decoding: layer-k hidden [1, n, d] of positions start.. (committed positions the head has not
+        seen yet, then the newest) -> logits for the token after the last one [V_draft]."""
+        if not self.attends:
+            return self(hidden[0, -1])
+        # Positions before start - window are never attended again: jumping over them leaves a harmless hole.
+        cache.lengths = [start] * len(cache.lengths)
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
+        keys = torch.arange(start + hidden.shape[1], device=hidden.device)
+        return self(self._attend(hidden, positions, keys, cache=cache)[0, -1])
+
+    def path_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Teacher forcing along a committed sequence: hidden [T, d] of positions 0..T-1 -> logits for
+        the positions start..end-1 [end - start, V_draft], exactly what decoding would compute there."""
+        if not self.attends:
+            return self(hidden[start:end])
+        lo = max(0, start - self.config.context_window)
+        positions = torch.arange(end - lo, device=hidden.device)
+        return self(self._attend(hidden[None, lo:end], positions, positions)[0, start - lo:])
+
+    def batch_logits(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
+                     context_len: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Training: the drafted positions of R transitions, flattened to hidden [N, d], with each
+        transition's context left-padded to context [R, W, d] (`context_len` [R] valid positions) and
+        `rows` [N, 2] = (transition, offset among its drafted positions) -> logits [N, V_draft]."""
+        if not self.attends:
+            return self(hidden)
+        n_rounds, width = context.shape[:2]
+        span = int(rows[:, 1].max()) + 1
+        seq = torch.cat([context, hidden.new_zeros(n_rounds, span, hidden.shape[1])], 1)
+        seq[rows[:, 0], width + rows[:, 1]] = hidden
+        keys = torch.arange(width + span, device=hidden.device)
+        drafted = torch.zeros(n_rounds, span, dtype=torch.bool, device=hidden.device)
+        drafted[rows[:, 0], rows[:, 1]] = True
+        valid = torch.cat([keys[None, :width] >= (width - context_len)[:, None], drafted], 1)
+        out = self._attend(seq, keys, keys, key_valid=valid)
+        return self(out[rows[:, 0], width + rows[:, 1]])
 
     def to_full_ids(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.vocab_ids is None else self.vocab_ids[idx]

@@ -82,8 +82,8 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
     if end <= start:
         return [], []
     param = next(head.parameters())
-    hidden = torch.from_numpy(path.hidden[start:end]).to(param.dtype)
-    logits = head(hidden).float()
+    hidden = torch.from_numpy(path.hidden[:end]).to(param.dtype)
+    logits = head.path_logits(hidden, start, end).float()
     logp = torch.log_softmax(logits, -1)
     drafts = head.to_full_ids(logits.argmax(-1)).numpy()
     match = drafts == tokens[start + 1:end + 1]
@@ -105,6 +105,7 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
 def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:
     k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
     positions = np.arange(n)
+    window = head.config.context_window
     now = time.time()
     return Transition(
         run_id=run_id, actor_id=0, request_id=request_id, round=round_no, policy_version=version,
@@ -112,7 +113,8 @@ def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_i
         **head.draft_fields(logp, torch.as_tensor(drafts, dtype=torch.long), k),
         target_topk_ids=path.target_topk_ids[pos:pos + n, :k], target_topk_logprobs=path.target_topk_logprobs[pos:pos + n, :k],
         target_tokens=path.tokens[pos + 1:pos + n + 1].astype(np.int32),
-        accept_mask=positions < n_acc, on_path=positions <= n_acc)
+        accept_mask=positions < n_acc, on_path=positions <= n_acc,
+        context_hidden=path.hidden[max(0, pos - window):pos] if window else np.zeros((0, 0), np.float16))
 
 
 def mean_accepted_length(paths: list[GreedyPath], head, gamma: int) -> float:

@@ -2,12 +2,15 @@
 
 The engine asks `start_round()` before calling the head at all, then `keep(i, top_prob, entropy)` for
 each candidate draft (after the head produced it, before it is committed to verification), and
-reports the outcome with `update(top_probs, n_accepted)`.
+reports the outcome with `update(top_probs, n_accepted)`. For copied n-gram drafts it asks
+`ngram_drafts(match, available)` and learns from `update_ngram`.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from selfspec.ngram import MAX_NGRAM
 
 
 class LengthPolicy:
@@ -28,6 +31,13 @@ class LengthPolicy:
 
     def update(self, top_probs: list[float], n_accepted: int) -> None:
         pass
+
+    def ngram_drafts(self, match: int, available: int) -> int:
+        """How many of `available` copied drafts (from a suffix match of length `match`) to verify."""
+        return available
+
+    def update_ngram(self, match: int, proposed: list[int], emitted: list[int], verified: int) -> None:
+        """A round had this n-gram proposal (its first `verified` tokens verified) and emitted these tokens."""
 
 
 class ConfidenceThreshold(LengthPolicy):
@@ -50,9 +60,15 @@ class StepCosts:
     trunk: float  # one token through layers [0, k)
     head: float  # one drafter-head call
     verify: list[float]  # verify[m]: m tokens through layers [k, L) + norm + lm_head (index 0 unused)
+    trunk_block: list[float] | None = None  # trunk_block[m]: m tokens through layers [0, k) in one pass
 
     def round_time(self, n_drafts: int, n_heads: int) -> float:
         return self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]
+
+    def copy_round_time(self, n_drafts: int) -> float:
+        """A round of copied drafts: pending + drafts through the trunk at once, then verified."""
+        block = self.trunk_block[n_drafts + 1] if self.trunk_block else self.trunk * (1 + n_drafts)
+        return block + self.verify[n_drafts + 1]
 
 
 class CostAware(LengthPolicy):
@@ -70,8 +86,10 @@ class CostAware(LengthPolicy):
     name = "cost_aware"
 
     def __init__(self, costs: StepCosts, max_drafts: int, explore: float = 0.03, prior_weight: float = 4.0,
-                 bins: int = 10, seed: int = 0):
+                 bins: int = 10, seed: int = 0, ngram_prior: float = 0.3):
         super().__init__(min(max_drafts, len(costs.verify) - 2))
+        # copied drafts: per matched suffix length, accepted / judged positions, prior `ngram_prior`
+        self.ngram_stats = {m: [ngram_prior * prior_weight, prior_weight] for m in range(1, MAX_NGRAM + 1)}
         self.costs, self.explore, self.prior_weight, self.bins = costs, explore, prior_weight, bins
         self.accepted = [0.0] * bins
         self.trials = [0.0] * bins
@@ -120,6 +138,31 @@ class CostAware(LengthPolicy):
             self.trials[b] += 1
             self.accepted[b] += j < n_accepted
         self._head_pays = self._value_of_head() > 1.0 / self.costs.round_time(0, 0)
+
+    def ngram_acceptance(self, match: int) -> float:
+        accepted, judged = self.ngram_stats[min(match, max(self.ngram_stats))]
+        return accepted / judged
+
+    def ngram_drafts(self, match: int, available: int) -> int:
+        """The length with the best expected tokens/s, or 0 when plain decoding is faster (a round's
+        copied drafts are accepted one after another with the calibrated rate of their match length)."""
+        a = self.ngram_acceptance(match)
+        best, best_rate, expected, survive = 0, 1.0 / self.costs.round_time(0, 0), 1.0, 1.0
+        for n in range(1, min(available, self.max_drafts) + 1):
+            survive *= a
+            expected += survive
+            if expected / self.costs.copy_round_time(n) > best_rate:
+                best, best_rate = n, expected / self.costs.copy_round_time(n)
+        return best
+
+    def update_ngram(self, match: int, proposed: list[int], emitted: list[int], verified: int) -> None:
+        # Positions are judged up to the first disagreement with what was emitted, verified or not.
+        agree = 0
+        while agree < min(len(proposed), len(emitted)) and proposed[agree] == emitted[agree]:
+            agree += 1
+        stats = self.ngram_stats[min(match, max(self.ngram_stats))]
+        stats[0] += agree
+        stats[1] += min(agree + 1, len(proposed), len(emitted))
 
     def _value_of_head(self) -> float:
         """Expected tokens/s of a round that calls the head, over the confidences the head shows."""

@@ -48,7 +48,12 @@ class Batch:
     accepted: torch.Tensor  # [N] bool: reward 1
     on_path: torch.Tensor  # [N] bool: carries a reward (accepted or the first reject)
     policy_version: torch.Tensor  # [N] long
-    rounds: int  # number of transitions
+    rounds: int  # number of transitions R
+    # Attention heads only: each transition's committed context, left-padded to [R, W, d], its valid
+    # length [R], and rows [N, 2] = (transition, offset among its drafted positions).
+    context: torch.Tensor | None = None
+    context_len: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
@@ -65,9 +70,11 @@ def _to_draft(ids: np.ndarray, vocab_ids: torch.Tensor | None) -> tuple[torch.Te
 
 
 def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None = None,
-            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Batch:
+            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+            with_context: bool = False) -> Batch:
     """list[Transition] -> Batch. `vocab_ids` is the head's sorted draft-index -> full-id map (None:
-    full vocabulary). Top-K of different widths are padded with invalid entries of log-prob -inf."""
+    full vocabulary). Top-K of different widths are padded with invalid entries of log-prob -inf.
+    `with_context` also stacks the committed context for an attention head."""
     if not transitions:
         raise ValueError("collate: no transitions")
     for tr in transitions:
@@ -90,7 +97,18 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
     per_pos = lambda f: np.concatenate([np.full(tr.n, f(tr)) for tr in transitions])  # noqa: E731
     as_f = lambda a: torch.as_tensor(np.asarray(a, np.float64), dtype=dtype, device=device)  # noqa: E731
     on = lambda t: t.to(device)  # noqa: E731
-    return Batch(
+    context = {}
+    if with_context:
+        width = max(tr.context_hidden.shape[0] for tr in transitions)
+        d = transitions[0].hidden.shape[1]
+        padded = np.zeros((len(transitions), width, d), np.float32)
+        for r, tr in enumerate(transitions):
+            if len(tr.context_hidden):
+                padded[r, width - len(tr.context_hidden):] = tr.context_hidden
+        rows = np.concatenate([np.stack([np.full(tr.n, r), np.arange(tr.n)], 1) for r, tr in enumerate(transitions)])
+        context = {"context": as_f(padded), "rows": on(torch.as_tensor(rows, dtype=torch.long)),
+                   "context_len": on(torch.as_tensor([len(tr.context_hidden) for tr in transitions]))}
+    return Batch(**context,
         hidden=as_f(cat("hidden")), tau=as_f(per_pos(lambda tr: tr.temperature if tr.temperature > 0 else 1.0)),
         draft_idx=on(draft_idx), draft_in_vocab=on(draft_in), draft_logprobs=as_f(cat("draft_logprobs")),
         target_idx=on(target_idx), target_in_vocab=on(target_in), topk_idx=on(topk_idx),
@@ -103,7 +121,7 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
 def collate_for(head, transitions: Sequence[Transition]) -> Batch:
     """collate with the head's draft vocabulary, dtype and device."""
     p = next(head.parameters())
-    return collate(transitions, vocab_ids=head.vocab_ids, dtype=p.dtype, device=p.device)
+    return collate(transitions, vocab_ids=head.vocab_ids, dtype=p.dtype, device=p.device, with_context=head.attends)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -282,7 +300,7 @@ def total_loss(head, batch: Batch, schedule: Schedule, baseline: EMABaseline,
     update_baseline=False to evaluate); does not advance the schedule."""
     config = config or LossConfig()
     w = schedule.weights()
-    logits = head(batch.hidden)
+    logits = head.batch_logits(batch.hidden, batch.context, batch.context_len, batch.rows)
     kl, m_kl = distill_kl(logits, batch, config.distill_temperature)
     ce, m_ce = accepted_ce(logits, batch)
     b = baseline.value

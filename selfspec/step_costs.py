@@ -35,11 +35,19 @@ def measure_step_costs(split, head, max_drafts: int, context: int = 128, reps: i
         split.trunk(ids[context:], context, cache)
         cache.crop(context)
 
+    def trunk_block_step(m: int):
+        split.trunk(ids[context - m + 1:context + 1], context, cache)
+        cache.crop(context)
+
     def verify_step(m: int):
         split.verify(hidden.expand(1, m, -1), context, cache)
         cache.crop(context)
 
     trunk = _median_seconds(trunk_step, reps)
-    head_cost = _median_seconds(lambda: head(hidden[0, -1]), reps) if head is not None else float("inf")
+    head_cost = float("inf")
+    if head is not None:
+        head_cache = head.new_cache(context + 1)
+        head_cost = _median_seconds(lambda: head.next_logits(hidden, context, head_cache), reps)
     verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps) for m in range(1, max_drafts + 2)]
-    return StepCosts(trunk=trunk, head=head_cost, verify=verify)
+    block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps) for m in range(1, max_drafts + 2)]
+    return StepCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)

@@ -1,5 +1,6 @@
 """Simulated drafting along the greedy path decides exactly what the real decoder decides."""
 import numpy as np
+import pytest
 import torch
 from tiny_model import plain_greedy, tiny_llama
 
@@ -7,16 +8,26 @@ from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
 from selfspec.greedy_paths import annotate_path, mean_accepted_length, simulate_rounds
 from selfspec.length_policy import LengthPolicy
+from selfspec.objectives import collate_for
 from selfspec.split import SplitModel
 
 
-def test_simulation_matches_real_decoding():
+def perturbed_head(split, attention_layers=0, window=0):
+    head = DrafterHead(split, HeadConfig(exit_layer=split.exit_layer, adapter_hidden=16, lora_rank=2,
+                                         attention_layers=attention_layers, context_window=window))
+    with torch.no_grad():
+        head.proj.lora_B.default.weight.normal_(0, 0.05)
+        for p in head.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return head
+
+
+@pytest.mark.parametrize("attention_layers,window", [(0, 0), (1, 5)])
+def test_simulation_matches_real_decoding(attention_layers, window):
     model = tiny_llama(seed=4)
     k, gamma = 2, 4
     split = SplitModel(model, k)
-    head = DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=16, lora_rank=2))
-    with torch.no_grad():
-        head.proj.lora_B.default.weight.normal_(0, 0.05)
+    head = perturbed_head(split, attention_layers, window)
     real_transitions = []
     decoder = SelfSpecDecoder(split, head, LengthPolicy(gamma), sink=real_transitions.append, topk=8)
     rng = np.random.default_rng(0)
@@ -42,6 +53,7 @@ def test_simulation_matches_real_decoding():
             # the simulation drafts from the stored float16 hidden state, the decoder from the float64 one
             np.testing.assert_allclose(sim.draft_logprobs, real.draft_logprobs[on_path], atol=5e-3)
             np.testing.assert_allclose(sim.hidden.astype(float), real.hidden[on_path].astype(float), atol=1e-2)
+            np.testing.assert_allclose(sim.context_hidden.astype(float), real.context_hidden.astype(float), atol=1e-2)
     assert 0 < np.mean(all_rounds) < gamma  # both accepts and rejects happened
     assert mean_accepted_length([path], head, gamma) == np.mean(accepted) + 1
 
@@ -59,3 +71,24 @@ def test_small_draft_vocab_gives_matching_topk_widths():
         tr.validate()
         assert tr.draft_topk_ids.shape[1] == tr.target_topk_ids.shape[1] == 16
         assert np.isin(tr.draft_topk_ids, head.vocab_ids.numpy()).all()
+
+
+def test_training_from_transitions_sees_what_drafting_saw():
+    """An attention head's logits recomputed from a Transition (its drafted positions plus the context
+    window it carries) are the logits it drafted with, on and off the path: the learner's view is exact."""
+    model = tiny_llama(seed=4)
+    split = SplitModel(model, 2)
+    head = perturbed_head(split, attention_layers=2, window=6)
+    transitions = []
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(4), sink=transitions.append, topk=8)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        decoder.generate(rng.integers(0, 256, int(rng.integers(1, 12))).tolist(), max_new_tokens=25, eos_ids=set())
+    assert any(len(t.context_hidden) < 6 for t in transitions) and any(len(t.context_hidden) == 6 for t in transitions)
+    assert any(not t.on_path.all() for t in transitions)
+    batch = collate_for(head, transitions)
+    with torch.no_grad():
+        logp = torch.log_softmax(head.batch_logits(batch.hidden, batch.context, batch.context_len, batch.rows), -1)
+    recomputed = logp.gather(1, batch.draft_idx[:, None])[:, 0]
+    # stored hidden states are float16, the decoder drafted from float64 ones
+    np.testing.assert_allclose(recomputed.numpy(), batch.draft_logprobs.numpy(), atol=5e-3)

@@ -50,3 +50,23 @@ def test_slow_verify_shapes_are_skipped():
 def test_threshold_policy_stops_on_low_confidence():
     policy = ConfidenceThreshold(6, min_top_prob=0.5, max_entropy=1.0)
     assert policy.keep(0, 0.9, 0.2) and not policy.keep(1, 0.4, 0.2) and not policy.keep(1, 0.9, 1.5)
+
+
+def test_copied_drafts_only_when_their_match_length_pays():
+    """Copied drafts cost a trunk block and a longer verification, no head: a match length whose
+    copies are mostly wrong is not verified (plain decoding instead), one whose copies are right is
+    verified to the cap; both learned from outcomes, including unverified proposals judged against
+    the emitted token."""
+    costs = StepCosts(trunk=0.11, head=0.16, verify=COSTS.verify, trunk_block=[0.0, 0.11, 0.15, 0.17, 0.18, 0.19])
+    policy = CostAware(costs, 4)
+    for _ in range(200):
+        for match, right in ((1, False), (4, True)):
+            n = policy.ngram_drafts(match, 4)
+            proposal = [7, 8, 9, 10]
+            emitted = proposal[:n + 1] if right else [99]  # right: the model emits the copy anyway
+            policy.update_ngram(match, proposal, emitted, verified=n)
+    assert policy.ngram_drafts(1, 4) == 0
+    assert policy.ngram_acceptance(1) < 0.05
+    assert policy.ngram_drafts(4, 4) == 4 and policy.ngram_drafts(4, 2) == 2
+    assert policy.ngram_acceptance(4) > 0.9
+    assert ConfidenceThreshold(4).ngram_drafts(1, 3) == 3  # the other policies verify every copy offered

@@ -17,13 +17,17 @@ def model():
     return tiny_llama(max_positions=MAX_POS)
 
 
-def make_head(model, k, noise, draft_vocab=None, seed=0):
+def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
+    layers, window = attention or (0, 0)
     head = DrafterHead(SplitModel(model, k), HeadConfig(exit_layer=k, adapter_hidden=32, lora_rank=4,
-                                                         draft_vocab=draft_vocab))
+                                                         draft_vocab=draft_vocab, attention_layers=layers,
+                                                         context_window=window))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # perturb so that the head is sometimes right, sometimes wrong
         head.proj.lora_B.default.weight.copy_(torch.randn(head.proj.lora_B.default.weight.shape, generator=gen,
                                                           dtype=torch.float64) * noise)
+        for p in head.layers.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise)
     return head
 
 
@@ -36,19 +40,21 @@ def make_policy(kind, gamma):
     return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, explore=0.2)
 
 
-SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab)
-    (1, 3, "fixed", 0.0, None),
-    (2, 4, "fixed", 0.05, None),
-    (2, 5, "threshold", 0.0, 64),
-    (3, 4, "cost_aware", 0.05, None),
-    (3, 5, "fixed", 0.0, 192),
+SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab, (attention layers, window))
+    (1, 3, "fixed", 0.0, None, None),
+    (2, 4, "fixed", 0.05, None, None),
+    (2, 5, "threshold", 0.0, 64, None),
+    (3, 4, "cost_aware", 0.05, None, None),
+    (3, 5, "fixed", 0.0, 192, None),
+    (2, 4, "fixed", 0.05, None, (1, 3)),  # a window shorter than most prompts
+    (1, 5, "cost_aware", 0.05, 64, (2, 16)),  # rounds without drafts leave positions the head must catch up on
 ]
 
 
-@pytest.mark.parametrize("k,gamma,policy,noise,vocab", SETTINGS)
-def test_greedy_identical_over_random_prompts(model, k, gamma, policy, noise, vocab):
+@pytest.mark.parametrize("k,gamma,policy,noise,vocab,attention", SETTINGS)
+def test_greedy_identical_over_random_prompts(model, k, gamma, policy, noise, vocab, attention):
     rng = np.random.default_rng(k * 100 + gamma)
-    head = make_head(model, k, noise, vocab)
+    head = make_head(model, k, noise, vocab, attention=attention)
     decoder = SelfSpecDecoder(SplitModel(model, k), head, make_policy(policy, gamma))
     per_position = np.zeros((gamma, 2))  # [accepted, rejected] at each draft position
     eos_inside_draft = 0
@@ -96,3 +102,24 @@ def test_trained_looking_head_is_still_lossless(model):
     for _ in range(10):
         prompt = rng.integers(0, 256, 10).tolist()
         assert decoder.generate(prompt, max_new_tokens=25, eos_ids=set()).tokens == plain_greedy(model, prompt, 25)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "cost_aware"])
+@pytest.mark.parametrize("drafter", [None, "mlp", "attention"])
+def test_copied_ngram_drafts_are_lossless(model, drafter, policy):
+    """Prompts that repeat spans (and the model's own continuations) so that copied drafts are
+    proposed, accepted and rejected; with a head, rounds without a match draft with it."""
+    rng = np.random.default_rng(5)
+    head = None if drafter is None else make_head(model, 2, 0.05, attention=(1, 6) if drafter == "attention" else None)
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_policy(policy, 4), ngram=1)
+    drafted = accepted = rejected = 0
+    for _ in range(25):
+        base = rng.integers(0, 256, int(rng.integers(2, 6))).tolist()
+        prompt = [*base, *plain_greedy(model, base, int(rng.integers(1, 6))), *base][: int(rng.integers(3, 20))]
+        max_new = int(rng.integers(1, 30))
+        result = decoder.generate(prompt, max_new_tokens=max_new, eos_ids=set())
+        assert result.tokens == plain_greedy(model, prompt, max_new), f"prompt={prompt} max_new={max_new}"
+        drafted += sum(r.drafted for r in result.rounds)
+        accepted += sum(r.accepted for r in result.rounds)
+        rejected += sum(r.accepted < r.drafted for r in result.rounds)
+    assert drafted > 0 and accepted > 0 and rejected > 0

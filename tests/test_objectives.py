@@ -294,19 +294,24 @@ def model():
 _decoded = {}
 
 
-def real_transitions(draft_vocab):
+def real_transitions(draft_vocab, attention=False):
     """Transitions from decoding with a fresh head of this vocabulary (cached: an untrained head of a
     given config drafts the same whatever its instance, adapter and LoRA starting at zero)."""
-    if draft_vocab not in _decoded:
+    if (draft_vocab, attention) not in _decoded:
         model = tiny_llama(seed=3)
         split = SplitModel(model, 2)
-        head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2, draft_vocab=draft_vocab))
+        head = DrafterHead(split, head_config(draft_vocab, attention))
         topk = model.config.vocab_size if draft_vocab is None else 8  # full vocab: the KL is exact
         out = []
         SelfSpecDecoder(split, head, LengthPolicy(4), sink=out.append, topk=topk).generate(
             [5, 9, 2, 7, 11, 4], max_new_tokens=24, eos_ids=set())
-        _decoded[draft_vocab] = out
-    return _decoded[draft_vocab]
+        _decoded[draft_vocab, attention] = out
+    return _decoded[draft_vocab, attention]
+
+
+def head_config(draft_vocab=None, attention=False):
+    return HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2, draft_vocab=draft_vocab,
+                      attention_layers=int(attention), context_window=4 * attention)
 
 
 def perturb_trainable(head, seed=0):
@@ -318,12 +323,12 @@ def perturb_trainable(head, seed=0):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("draft_vocab", [None, 64])
-def test_gradients_reach_only_head_parameters(draft_vocab):
+@pytest.mark.parametrize("draft_vocab,attention", [(None, False), (64, False), (None, True)])
+def test_gradients_reach_only_head_parameters(draft_vocab, attention):
     model = tiny_llama(seed=3).requires_grad_(True)  # trainable on purpose: nothing may flow into it
     split = SplitModel(model, 2)
-    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2, draft_vocab=draft_vocab))
-    transitions = real_transitions(draft_vocab)
+    head = DrafterHead(split, head_config(draft_vocab, attention))
+    transitions = real_transitions(draft_vocab, attention)
     perturb_trainable(head)
     schedule = Schedule(ScheduleConfig(warmup_steps=0, ramp_steps=0, kl_floor=0.5))  # all three losses on
     loss, m = total_loss(head, collate_for(head, transitions), schedule, EMABaseline(init=0.5))
@@ -331,6 +336,7 @@ def test_gradients_reach_only_head_parameters(draft_vocab):
     loss.backward()
     trainable = {n: p for n, p in head.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and any(n.startswith("adapter.") for n in trainable)
+    assert attention == any(n.startswith("layers.") for n in trainable)
     for name, p in trainable.items():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     frozen = [n for n, p in head.named_parameters() if not p.requires_grad]
