@@ -18,7 +18,8 @@ from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
 
-METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic")
+METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
+           "dvi_spec_ngram_dynamic")
 
 
 @dataclass
@@ -51,8 +52,8 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
               methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
     model, split, head = drafter.model, drafter.split, drafter.head
 
-    def dvi(name: str, gamma: int):  # built only when asked for: cost_aware measures step costs at start-up
-        return _dvi_runner(SelfSpecDecoder(split, head, make_policy(name, gamma, split, head)), max_new_tokens)
+    def dvi(name: str, gamma: int, ngram: int = 0):  # built only when asked for: cost_aware measures costs at start-up
+        return _dvi_runner(SelfSpecDecoder(split, head, make_policy(name, gamma, split, head), ngram=ngram), max_new_tokens)
 
     makers = {
         "hf_ar": lambda: _hf_runner(model, max_new_tokens),
@@ -61,6 +62,9 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
         "dvi_ar": lambda: dvi("fixed", 0),
         "dvi_spec": lambda: dvi("fixed", gamma),
         "dvi_spec_dynamic": lambda: dvi("cost_aware", gamma),
+        # copied n-gram drafts when the text recurs, the head otherwise
+        "dvi_spec_ngram": lambda: dvi("fixed", gamma, ngram=1),
+        "dvi_spec_ngram_dynamic": lambda: dvi("cost_aware", gamma, ngram=1),
     }
     names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]  # hf_ar is the reference for speedup and identity
     runners = {name: makers[name]() for name in names}

@@ -12,8 +12,7 @@ from dvi.common_args import add_model_args, quiet_transformers
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="benchmark hf_ar, hf_prompt_lookup, hf_early_exit, dvi_ar, dvi_spec, dvi_spec_dynamic",
-                       description=__doc__)
+    p = sub.add_parser(name, help=f"benchmark {', '.join(METHODS)}", description=__doc__)
     add_model_args(p)
     p.add_argument("--prompts", default="builtin",
                    help="`builtin`, `humaneval`, or a Spec-Bench-format JSONL path (default: builtin)")

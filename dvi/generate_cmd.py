@@ -12,6 +12,8 @@ def add_parser(sub, name):
     add_model_args(p)
     p.add_argument("--gamma", type=int, default=4, help="drafts per round (cap for adaptive policies); 0 = plain decoding")
     p.add_argument("--policy", choices=POLICIES, default="cost_aware", help="draft-length policy (default: cost_aware)")
+    p.add_argument("--ngram", type=int, default=1,
+                   help="copy drafts from earlier text when the last N+ tokens recur (prompt lookup); 0 = off (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
@@ -31,13 +33,14 @@ def run(args) -> int:
     drafter = load_drafter(args.model, args.exit_layer, args.drafter)
     ids = drafter.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(drafter.tokenizer, args.prompt)
     policy = make_policy(args.policy, args.gamma, drafter.split, drafter.head)
-    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy)
+    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy,
+                              ngram=args.ngram if args.gamma else 0)
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     print(drafter.tokenizer.decode(result.tokens, skip_special_tokens=True))
     drafted = sum(r.drafted for r in result.rounds)
     accepted = sum(r.accepted for r in result.rounds)
     print(f"\n[{len(result.tokens)} tokens in {result.t_total:.2f} s = {len(result.tokens) / result.t_total:.1f} tok/s; "
           f"{len(result.rounds)} rounds, mean accepted length {result.mean_accepted_length:.2f}, "
-          f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}; "
+          f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}, ngram={args.ngram}; "
           f"stopped on {result.stop_reason}]")
     return 0

@@ -131,6 +131,16 @@ def head_predictions(path, head) -> tuple[np.ndarray, np.ndarray]:
     """The head's argmax draft (full-vocabulary id) and its probability at positions prompt_len..len-2."""
     param = next(head.parameters())
     with torch.no_grad():
-        probs = torch.softmax(head(torch.from_numpy(path.hidden[path.prompt_len:-1]).to(param.dtype)).float(), -1)
+        hidden = torch.from_numpy(path.hidden[:-1]).to(param.dtype)
+        probs = torch.softmax(head.path_logits(hidden, path.prompt_len, len(hidden)).float(), -1)
     conf, idx = probs.max(-1)
     return head.to_full_ids(idx).numpy(), conf.numpy()
+
+
+def mean_accepted_length_with_ngram(paths, gamma: int, head=None, min_ngram: int = 1) -> float:
+    """MAL along these paths with copied drafts when the suffix matches, else the head's (none without
+    a head): what `SelfSpecDecoder(..., ngram=min_ngram)` with fixed γ decides."""
+    rule = ngram_rule(min_ngram) if head is None else switch_rule(min_ngram)
+    rounds = [r.accepted + 1 for path in paths
+              for r in simulate_ngram_rounds(path, gamma, rule, *(head_predictions(path, head) if head else ()))]
+    return float(np.mean(rounds)) if rounds else 1.0

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
 from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy, mean_accepted_length, simulate_rounds
 from selfspec.model import DEFAULT_MODEL, cache_dir, eos_ids, load_model, model_name
+from selfspec.ngram import mean_accepted_length_with_ngram
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
 from selfspec.prompts import load_prompts
 from selfspec.split import SplitModel
@@ -116,6 +117,9 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     start = time.time()
     curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress)
     summary = {"mal_before": curve[0]["mal_heldout"], "mal_after": curve[-1]["mal_heldout"], "gamma": cfg.gamma,
+               # the engine's `ngram` option: copied drafts where the text recurs, the head elsewhere
+               "mal_ngram_only": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma),
+               "mal_after_with_ngram": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma, head),
                "train_prompts": len(train), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
                "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
                "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
