@@ -17,6 +17,8 @@ def add_parser(sub, name):
     p.add_argument("--prompts", default="builtin",
                    help="`builtin`, `humaneval`, or a Spec-Bench-format JSONL path (default: builtin)")
     p.add_argument("--n", type=int, default=14, help="number of prompts, categories interleaved (default: 14)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip this many prompts first (e.g. 440 of Spec-Bench's 480: held-out prompts of `dvi online`)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gamma", type=int, default=4, help="draft length for dvi_spec, cap for dvi_spec_dynamic")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (hf_ar always runs)")
@@ -34,7 +36,9 @@ def run(args) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    prompts = load_prompts(args.prompts, args.n)
+    prompts = load_prompts(args.prompts, args.n, args.offset)
+    if not prompts:
+        raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
     drafter = load_drafter(args.model, args.exit_layer, args.drafter)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter
