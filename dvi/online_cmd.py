@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from dvi.common_args import quiet_transformers
 
 
@@ -18,10 +20,19 @@ def add_online_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted for nested ones (YAML value), e.g. "
+                        "--set head.attention_layers=1 --set head.context_window=16; repeatable")
 
 
 def overrides(args) -> dict:
-    return {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
+    pairs = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. head.draft_vocab=8192")
+        pairs[key.strip()] = yaml.safe_load(value)
+    return {**pairs, "model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
             "heldout_prompts": args.heldout_prompts, "head.exit_layer": args.exit_layer, "gamma": args.gamma,
             "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
 

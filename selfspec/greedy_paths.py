@@ -102,7 +102,23 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
     return accepted, transitions
 
 
+@torch.no_grad()
+def prompt_transitions(path: GreedyPath, head, span: int, topk: int = 16, run_id: str = "online",
+                       policy_version: int = 0) -> list[Transition]:
+    """Distillation-only transitions over the prompt's positions (each predicting the next prompt token,
+    the last one the first generated token), `span` positions each: the verifier's distribution there
+    comes with prefill (at the price of the output projection over the prompt). Nothing was drafted
+    or judged, so they carry no reward (on_path all False): only the KL term learns from them."""
+    end = path.prompt_len
+    hidden = torch.from_numpy(path.hidden[:end]).to(next(head.parameters()).dtype)
+    logp = torch.log_softmax(head.path_logits(hidden, 0, end).float(), -1)
+    drafts = head.to_full_ids(logp.argmax(-1)).numpy()
+    return [_transition(path, logp[p:p + span], drafts[p:p + span], p, min(span, end - p), -1, head, topk, run_id,
+                        f"{path.prompt_id}:prompt", i, policy_version) for i, p in enumerate(range(0, end, span))]
+
+
 def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:
+    """n_acc = -1: no reward anywhere (nothing was judged)."""
     k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
     positions = np.arange(n)
     window = head.config.context_window

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
-from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy, mean_accepted_length, simulate_rounds
+from selfspec.greedy_paths import (GreedyPath, annotate_path, generate_greedy, mean_accepted_length, prompt_transitions,
+                                   simulate_rounds)
 from selfspec.model import DEFAULT_MODEL, cache_dir, eos_ids, load_model, model_name
 from selfspec.ngram import mean_accepted_length_with_ngram
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
@@ -46,6 +47,7 @@ class OnlineConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="transitions per optimizer step")
     epochs: int = Field(2, ge=1, description="passes over each chunk's transitions")
     chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
+    prompt_positions: bool = Field(False, description="also distill (KL only) on the prompts' positions")
     collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
     seed: int = 0
 
@@ -151,6 +153,8 @@ def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_pat
                                            topk=cfg.topk)
                 transitions += trs
                 accepted += acc
+                if cfg.prompt_positions:
+                    transitions += prompt_transitions(path, head, cfg.gamma, cfg.topk, policy_version=version)
             head.train()
             for _ in range(cfg.epochs):
                 rng.shuffle(transitions)

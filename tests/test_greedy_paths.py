@@ -6,7 +6,7 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.greedy_paths import annotate_path, mean_accepted_length, simulate_rounds
+from selfspec.greedy_paths import annotate_path, mean_accepted_length, prompt_transitions, simulate_rounds
 from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import collate_for
 from selfspec.split import SplitModel
@@ -92,3 +92,20 @@ def test_training_from_transitions_sees_what_drafting_saw():
     recomputed = logp.gather(1, batch.draft_idx[:, None])[:, 0]
     # stored hidden states are float16, the decoder drafted from float64 ones
     np.testing.assert_allclose(recomputed.numpy(), batch.draft_logprobs.numpy(), atol=5e-3)
+
+
+def test_prompt_transitions_cover_the_prompt_without_reward():
+    model = tiny_llama(seed=4)
+    split = SplitModel(model, 2)
+    head = perturbed_head(split, attention_layers=1, window=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=6, eos_ids=set()).tokens
+    path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=8)
+    transitions = prompt_transitions(path, head, span=3, topk=8)
+    assert [t.n for t in transitions] == [3, 3, 1]
+    # position i predicts token i + 1: the prompt's own tokens, then the first generated one
+    np.testing.assert_array_equal(np.concatenate([t.target_tokens for t in transitions]), (prompt + tokens)[1:8])
+    assert not any(t.on_path.any() or t.accept_mask.any() for t in transitions)
+    assert [len(t.context_hidden) for t in transitions] == [0, 3, 4]
+    for t in transitions:
+        t.validate()
