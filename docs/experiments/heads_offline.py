@@ -2,10 +2,12 @@
 the online loop), to see what a head can reach when every position is seen many times. This is the
 script behind the "offline" rows of docs/learning.md ("Heads compared"), kept as it ran.
 
-    python docs/experiments/attention_offline.py attn|mlp PROMPT_POSITIONS(0|1) EPOCHS LR [WINDOW]
+    python docs/experiments/heads_offline.py attn|mlp|lora PROMPT_POSITIONS(0|1) EPOCHS LR [WINDOW]
 
 attn: the model's decoder layer 4 copied as a trainable attention adapter over the trunk's hidden
-states (whole causal context, or WINDOW positions), no MLP adapter; mlp: the default MLP adapter.
+states (whole causal context, or WINDOW positions), no MLP adapter; mlp: the default MLP adapter;
+lora: the MLP adapter on top of a copy of the trunk (layers 0-3) with LoRA r=16 on every linear
+layer, as DVI's code drafts (the trunk hidden states are recomputed from the tokens).
 Both: own norm, LoRA'd output projection over the 8,192 ids the model emits most. Loss: forward KL
 to the verifier's stored top-32 with a rest bucket; batches of 4 paths, AdamW, one-cycle schedule.
 Uses configs/online.yaml's prompts and the greedy paths `dvi online` caches.
@@ -17,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
 
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead, HeadConfig
@@ -25,7 +29,7 @@ from selfspec.online import OnlineConfig, _cached_paths, _frequent_ids, split_pr
 from selfspec.split import SplitModel
 
 torch.manual_seed(0)
-mode = sys.argv[1]            # mlp | attn
+mode = sys.argv[1]            # mlp | attn | lora
 use_prompt = sys.argv[2] == "1"
 epochs = int(sys.argv[3]); lr = float(sys.argv[4]); window = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 torch.set_num_threads(2)
@@ -34,15 +38,34 @@ model, tok = load_model(cfg.model)
 train, held = split_prompts(cfg)
 tp = _cached_paths(model, tok, cfg, train); hp = _cached_paths(model, tok, cfg, held)
 split = SplitModel(model, 4)
-hc = HeadConfig(exit_layer=4, adapter_hidden=1024 if mode == "mlp" else 0, draft_vocab=8192)
+hc = HeadConfig(exit_layer=4, adapter_hidden=0 if mode == "attn" else 1024, draft_vocab=8192)
 vocab = _frequent_ids(tp, split, 8192)
 head = DrafterHead(split, hc, vocab)
 layer = None
 if mode == "attn":
     layer = copy.deepcopy(split.layers[4])
     for p in layer.parameters(): p.requires_grad_(True)
+trunk = None
+if mode == "lora":
+    trunk = nn.Module()
+    trunk.layers = copy.deepcopy(split.layers[:4])
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), trunk)
+    for n, p in trunk.named_parameters(): p.requires_grad_("lora_" in n)
 vids = head.vocab_ids
 rotary = split.rotary
+
+def inputs(p, e):  # layer-4 hidden of positions [0, e): cached, or through the LoRA'd trunk copy
+    if trunk is None:
+        return torch.from_numpy(p.hidden[:e]).float()
+    x = split.embed(torch.as_tensor(p.tokens[:e], dtype=torch.long)[None])
+    pos = torch.arange(e)[None]
+    q = torch.arange(e)
+    mask = (q[None, :] <= q[:, None])[None, None]
+    rope = rotary(x, pos)
+    for trunk_layer in trunk.layers:
+        x = trunk_layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+    return x[0]
 
 def fwd(h):  # h [T, d] -> logits [T, V]
     x = h[None]
@@ -78,7 +101,7 @@ def mal(paths, gamma=4):
         for p in paths:
             s, e = p.prompt_len, len(p.tokens) - 1
             if e <= s: continue
-            lg = fwd(torch.from_numpy(p.hidden[:e]).float())[s:e]
+            lg = fwd(inputs(p, e))[s:e]
             drafts = vids[lg.argmax(-1)].numpy()
             match = drafts == p.tokens[s + 1:e + 1]
             q = 0
@@ -93,11 +116,12 @@ def agree(paths):
     with torch.no_grad():
         for p in paths:
             s, e = p.prompt_len, len(p.tokens) - 1
-            lg = fwd(torch.from_numpy(p.hidden[:e]).float())[s:e]
+            lg = fwd(inputs(p, e))[s:e]
             hits += int((vids[lg.argmax(-1)].numpy() == p.tokens[s + 1:e + 1]).sum()); tot += e - s
     return hits / tot
 
 params = [p for p in head.parameters() if p.requires_grad] + ([] if layer is None else list(layer.parameters()))
+params += [] if trunk is None else [p for p in trunk.parameters() if p.requires_grad]
 print("trainable", sum(p.numel() for p in params), "train positions gen", sum(len(p.tokens) - 1 - p.prompt_len for p in tp),
       "all", sum(len(p.tokens) - 1 for p in tp))
 opt = torch.optim.AdamW(params, lr=lr)
@@ -112,7 +136,7 @@ for ep in range(epochs):
         for i in order[b:b + 4]:
             p = tp[i]; e = len(p.tokens) - 1
             lo = 0 if use_prompt else p.prompt_len
-            lg = fwd(torch.from_numpy(p.hidden[:e]).float())[lo:e]
+            lg = fwd(inputs(p, e))[lo:e]
             loss = loss + kl_loss(lg, p.target_topk_ids[lo:e], p.target_topk_logprobs[lo:e])
         opt.zero_grad(); (loss / 4).backward(); opt.step(); sched.step()
     print(f"epoch {ep} {time.time()-t0:.0f}s loss {loss.item()/4:.3f} heldout MAL {mal(hp):.3f} agree {agree(hp):.3f} train-agree {agree(tp[:40]):.3f}", flush=True)
