@@ -34,3 +34,28 @@ def test_bad_config_names_the_key(tmp_path, text, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file nope.yaml not found"):
         load_config(OnlineConfig, "nope.yaml")
+
+
+def test_cli_set_reaches_any_key_and_flags_left_unset_do_not_clobber_it():
+    from dvi.cli import build_parser
+    from dvi.online_cmd import overrides
+
+    args = build_parser().parse_args(["online", "--config", "configs/online.yaml", "--set", "train_prompts=50",
+                                      "--set", "head.attention_layers=1", "--set", "head.context_window=16",
+                                      "--set", "prompt_positions=true", "--gamma", "6"])
+    cfg = load_config(OnlineConfig, args.config, overrides(args))
+    assert (cfg.train_prompts, cfg.head.attention_layers, cfg.head.context_window, cfg.prompt_positions, cfg.gamma) \
+        == (50, 1, 16, True, 6)
+
+
+def test_cli_set_without_equals_says_what_to_write():
+    from dvi.cli import build_parser
+    from dvi.online_cmd import overrides
+
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        overrides(build_parser().parse_args(["online", "--set", "train_prompts"]))
+
+
+def test_attention_head_without_window_names_the_keys():
+    with pytest.raises(ConfigError, match="attention_layers 1 needs context_window >= 1"):
+        load_config(OnlineConfig, None, {"head.attention_layers": 1})
