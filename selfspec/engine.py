@@ -152,7 +152,7 @@ class SelfSpecDecoder:
         req.position, req.pending, req.budget = t + n_acc + 1, emitted[-1], req.budget - len(emitted)
         req.rounds += 1
         if proposal.tokens:  # judged also when not verified: against the tokens this round emitted anyway
-            self.policy.update_ngram(proposal.ngram, proposal.tokens, emitted, verified=len(copied))
+            self.policy.update_ngram(proposal.ngram, proposal.tokens, emitted)
         if confidences:
             self.policy.update(confidences, n_acc)
         elif shadow is not None:

@@ -36,8 +36,8 @@ class LengthPolicy:
         """How many of `available` copied drafts (from a suffix match of length `match`) to verify."""
         return available
 
-    def update_ngram(self, match: int, proposed: list[int], emitted: list[int], verified: int) -> None:
-        """A round had this n-gram proposal (its first `verified` tokens verified) and emitted these tokens."""
+    def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
+        """A round had this n-gram proposal (verified or not) and emitted these tokens."""
 
 
 class ConfidenceThreshold(LengthPolicy):
@@ -155,7 +155,7 @@ class CostAware(LengthPolicy):
                 best, best_rate = n, expected / self.costs.copy_round_time(n)
         return best
 
-    def update_ngram(self, match: int, proposed: list[int], emitted: list[int], verified: int) -> None:
+    def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
         # Positions are judged up to the first disagreement with what was emitted, verified or not.
         agree = 0
         while agree < min(len(proposed), len(emitted)) and proposed[agree] == emitted[agree]:

@@ -64,7 +64,7 @@ def test_copied_drafts_only_when_their_match_length_pays():
             n = policy.ngram_drafts(match, 4)
             proposal = [7, 8, 9, 10]
             emitted = proposal[:n + 1] if right else [99]  # right: the model emits the copy anyway
-            policy.update_ngram(match, proposal, emitted, verified=n)
+            policy.update_ngram(match, proposal, emitted)
     assert policy.ngram_drafts(1, 4) == 0
     assert policy.ngram_acceptance(1) < 0.05
     assert policy.ngram_drafts(4, 4) == 4 and policy.ngram_drafts(4, 2) == 2
