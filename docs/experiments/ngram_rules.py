@@ -43,22 +43,30 @@ def accepted(drafts, target):
     return int(np.argmin(np.append(np.asarray(drafts) == target[:len(drafts)], False)))
 
 
+def replay(p, gamma, round_accepts):
+    """Greedy rounds along path p with an n-gram index of what is committed; round_accepts(q, n, index,
+    proposal, target) says how many drafts the round accepted."""
+    tokens, start, end = p.tokens, p.prompt_len, len(p.tokens) - 1
+    index, q = NgramIndex(tokens[:start + 1]), 0
+    while q < end - start:
+        n = min(gamma, end - start - q - 1)
+        prop = index.propose(n)
+        acc = round_accepts(q, n, index, prop, tokens[start + q + 1:start + q + 1 + n])
+        index.extend(tokens[start + q + 1:start + q + acc + 2])
+        q += acc + 1
+
+
 def oracle(gamma, min_ngram=1):
     """Per round the better of the n-gram's and the head's drafts (fewer drafts on a tie). Not realizable:
     an upper bound for any rule that picks one of the two per round."""
     per_cat = defaultdict(list)
     for p, (d, _) in zip(paths, preds):
-        tokens, start, end = p.tokens, p.prompt_len, len(p.tokens) - 1
-        index, q = NgramIndex(tokens[:start + 1]), 0
-        while q < end - start:
-            n = min(gamma, end - start - q - 1)
-            prop = index.propose(n)
-            target = tokens[start + q + 1:start + q + 1 + n]
+        def better(q, n, index, prop, target):
             acc, neg_drafted = max((accepted(dr, target), -len(dr))
                                    for dr in (prop.tokens if prop.ngram >= min_ngram else [], list(d[q:q + n])))
             per_cat[p.category].append((-neg_drafted, acc))
-            index.extend(tokens[start + q + 1:start + q + acc + 2])
-            q += acc + 1
+            return acc
+        replay(p, gamma, better)
     return per_cat
 
 
@@ -127,20 +135,15 @@ for gamma in (4, 8):
 gamma = 4
 by_len, by_conf = defaultdict(list), defaultdict(list)
 for p, (d, c) in zip(paths, preds):
-    tokens, start, end = p.tokens, p.prompt_len, len(p.tokens) - 1
-    index, q = NgramIndex(tokens[:start + 1]), 0
-    while q < end - start:
-        n = min(gamma, end - start - q - 1)
-        prop = index.propose(n)
-        target = tokens[start + q + 1:start + q + 1 + n]
+    def ngram_round(q, n, index, prop, target, p=p, d=d, c=c):
         a_ng, a_head = accepted(prop.tokens, target), accepted(list(d[q:q + n]), target)
         if n:
-            in_prompt = bool(prop.ngram) and index._follower[prop.ngram - 1][tuple(index.tokens[-prop.ngram:])] < start
+            in_prompt = bool(prop.ngram) and index._follower[prop.ngram - 1][tuple(index.tokens[-prop.ngram:])] < p.prompt_len
             by_len[prop.ngram].append((a_ng, a_head, in_prompt))
             if prop.ngram:
                 by_conf[min(int(c[q] * 5), 4)].append((a_ng > 0, a_head > 0))
-        index.extend(tokens[start + q + 1:start + q + a_ng + 2])
-        q += a_ng + 1
+        return a_ng
+    replay(p, gamma, ngram_round)
 
 with open(sys.argv[1], "w") as f:
     f.write("# N-gram drafts on the 40 held-out Spec-Bench greedy paths (SmolLM2-135M, 128 new tokens)\n\n"
