@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": "dvi.bench_cmd",
     "online": "dvi.online_cmd",
     "ablate": "dvi.ablate_cmd",
+    "synth-prompts": "dvi.synth_prompts_cmd",
     "redis": "dvi.redis_cmd",
     "bench-buffer": "dvi.bench_buffer_cmd",
 }

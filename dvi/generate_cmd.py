@@ -33,14 +33,14 @@ def run(args) -> int:
     drafter = load_drafter(args.model, args.exit_layer, args.drafter)
     ids = drafter.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(drafter.tokenizer, args.prompt)
     policy = make_policy(args.policy, args.gamma, drafter.split, drafter.head)
-    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy,
-                              ngram=args.ngram if args.gamma else 0)
+    ngram = args.ngram if args.gamma else 0  # gamma 0 is plain decoding: nothing is drafted or copied
+    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy, ngram=ngram)
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     print(drafter.tokenizer.decode(result.tokens, skip_special_tokens=True))
     drafted = sum(r.drafted for r in result.rounds)
     accepted = sum(r.accepted for r in result.rounds)
     print(f"\n[{len(result.tokens)} tokens in {result.t_total:.2f} s = {len(result.tokens) / result.t_total:.1f} tok/s; "
           f"{len(result.rounds)} rounds, mean accepted length {result.mean_accepted_length:.2f}, "
-          f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}, ngram={args.ngram}; "
+          f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}, ngram={ngram}; "
           f"stopped on {result.stop_reason}]")
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from selfspec.prompts import Prompt, chat_ids
+from selfspec.prompts import Prompt, chat_ids, left_padded
 from selfspec.transitions import Transition
 
 
@@ -46,9 +46,8 @@ def generate_greedy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int
     with tqdm(total=len(prompts), desc="greedy paths", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
-            mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in idx])[:, None]).long()
+            input_ids, mask = left_padded([encoded[i] for i in idx], pad)
+            width = input_ids.shape[1]
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad)
             for row, i in enumerate(idx):

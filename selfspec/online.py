@@ -33,6 +33,8 @@ class OnlineConfig(BaseModel):
 
     model: str = DEFAULT_MODEL
     workload: str = Field("builtin", description="prompt source: builtin, humaneval, or a Spec-Bench JSONL path")
+    extra_train_workload: str | None = Field(
+        None, description="more training prompts (e.g. from `dvi synth-prompts`), used after the workload's own")
     train_prompts: int = Field(28, ge=1)
     heldout_prompts: int = Field(7, ge=1, description="taken from the end of the workload, never trained on")
     max_new_tokens: int = Field(128, ge=2)
@@ -98,11 +100,19 @@ def _save_npz(file: Path, **arrays) -> None:
 
 
 def split_prompts(cfg: OnlineConfig):
+    """(train from the workload, train from `extra_train_workload`, held-out). Held-out is the
+    workload's tail; training takes the workload's head first, then the extra prompts, so a longer
+    run sees a shorter run's prompts in the same order."""
     prompts = load_prompts(cfg.workload)
-    if cfg.train_prompts + cfg.heldout_prompts > len(prompts):
-        raise ValueError(f"train_prompts + heldout_prompts = {cfg.train_prompts + cfg.heldout_prompts} but the "
-                         f"workload {cfg.workload!r} has only {len(prompts)} prompts")
-    return prompts[:cfg.train_prompts], prompts[len(prompts) - cfg.heldout_prompts:]
+    own = max(len(prompts) - cfg.heldout_prompts, 0)
+    extra = load_prompts(cfg.extra_train_workload) if cfg.extra_train_workload else []
+    if cfg.train_prompts > own + len(extra):
+        raise ValueError(f"train_prompts = {cfg.train_prompts} but the workload {cfg.workload!r} has only {own} "
+                         f"prompts besides its {cfg.heldout_prompts} held-out ones"
+                         + (f", plus {len(extra)} in {cfg.extra_train_workload!r}" if extra else
+                            "; add more with extra_train_workload (see `dvi synth-prompts`)"))
+    return (prompts[:min(cfg.train_prompts, own)], extra[:max(cfg.train_prompts - own, 0)],
+            prompts[len(prompts) - cfg.heldout_prompts:])
 
 
 def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True) -> dict:
@@ -111,9 +121,10 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    train, heldout = split_prompts(cfg)
+    train, extra, heldout = split_prompts(cfg)
     heldout_paths = _cached_paths(model, tokenizer, cfg, heldout)
-    train_paths = _cached_paths(model, tokenizer, cfg, train)
+    # cached per source, so adding extra prompts reuses the workload's paths
+    train_paths = _cached_paths(model, tokenizer, cfg, train) + (_cached_paths(model, tokenizer, cfg, extra) if extra else [])
     split = SplitModel(model, cfg.head.exit_layer)
     head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
     start = time.time()
@@ -122,7 +133,7 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
                # the engine's `ngram` option: copied drafts where the text recurs, the head elsewhere
                "mal_ngram_only": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma),
                "mal_after_with_ngram": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma, head),
-               "train_prompts": len(train), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
+               "train_prompts": len(train_paths), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
                "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
                "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
     save_head(head, out, {"base_model": cfg.model, "version": versions,

@@ -134,6 +134,16 @@ def load_prompts(source: str, n: int | None = None, offset: int = 0) -> list[Pro
     return prompts[offset: None if n is None else offset + n]
 
 
+def left_padded(encoded: list[list[int]], pad: int):
+    """A batch for `generate`: rows padded on the left to one width, and the attention mask."""
+    import torch
+
+    width = max(map(len, encoded))
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(e) for e in encoded])[:, None]).long()
+    return input_ids, mask
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of one user message under the model's chat template (plain text if it has none)."""
     if getattr(tokenizer, "chat_template", None):

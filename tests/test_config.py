@@ -59,3 +59,21 @@ def test_cli_set_without_equals_says_what_to_write():
 def test_attention_head_without_window_names_the_keys():
     with pytest.raises(ConfigError, match="attention_layers 1 needs context_window >= 1"):
         load_config(OnlineConfig, None, {"head.attention_layers": 1})
+
+
+def test_extra_training_prompts_come_after_the_workloads_own(tmp_path):
+    from selfspec.online import OnlineConfig, split_prompts
+    from selfspec.prompts import Prompt, load_prompts
+    from selfspec.synthetic_prompts import write_spec_bench_jsonl
+
+    builtin = load_prompts("builtin")
+    extra = [Prompt(f"x{i}", "synthetic-qa", f"question {i}?") for i in range(3)]
+    write_spec_bench_jsonl(extra, tmp_path / "extra.jsonl")
+    cfg = OnlineConfig(workload="builtin", heldout_prompts=7, train_prompts=len(builtin) - 7 + 2,
+                       extra_train_workload=str(tmp_path / "extra.jsonl"))
+    own, more, heldout = split_prompts(cfg)
+    assert own == builtin[:-7] and more == extra[:2] and heldout == builtin[-7:]
+    with pytest.raises(ValueError, match="only 28 prompts besides its 7 held-out ones, plus 3 in"):
+        split_prompts(cfg.model_copy(update={"train_prompts": 32}))
+    with pytest.raises(ValueError, match="add more with extra_train_workload"):
+        split_prompts(cfg.model_copy(update={"train_prompts": 29, "extra_train_workload": None}))

@@ -78,3 +78,16 @@ def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar", "dvi_spec"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
     assert report["drafter"] == str(head_dir)
+
+
+def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
+    from selfspec.synthetic_prompts import synthesize_prompts, write_spec_bench_jsonl
+
+    seeds = [p for p in load_prompts("builtin") if p.category == "translation"]
+    made = synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 4, batch_size=4, max_new_tokens=24,
+                              progress=False)
+    assert len(made) == 4 and len({p.id for p in made}) == 4
+    assert all(p.category == "synthetic-translation" for p in made)
+    assert all(p.text.startswith("Translate to ") and p.text not in {s.text for s in seeds} for p in made)
+    write_spec_bench_jsonl(made, tmp_path / "more.jsonl")
+    assert load_prompts(str(tmp_path / "more.jsonl")) == made

@@ -35,7 +35,7 @@ epochs = int(sys.argv[3]); lr = float(sys.argv[4]); window = int(sys.argv[5]) if
 torch.set_num_threads(2)
 cfg = load_config(OnlineConfig, "configs/online.yaml")
 model, tok = load_model(cfg.model)
-train, held = split_prompts(cfg)
+train, _, held = split_prompts(cfg)
 tp = _cached_paths(model, tok, cfg, train); hp = _cached_paths(model, tok, cfg, held)
 split = SplitModel(model, 4)
 hc = HeadConfig(exit_layer=4, adapter_hidden=0 if mode == "attn" else 1024, draft_vocab=8192)

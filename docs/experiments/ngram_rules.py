@@ -23,7 +23,7 @@ from selfspec.online import OnlineConfig, _cached_paths, split_prompts
 
 cfg = load_config(OnlineConfig, "configs/online.yaml")
 model, tok = load_model(cfg.model)
-_, held = split_prompts(cfg)
+_, _, held = split_prompts(cfg)
 paths = _cached_paths(model, tok, cfg, held)
 _, head, _ = load_head(model, "runs/online_k4_v8k_e6_250")
 head.eval()
