@@ -131,6 +131,57 @@ for gamma in (4, 8):
     for t in (1, 2):
         add(f"oracle per round: n-gram (match ≥ {t}) or head", gamma, oracle(gamma, t))
 
+
+
+class ResponseCorpus:
+    """Not built into the engine: an index of earlier *responses* across requests (suffix-tree drafting
+    over served traffic). Per suffix of length min_n..max_n, counts of the next token; a proposal
+    follows the longest suffix whose most common next token holds a majority, token by token."""
+    def __init__(self, min_n=1, max_n=4):
+        self.min_n, self.max_n = min_n, max_n
+        self.next = defaultdict(lambda: defaultdict(int))
+
+    def add(self, toks):
+        toks = [int(t) for t in toks]
+        for i in range(self.min_n, len(toks)):
+            for n in range(self.min_n, min(self.max_n, i) + 1):
+                self.next[tuple(toks[i - n:i])][toks[i]] += 1
+
+    def propose(self, seq, k):
+        seq, out, first_n = list(seq[-self.max_n:]), [], 0
+        while len(out) < k:
+            for n in range(min(self.max_n, len(seq)), self.min_n - 1, -1):
+                counts = self.next.get(tuple(seq[-n:]))
+                if counts and 2 * max(counts.values()) >= sum(counts.values()):
+                    break
+            else:
+                break
+            first_n = first_n or n
+            out.append(max(counts, key=counts.get))
+            seq.append(out[-1])
+        return Proposal(out, first_n)
+
+
+train, _, _ = split_prompts(cfg)
+train_paths = _cached_paths(model, tok, cfg, train)
+for min_match in (1, 2, 3):
+    for with_head in (False, True):
+        corpus, per_cat, gamma = ResponseCorpus(), defaultdict(list), 4
+        for tp in train_paths:
+            corpus.add(tp.tokens[tp.prompt_len:])
+        for p, (d, _) in zip(paths, preds):  # in serving order: each response joins the corpus once served
+            def corpus_round(q, n, index, prop, target, p=p, d=d):
+                drafts = prop.tokens
+                if not drafts and n:
+                    other = corpus.propose(index.tokens, n)
+                    drafts = other.tokens if other.ngram >= min_match else (list(d[q:q + n]) if with_head else [])
+                per_cat[p.category].append((len(drafts), accepted(drafts, target)))
+                return per_cat[p.category][-1][1]
+            replay(p, gamma, corpus_round)
+            corpus.add(p.tokens[p.prompt_len:])
+        add(f"n-gram, else earlier responses (match ≥ {min_match})" + (", else head" if with_head else ""), gamma,
+            per_cat)
+
 # Where the n-gram wins: along the n-gram-only rounds at γ=4, by matched length and by head confidence.
 gamma = 4
 by_len, by_conf = defaultdict(list), defaultdict(list)
