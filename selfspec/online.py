@@ -124,7 +124,9 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     train, extra, heldout = split_prompts(cfg)
     heldout_paths = _cached_paths(model, tokenizer, cfg, heldout)
     # cached per source, so adding extra prompts reuses the workload's paths
-    train_paths = _cached_paths(model, tokenizer, cfg, train) + (_cached_paths(model, tokenizer, cfg, extra) if extra else [])
+    train_paths = _cached_paths(model, tokenizer, cfg, train)
+    if extra:
+        train_paths += _cached_paths(model, tokenizer, cfg, extra)
     split = SplitModel(model, cfg.head.exit_layer)
     head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
     start = time.time()

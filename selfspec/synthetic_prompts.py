@@ -42,7 +42,7 @@ def _first_request(continuation: str) -> str:
 
 @torch.inference_mode()
 def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size: int = 16, max_new_tokens: int = 80,
-                       temperature: float = 0.9, top_p: float = 0.95, seed: int = 0,
+                       temperature: float = 0.9, top_p: float = 0.95, seed: int = 0, max_barren_batches: int = 20,
                        progress: bool = True) -> list[Prompt]:
     """n new prompts, each in the category of the seeds it imitates (categories keep the seeds' mix)."""
     rng = random.Random(seed)
@@ -55,8 +55,12 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     made: list[Prompt] = []
     seen = {p.text for p in seeds}
+    barren = 0  # batches in a row that added nothing: a model that only repeats or stops at once
     with tqdm(total=n, desc="synthetic prompts", unit="prompt", disable=not progress) as bar:
         while len(made) < n:
+            if barren == max_barren_batches:
+                raise RuntimeError(f"{barren} batches in a row wrote no new prompt ({len(made)}/{n} written): the "
+                                   f"model only repeats its seeds or stops at once; try a higher temperature")
             categories = [rng.choice(seeds).category for _ in range(batch_size)]
             jobs = [_few_shot(rng.sample(by_category[c], min(SHOTS, len(by_category[c])))) for c in categories]
             encoded = [tokenizer(text)["input_ids"] for text, _ in jobs]
@@ -64,6 +68,7 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
             width = input_ids.shape[1]
             out = model.generate(input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad)
+            before = len(made)
             for category, (_, prefix), row in zip(categories, jobs, out):
                 body = _first_request(tokenizer.decode(row[width:], skip_special_tokens=True))
                 text = (prefix + body).strip()
@@ -72,6 +77,7 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
                 seen.add(text)
                 made.append(Prompt(f"synthetic-{len(made)}", f"synthetic-{category}", text))
                 bar.update(1)
+            barren = 0 if len(made) > before else barren + 1
     return made
 
 

@@ -91,3 +91,12 @@ def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
     assert all(p.text.startswith("Translate to ") and p.text not in {s.text for s in seeds} for p in made)
     write_spec_bench_jsonl(made, tmp_path / "more.jsonl")
     assert load_prompts(str(tmp_path / "more.jsonl")) == made
+
+
+def test_synthesis_that_only_repeats_stops_with_a_clear_error(drafter):
+    from selfspec.synthetic_prompts import synthesize_prompts
+
+    seeds = [p for p in load_prompts("builtin") if p.category == "qa"][:3]  # 6 shot orders at most
+    with pytest.raises(RuntimeError, match="wrote no new prompt .* try a higher temperature"):
+        synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 50, batch_size=8, max_new_tokens=12,
+                           temperature=1e-4, max_barren_batches=2, progress=False)

@@ -132,7 +132,6 @@ for gamma in (4, 8):
         add(f"oracle per round: n-gram (match ≥ {t}) or head", gamma, oracle(gamma, t))
 
 
-
 class ResponseCorpus:
     """Not built into the engine: an index of earlier *responses* across requests (suffix-tree drafting
     over served traffic). Per suffix of length min_n..max_n, counts of the next token; a proposal
