@@ -45,13 +45,13 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
                        temperature: float = 0.9, top_p: float = 0.95, seed: int = 0, max_barren_batches: int = 20,
                        progress: bool = True) -> list[Prompt]:
     """n new prompts, each in the category of the seeds it imitates (categories keep the seeds' mix)."""
+    if not seeds:
+        raise ValueError("synthesize_prompts needs at least one seed prompt")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     by_category: dict[str, list[Prompt]] = {}
     for p in seeds:
         by_category.setdefault(p.category, []).append(p)
-    if not by_category:
-        raise ValueError("synthesize_prompts needs at least one seed prompt")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     made: list[Prompt] = []
     seen = {p.text for p in seeds}

@@ -62,7 +62,7 @@ def test_attention_head_without_window_names_the_keys():
 
 
 def test_extra_training_prompts_come_after_the_workloads_own(tmp_path):
-    from selfspec.online import OnlineConfig, split_prompts
+    from selfspec.online import split_prompts
     from selfspec.prompts import Prompt, load_prompts
     from selfspec.synthetic_prompts import write_spec_bench_jsonl
 
