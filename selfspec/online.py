@@ -7,7 +7,6 @@ measure mean accepted length (MAL) at a fixed γ before, during and after traini
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -19,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
-from selfspec.greedy_paths import (GreedyPath, annotate_path, generate_greedy, mean_accepted_length, prompt_transitions,
-                                   simulate_rounds)
-from selfspec.model import DEFAULT_MODEL, cache_dir, eos_ids, load_model, model_name
+from selfspec.greedy_paths import GreedyPath, mean_accepted_length, prompt_transitions, simulate_rounds
+from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
+from selfspec.path_cache import cached_paths
 from selfspec.prompts import load_prompts
 from selfspec.split import SplitModel
 
@@ -54,33 +53,9 @@ class OnlineConfig(BaseModel):
     seed: int = 0
 
 
-def _cached_paths(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
-    """Greedy paths do not depend on the head: generated once per (model, prompts, length), annotated
-    once per exit layer, kept as .npz under the cache dir (loaded with allow_pickle=False)."""
-    key = hashlib.sha256(json.dumps([model_name(cfg.model), cfg.max_new_tokens, [p.text for p in prompts]])
-                         .encode()).hexdigest()[:16]
-    folder = cache_dir() / "paths"
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens_file, paths_file = folder / f"{key}.tokens.npz", folder / f"{key}.k{cfg.head.exit_layer}.npz"
-    if paths_file.exists():
-        data = np.load(paths_file, allow_pickle=False)
-        return [GreedyPath(p.id, p.category, data[f"tokens{i}"], int(data["prompt_lens"][i]), data[f"hidden{i}"],
-                           data[f"ids{i}"], data[f"logprobs{i}"]) for i, p in enumerate(prompts)]
-    if tokens_file.exists():
-        data = np.load(tokens_file, allow_pickle=False)
-        sequences = [(data[f"tokens{i}"].tolist(), int(data["prompt_lens"][i])) for i in range(len(prompts))]
-    else:
-        sequences = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.collect_batch)
-        _save_npz(tokens_file, prompt_lens=np.array([n for _, n in sequences]),
-                  **{f"tokens{i}": np.asarray(t, np.int32) for i, (t, _) in enumerate(sequences)})
-    paths = [annotate_path(model, tokens, n, cfg.head.exit_layer, 32, p.id, p.category)
-             for p, (tokens, n) in zip(tqdm(prompts, desc=f"annotate k={cfg.head.exit_layer}", unit="prompt"), sequences)]
-    arrays = {"prompt_lens": np.array([p.prompt_len for p in paths])}
-    for i, p in enumerate(paths):
-        arrays.update({f"tokens{i}": p.tokens, f"hidden{i}": p.hidden, f"ids{i}": p.target_topk_ids,
-                       f"logprobs{i}": p.target_topk_logprobs})
-    _save_npz(paths_file, **arrays)
-    return paths
+def cached_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
+    """The prompts' greedy paths at cfg's model, length and exit layer, from the per-prompt cache."""
+    return cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer, cfg.collect_batch)
 
 
 def _frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) -> np.ndarray | None:
@@ -91,12 +66,6 @@ def _frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) 
     for p in paths:
         np.add.at(counts, p.tokens[p.prompt_len:], 1)
     return draft_vocab_ids(len(counts), size, counts, tuple(eos_ids(split.config)))
-
-
-def _save_npz(file: Path, **arrays) -> None:
-    tmp = file.with_name(file.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.rename(file)
 
 
 def split_prompts(cfg: OnlineConfig):
@@ -122,11 +91,8 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     if model is None:
         model, tokenizer = load_model(cfg.model)
     train, extra, heldout = split_prompts(cfg)
-    heldout_paths = _cached_paths(model, tokenizer, cfg, heldout)
-    # cached per source, so adding extra prompts reuses the workload's paths
-    train_paths = _cached_paths(model, tokenizer, cfg, train)
-    if extra:
-        train_paths += _cached_paths(model, tokenizer, cfg, extra)
+    heldout_paths = cached_paths_for(model, tokenizer, cfg, heldout)
+    train_paths = cached_paths_for(model, tokenizer, cfg, train + extra)
     split = SplitModel(model, cfg.head.exit_layer)
     head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
     start = time.time()

@@ -3,6 +3,7 @@ greedy generate, and one-line errors from the CLI."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,26 @@ def test_synthesis_that_only_repeats_stops_with_a_clear_error(drafter):
     with pytest.raises(RuntimeError, match="wrote no new prompt .* try a higher temperature"):
         synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 50, batch_size=8, max_new_tokens=12,
                            temperature=1e-4, max_barren_batches=2, progress=False)
+
+
+def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
+    from selfspec.path_cache import cached_paths
+
+    a, b, c = load_prompts("builtin", 3)
+    first = cached_paths(drafter.model, drafter.tokenizer, [a, b], "smollm2-135m", 8, 4, folder=tmp_path)
+    files = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+    assert len(files) == 4  # per prompt: its greedy tokens, and their layer-4 annotation
+
+    second = cached_paths(drafter.model, drafter.tokenizer, [b, c], "smollm2-135m", 8, 4, folder=tmp_path)
+    new = {f.name for f in tmp_path.iterdir()} - set(files)
+    assert len(new) == 2 and all(f.stat().st_mtime_ns == files[f.name] for f in tmp_path.iterdir() if f.name in files)
+    assert second[0].prompt_id == b.id and np.array_equal(second[0].tokens, first[1].tokens)
+    assert np.array_equal(second[0].hidden, first[1].hidden)
+    assert second[1].prompt_len < len(second[1].tokens) <= second[1].prompt_len + 8
+
+    # another exit layer annotates the cached tokens again without generating them again
+    at_k2 = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 2, folder=tmp_path)
+    added = {f.name for f in tmp_path.iterdir()} - set(files) - new
+    assert len(added) == 1 and added.pop().endswith(".k2.npz")
+    assert np.array_equal(at_k2[0].tokens, first[0].tokens)
+    assert not np.array_equal(at_k2[0].hidden, first[0].hidden)

@@ -19,12 +19,12 @@ from selfspec.greedy_paths import mean_accepted_length
 from selfspec.model import load_model
 from selfspec.ngram import (NgramIndex, Proposal, confidence_rule, fill_rule, head_predictions, head_rule, ngram_rule,
                             simulate_ngram_rounds, switch_rule)
-from selfspec.online import OnlineConfig, _cached_paths, split_prompts
+from selfspec.online import OnlineConfig, cached_paths_for, split_prompts
 
 cfg = load_config(OnlineConfig, "configs/online.yaml")
 model, tok = load_model(cfg.model)
 _, _, held = split_prompts(cfg)
-paths = _cached_paths(model, tok, cfg, held)
+paths = cached_paths_for(model, tok, cfg, held)
 _, head, _ = load_head(model, "runs/online_k4_v8k_e6_250")
 head.eval()
 preds = [head_predictions(p, head) for p in paths]
@@ -162,7 +162,7 @@ class ResponseCorpus:
 
 
 train, _, _ = split_prompts(cfg)
-train_paths = _cached_paths(model, tok, cfg, train)
+train_paths = cached_paths_for(model, tok, cfg, train)
 for min_match in (1, 2, 3):
     for with_head in (False, True):
         corpus, per_cat, gamma = ResponseCorpus(), defaultdict(list), 4

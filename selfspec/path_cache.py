@@ -1,0 +1,54 @@
+"""Greedy paths cached per prompt: they do not depend on the head, and a longer run reuses a shorter one's.
+
+Each prompt's greedy continuation is stored once per (model, max_new_tokens, prompt text), and its
+annotation (layer-k hidden states, verifier top-K) once per exit layer, as .npz files loaded with
+allow_pickle=False. Only the prompts missing from the cache are generated, still in batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy
+from selfspec.model import cache_dir, model_name
+from selfspec.prompts import Prompt
+
+TOPK_STORED = 32
+
+
+def cached_paths(model, tokenizer, prompts: list[Prompt], model_spec: str, max_new_tokens: int, exit_layer: int,
+                 batch_size: int = 8, folder: Path | None = None) -> list[GreedyPath]:
+    folder = folder or cache_dir() / "paths"
+    folder.mkdir(parents=True, exist_ok=True)
+    stems = [folder / hashlib.sha256(json.dumps([model_name(model_spec), max_new_tokens, p.text]).encode()).hexdigest()[:24]
+             for p in prompts]
+    annotated = [stem.with_name(f"{stem.name}.k{exit_layer}.npz") for stem in stems]
+    todo = [i for i, file in enumerate(annotated) if not file.exists()]
+    sequences = [stem.with_name(f"{stem.name}.tokens.npz") for stem in stems]
+    to_generate = [i for i in todo if not sequences[i].exists()]
+    if to_generate:
+        generated = generate_greedy(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)
+        for i, (tokens, prompt_len) in zip(to_generate, generated):
+            _save_npz(sequences[i], tokens=np.asarray(tokens, np.int32), prompt_len=np.int64(prompt_len))
+    for i in tqdm(todo, desc=f"annotate k={exit_layer}", unit="prompt", disable=not todo):
+        with np.load(sequences[i], allow_pickle=False) as seq:
+            path = annotate_path(model, seq["tokens"].tolist(), int(seq["prompt_len"]), exit_layer, TOPK_STORED)
+        _save_npz(annotated[i], tokens=path.tokens, prompt_len=np.int64(path.prompt_len), hidden=path.hidden,
+                  ids=path.target_topk_ids, logprobs=path.target_topk_logprobs)
+    return [_load(file, prompt) for file, prompt in zip(annotated, prompts)]
+
+
+def _load(file: Path, prompt: Prompt) -> GreedyPath:
+    with np.load(file, allow_pickle=False) as data:
+        return GreedyPath(prompt.id, prompt.category, data["tokens"], int(data["prompt_len"]), data["hidden"],
+                          data["ids"], data["logprobs"])
+
+
+def _save_npz(file: Path, **arrays) -> None:
+    tmp = file.with_name(file.name + ".tmp.npz")  # renamed into place: an interrupted run leaves no half file
+    np.savez(tmp, **arrays)
+    tmp.rename(file)
