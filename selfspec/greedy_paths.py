@@ -34,22 +34,25 @@ class GreedyPath:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
-                    progress: bool = True) -> list[tuple[list[int], int]]:
-    """(prompt + greedy continuation, prompt length) per prompt, generated in left-padded batches."""
+def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
+                   progress: bool = True, temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[list[int], int]]:
+    """(prompt + continuation, prompt length) per prompt, generated in left-padded batches: greedy, or
+    sampled at `temperature` > 0 (from torch's global RNG) for more varied training text."""
     encoded = [chat_ids(tokenizer, p.text) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     results: dict[int, tuple[list[int], int]] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
-    with tqdm(total=len(prompts), desc="greedy paths", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc="sampled paths" if temperature > 0 else "greedy paths", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             input_ids, mask = left_padded([encoded[i] for i in idx], pad)
             width = input_ids.shape[1]
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
+                {"do_sample": False}
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 **sampling)
             for row, i in enumerate(idx):
                 gen = out[row, width:].tolist()
                 cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))

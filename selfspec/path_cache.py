@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from selfspec.greedy_paths import GreedyPath, annotate_path, generate_greedy
+from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
 from selfspec.model import cache_dir, model_name
 from selfspec.prompts import Prompt
 
@@ -31,7 +31,7 @@ def cached_paths(model, tokenizer, prompts: list[Prompt], model_spec: str, max_n
     sequences = [stem.with_name(f"{stem.name}.tokens.npz") for stem in stems]
     to_generate = [i for i in todo if not sequences[i].exists()]
     if to_generate:
-        generated = generate_greedy(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)
+        generated = generate_paths(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)
         for i, (tokens, prompt_len) in zip(to_generate, generated):
             _save_npz(sequences[i], tokens=np.asarray(tokens, np.int32), prompt_len=np.int64(prompt_len))
     for i in tqdm(todo, desc=f"annotate k={exit_layer}", unit="prompt", disable=not todo):

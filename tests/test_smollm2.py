@@ -124,3 +124,17 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
     assert len(added) == 1 and added.pop().endswith(".k2.npz")
     assert np.array_equal(at_k2[0].tokens, first[0].tokens)
     assert not np.array_equal(at_k2[0].hidden, first[0].hidden)
+
+
+def test_sampled_paths_vary_and_repeat_with_the_seed(drafter):
+    from selfspec.greedy_paths import generate_paths
+
+    prompts = load_prompts("builtin", 2)
+    greedy = generate_paths(drafter.model, drafter.tokenizer, prompts, 12, progress=False)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(generate_paths(drafter.model, drafter.tokenizer, prompts, 12, progress=False, temperature=0.8,
+                                   top_p=0.95))
+    assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0] != greedy
+    assert [n for _, n in runs[0]] == [n for _, n in greedy]  # the same prompts, only the continuations differ

@@ -1,0 +1,61 @@
+"""Exploratory: more training text from the same real prompts, by sampling several responses each.
+
+The head is data-limited, and Spec-Bench has only 440 training questions. Instead of prompts the
+model writes itself (`dvi synth-prompts`), each real training prompt gets SAMPLES more responses
+sampled at T=0.8, top-p 0.95; the verifier's distributions along them are as good distillation
+targets as along greedy text. The online loop trains on the 440 greedy paths first, then on the
+sampled ones, so the held-out curve (greedy, the same 40 questions) shows both. KL only: along a
+sampled path, "accepted" (the head's argmax equals the path's token) is not what greedy verification
+would decide, so the RL terms' rewards would be off.
+
+    python docs/experiments/sampled_responses.py SAMPLES OUT_DIR
+"""
+import hashlib
+import json
+import sys
+
+import numpy as np
+import torch
+
+from dvi.config import load_config
+from selfspec.drafter import DrafterHead
+from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
+from selfspec.model import cache_dir, load_model
+from selfspec.online import OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, split_prompts, train_on_paths
+from selfspec.split import SplitModel
+from pathlib import Path
+
+samples, out = int(sys.argv[1]), Path(sys.argv[2])
+torch.set_num_threads(2)
+cfg = load_config(OnlineConfig, "configs/online.yaml").model_copy(update={"train_prompts": 440, "epochs": 6,
+                                                                           "schedule": "kl_only"})
+cfg.head.draft_vocab = 8192
+model, tok = load_model(cfg.model)
+train, _, held = split_prompts(cfg)
+greedy, heldout = cached_paths_for(model, tok, cfg, train), cached_paths_for(model, tok, cfg, held)
+
+sampled = []
+key = hashlib.sha256(json.dumps([cfg.model, cfg.max_new_tokens, [p.text for p in train]]).encode()).hexdigest()[:16]
+for s in range(samples):
+    file = cache_dir() / "paths" / f"sampled-{key}-T0.8-p0.95-s{s}.npz"
+    if not file.exists():
+        torch.manual_seed(s)
+        seqs = generate_paths(model, tok, train, cfg.max_new_tokens, cfg.collect_batch, temperature=0.8, top_p=0.95)
+        paths = [annotate_path(model, t, n, cfg.head.exit_layer, 32, p.id, p.category) for p, (t, n) in zip(train, seqs)]
+        np.savez(file, **{f"{f}{i}": getattr(q, a) for i, q in enumerate(paths) for f, a in
+                          [("tokens", "tokens"), ("hidden", "hidden"), ("ids", "target_topk_ids"),
+                           ("logprobs", "target_topk_logprobs")]}, prompt_lens=[q.prompt_len for q in paths])
+    with np.load(file, allow_pickle=False) as d:
+        sampled += [GreedyPath(p.id, p.category, d[f"tokens{i}"], int(d["prompt_lens"][i]), d[f"hidden{i}"],
+                               d[f"ids{i}"], d[f"logprobs{i}"]) for i, p in enumerate(train)]
+    print(f"sample {s}: {len(sampled)} sampled paths", flush=True)
+
+torch.manual_seed(cfg.seed)
+split = SplitModel(model, cfg.head.exit_layer)
+head = DrafterHead(split, cfg.head, _frequent_ids(greedy, split, cfg.head.draft_vocab))
+out.mkdir(parents=True, exist_ok=True)
+curve, steps, _ = train_on_paths(head, greedy + sampled, heldout, cfg, out)
+(out / "summary.json").write_text(json.dumps({"samples": samples, "steps": steps, "curve": curve}, indent=2))
+plot_curve([(f"440 greedy, then {samples}x440 sampled", curve)], out / "mal.png", cfg.gamma)
+at = {c["prompts"]: c["mal_heldout"] for c in curve}
+print({n: round(np.mean([at[m] for m in at if n - 40 < m <= n]), 3) for n in (440, 880, 1320, 1760) if n <= max(at)})
