@@ -44,13 +44,14 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
-    with tqdm(total=len(prompts), desc="sampled paths" if temperature > 0 else "greedy paths", unit="prompt", disable=not progress) as bar:
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
+        {"do_sample": False}
+    desc = "sampled paths" if temperature > 0 else "greedy paths"
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             input_ids, mask = left_padded([encoded[i] for i in idx], pad)
             width = input_ids.shape[1]
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
-                {"do_sample": False}
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                                  **sampling)
             for row, i in enumerate(idx):

@@ -24,8 +24,8 @@ def cached_paths(model, tokenizer, prompts: list[Prompt], model_spec: str, max_n
                  batch_size: int = 8, folder: Path | None = None) -> list[GreedyPath]:
     folder = folder or cache_dir() / "paths"
     folder.mkdir(parents=True, exist_ok=True)
-    stems = [folder / hashlib.sha256(json.dumps([model_name(model_spec), max_new_tokens, p.text]).encode()).hexdigest()[:24]
-             for p in prompts]
+    name = model_name(model_spec)
+    stems = [folder / hashlib.sha256(json.dumps([name, max_new_tokens, p.text]).encode()).hexdigest()[:24] for p in prompts]
     annotated = [stem.with_name(f"{stem.name}.k{exit_layer}.npz") for stem in stems]
     todo = [i for i, file in enumerate(annotated) if not file.exists()]
     sequences = [stem.with_name(f"{stem.name}.tokens.npz") for stem in stems]
