@@ -13,6 +13,7 @@ would decide, so the RL terms' rewards would be off.
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
 from selfspec.model import cache_dir, load_model
 from selfspec.online import OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, split_prompts, train_on_paths
 from selfspec.split import SplitModel
-from pathlib import Path
 
 samples, out = int(sys.argv[1]), Path(sys.argv[2])
 torch.set_num_threads(2)
