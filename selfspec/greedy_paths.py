@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from selfspec.prompts import Prompt, chat_ids, left_padded
+from selfspec.prompts import Prompt, chat_ids, left_padded, pad_id
 from selfspec.transitions import Transition
 
 
@@ -41,7 +41,7 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
     encoded = [chat_ids(tokenizer, p.text) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     results: dict[int, tuple[list[int], int]] = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \

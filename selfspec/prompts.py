@@ -134,6 +134,11 @@ def load_prompts(source: str, n: int | None = None, offset: int = 0) -> list[Pro
     return prompts[offset: None if n is None else offset + n]
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, or EOS for tokenizers without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_padded(encoded: list[list[int]], pad: int):
     """A batch for `generate`: rows padded on the left to one width, and the attention mask."""
     import torch

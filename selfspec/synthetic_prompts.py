@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from selfspec.prompts import Prompt, left_padded
+from selfspec.prompts import Prompt, left_padded, pad_id
 
 SHOT_CHARS = 400  # per seed shown; long documents are cut so a batch stays cheap
 SHOTS = 3
@@ -52,7 +52,7 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
     by_category: dict[str, list[Prompt]] = {}
     for p in seeds:
         by_category.setdefault(p.category, []).append(p)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     made: list[Prompt] = []
     seen = {p.text for p in seeds}
     barren = 0  # batches in a row that added nothing: a model that only repeats or stops at once
