@@ -3,6 +3,8 @@
 Each prompt's greedy continuation is stored once per (model, max_new_tokens, prompt text), and its
 annotation (layer-k hidden states, verifier top-K) once per exit layer, as .npz files loaded with
 allow_pickle=False. Only the prompts missing from the cache are generated, still in batches.
+Sampled continuations (temperature > 0) are cached the same way, keyed also by temperature, top-p
+and seed. A sample depends on the batch it was drawn in; once cached it stays fixed.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
@@ -21,17 +24,21 @@ TOPK_STORED = 32
 
 
 def cached_paths(model, tokenizer, prompts: list[Prompt], model_spec: str, max_new_tokens: int, exit_layer: int,
-                 batch_size: int = 8, folder: Path | None = None) -> list[GreedyPath]:
+                 batch_size: int = 8, folder: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 sample_seed: int = 0) -> list[GreedyPath]:
     folder = folder or cache_dir() / "paths"
     folder.mkdir(parents=True, exist_ok=True)
-    name = model_name(model_spec)
-    stems = [folder / hashlib.sha256(json.dumps([name, max_new_tokens, p.text]).encode()).hexdigest()[:24] for p in prompts]
+    key = [model_name(model_spec), max_new_tokens] + ([temperature, top_p, sample_seed] if temperature > 0 else [])
+    stems = [folder / hashlib.sha256(json.dumps([*key, p.text]).encode()).hexdigest()[:24] for p in prompts]
     annotated = [stem.with_name(f"{stem.name}.k{exit_layer}.npz") for stem in stems]
     todo = [i for i, file in enumerate(annotated) if not file.exists()]
     sequences = [stem.with_name(f"{stem.name}.tokens.npz") for stem in stems]
     to_generate = [i for i in todo if not sequences[i].exists()]
     if to_generate:
-        generated = generate_paths(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)
+        if temperature > 0:
+            torch.manual_seed(sample_seed)
+        generated = generate_paths(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size,
+                                   temperature=temperature, top_p=top_p)
         for i, (tokens, prompt_len) in zip(to_generate, generated):
             _save_npz(sequences[i], tokens=np.asarray(tokens, np.int32), prompt_len=np.int64(prompt_len))
     for i in tqdm(todo, desc=f"annotate k={exit_layer}", unit="prompt", disable=not todo):

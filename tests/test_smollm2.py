@@ -104,6 +104,7 @@ def test_synthesis_that_only_repeats_stops_with_a_clear_error(drafter):
 
 
 def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
+    from selfspec.greedy_paths import generate_paths
     from selfspec.path_cache import cached_paths
 
     a, b, c = load_prompts("builtin", 3)
@@ -124,6 +125,21 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
     assert len(added) == 1 and added.pop().endswith(".k2.npz")
     assert np.array_equal(at_k2[0].tokens, first[0].tokens)
     assert not np.array_equal(at_k2[0].hidden, first[0].hidden)
+
+    # sampled continuations are cached apart from greedy ones, per seed, drawn as generate_paths draws them
+    before = {f.name for f in tmp_path.iterdir()}
+    sampled = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path,
+                           temperature=0.8, top_p=0.95, sample_seed=3)
+    assert len({f.name for f in tmp_path.iterdir()} - before) == 2
+    torch.manual_seed(3)
+    [(tokens, _)] = generate_paths(drafter.model, drafter.tokenizer, [a], 8, progress=False, temperature=0.8, top_p=0.95)
+    assert sampled[0].tokens.tolist() == tokens
+    again = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path,
+                         temperature=0.8, top_p=0.95, sample_seed=3)
+    assert len({f.name for f in tmp_path.iterdir()} - before) == 2 and np.array_equal(again[0].tokens, sampled[0].tokens)
+    cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path, temperature=0.8,
+                 top_p=0.95, sample_seed=4)
+    assert len({f.name for f in tmp_path.iterdir()} - before) == 4
 
 
 def test_sampled_paths_vary_and_repeat_with_the_seed(drafter):

@@ -10,7 +10,6 @@ would decide, so the RL terms' rewards would be off.
 
     python docs/experiments/sampled_responses.py SAMPLES OUT_DIR
 """
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead
-from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
-from selfspec.model import cache_dir, load_model
+from selfspec.model import load_model
 from selfspec.online import OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, split_prompts, train_on_paths
+from selfspec.path_cache import cached_paths
 from selfspec.split import SplitModel
 
 samples, out = int(sys.argv[1]), Path(sys.argv[2])
@@ -35,19 +34,9 @@ train, _, held = split_prompts(cfg)
 greedy, heldout = cached_paths_for(model, tok, cfg, train), cached_paths_for(model, tok, cfg, held)
 
 sampled = []
-key = hashlib.sha256(json.dumps([cfg.model, cfg.max_new_tokens, [p.text for p in train]]).encode()).hexdigest()[:16]
 for s in range(samples):
-    file = cache_dir() / "paths" / f"sampled-{key}-T0.8-p0.95-s{s}.npz"
-    if not file.exists():
-        torch.manual_seed(s)
-        seqs = generate_paths(model, tok, train, cfg.max_new_tokens, cfg.collect_batch, temperature=0.8, top_p=0.95)
-        paths = [annotate_path(model, t, n, cfg.head.exit_layer, 32, p.id, p.category) for p, (t, n) in zip(train, seqs)]
-        np.savez(file, **{f"{f}{i}": getattr(q, a) for i, q in enumerate(paths) for f, a in
-                          [("tokens", "tokens"), ("hidden", "hidden"), ("ids", "target_topk_ids"),
-                           ("logprobs", "target_topk_logprobs")]}, prompt_lens=[q.prompt_len for q in paths])
-    with np.load(file, allow_pickle=False) as d:
-        sampled += [GreedyPath(p.id, p.category, d[f"tokens{i}"], int(d["prompt_lens"][i]), d[f"hidden{i}"],
-                               d[f"ids{i}"], d[f"logprobs{i}"]) for i, p in enumerate(train)]
+    sampled += cached_paths(model, tok, train, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer, cfg.collect_batch,
+                            temperature=0.8, top_p=0.95, sample_seed=s)
     print(f"sample {s}: {len(sampled)} sampled paths", flush=True)
 
 torch.manual_seed(cfg.seed)
