@@ -28,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
-from selfspec.model import eos_ids
 from selfspec.kv_cache import KVCache
+from selfspec.model import eos_ids
+from selfspec.small_batch_linear import use_small_batch_linears
 from selfspec.split import SplitModel
 
 
@@ -91,6 +92,7 @@ class DrafterHead(nn.Module):
         # Full vocabulary: share the model's (frozen) lm_head rows instead of copying 28M floats.
         self.proj.weight = weight if vocab_ids is None else nn.Parameter(weight[self.vocab_ids].clone())
         self.to(dtype=weight.dtype, device=weight.device)
+        use_small_batch_linears(self)
         if config.lora_rank:
             inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                                target_modules=["proj"], lora_dropout=0.0), self)

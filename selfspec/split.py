@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from selfspec.kv_cache import KVCache
+from selfspec.small_batch_linear import small_batch_copy
 
 
 class SplitModel:
@@ -21,11 +22,12 @@ class SplitModel:
         self.model = model
         self.config = model.config
         self.exit_layer = exit_layer
-        self.layers = base.layers
+        # Copies sharing the weights, so that `model` itself (what hf_ar runs) keeps its own kernels.
+        self.layers = small_batch_copy(base.layers)
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb
         self.norm = base.norm
-        self.lm_head = model.lm_head
+        self.lm_head = small_batch_copy(model.lm_head)
         self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 30)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device

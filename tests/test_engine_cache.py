@@ -26,7 +26,7 @@ def test_trunk_never_runs_twice_for_a_drafted_token(model):
     decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
                               LengthPolicy(4))
     trunk_seen, verifier_seen = [], []
-    hooks = [count_tokens(model.model.layers[0], trunk_seen), count_tokens(model.model.layers[k], verifier_seen)]
+    hooks = [count_tokens(split.layers[0], trunk_seen), count_tokens(split.layers[k], verifier_seen)]
     prompt = list(range(5, 17))
     result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
     for h in hooks:

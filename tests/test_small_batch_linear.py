@@ -1,0 +1,54 @@
+"""The small-batch CPU linear computes what nn.Linear computes, and the split model's copies share the
+model's weights while leaving the model (what hf_ar runs) as it was."""
+import pytest
+import torch
+from tiny_model import tiny_llama
+from torch import nn
+
+from selfspec.small_batch_linear import SMALL_BATCH, SmallBatchLinear, small_batch_copy
+from selfspec.split import SplitModel
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (1, 3, 48), (2, 5, 48), (SMALL_BATCH + 1, 48)])
+def test_outputs_and_gradients_match_nn_linear(shape, bias):
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 80, bias=bias).double()
+    fast = small_batch_copy(plain)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want = plain(x)
+    got = fast(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, *plain.parameters()], grad_out)
+    got_grads = torch.autograd.grad(got, [x, *fast.parameters()], grad_out)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_copy_shares_weights_and_leaves_the_original_alone():
+    model = tiny_llama(seed=3)
+    split = SplitModel(model, 2)
+    original = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert original and all(type(m) is nn.Linear for m in original)
+    copies = [m for m in split.layers.modules() if isinstance(m, nn.Linear)] + [split.lm_head]
+    assert all(type(m) is SmallBatchLinear for m in copies)
+    model_params = {p.data_ptr() for p in model.parameters()}
+    assert all(m.weight.data_ptr() in model_params for m in copies)
+    with torch.no_grad():  # a weight changed through the model is seen by the split: one set of weights
+        model.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    assert torch.equal(split.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_split_logits_match_the_model_forward():
+    model = tiny_llama(seed=4)
+    split = SplitModel(model, 2)
+    ids = torch.arange(3, 15)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0]
+        cache = split.new_cache(32)
+        prefix = split.verify(split.trunk(ids[:9], 0, cache), 0, cache)
+        one = split.verify(split.trunk(ids[9:10], 9, cache), 9, cache)
+        block = split.verify(split.trunk(ids[10:], 10, cache), 10, cache)
+    torch.testing.assert_close(torch.cat([prefix, one, block]), want.float(), rtol=1e-5, atol=1e-5)
