@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
-from selfspec.kv_cache import KVCache
+from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.model import eos_ids
 from selfspec.small_batch_linear import use_small_batch_linears
 from selfspec.split import SplitModel
@@ -123,8 +123,8 @@ class DrafterHead(nn.Module):
         position_ids = positions[None].expand(hidden.shape[0], -1)
         rope = self.rotary(hidden, position_ids)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                           use_cache=cache is not None, position_embeddings=rope)
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           use_cache=cache is not None, position_embeddings=rope, **cache_arg(layer, cache))
         return hidden
 
     def new_cache(self, capacity: int) -> KVCache | None:

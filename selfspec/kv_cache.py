@@ -6,6 +6,9 @@ just lowering the lengths: no copies, no reallocation.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -23,8 +26,10 @@ class KVCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, capacity, dtype, device)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
-        """Called by the HF attention module: append [1, heads, n, dim] and return the layer's whole K, V."""
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_, **__):
+        """Called by the HF attention module: append [1, heads, n, dim] and return the layer's whole K, V.
+        Transformers also passes cache kwargs (positionally before 5.x, as `kwargs=` after); a plain
+        full-attention cache needs none of them."""
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
         if end > self.capacity:
@@ -40,3 +45,15 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Forget every position >= length in every layer (rejected drafts)."""
         self.lengths = [min(n, length) for n in self.lengths]
+
+
+@functools.cache
+def _cache_arg_name(layer_type: type) -> str:
+    params = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(layer, cache: KVCache | None) -> dict:
+    """The keyword under which `layer` takes its cache: transformers 5.x renames a decoder layer's
+    `past_key_values` to `cache` (the old name warns, then goes in 5.40)."""
+    return {_cache_arg_name(type(layer)): cache}

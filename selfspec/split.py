@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from selfspec.kv_cache import KVCache
+from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.small_batch_linear import small_batch_copy
 
 
@@ -45,8 +45,8 @@ class SplitModel:
             kv_len = start + n
             mask = (torch.arange(kv_len, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
         for layer in self.layers[lo:hi]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, position_embeddings=rope)
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                           position_embeddings=rope, **cache_arg(layer, cache))
         return hidden
 
     def trunk(self, token_ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
