@@ -1,7 +1,7 @@
 """Measure what a trunk step, a head call and verifying m tokens cost on the running machine.
 
 The cost-aware length policy needs these because they are uneven and machine-specific: on the
-2-core CPU verifying 2, 3 or 7 tokens costs more than verifying 5 (slow GEMM shapes).
+2-core CPU verifying 2 tokens costs what 1 does, and 3 or 7 cost more than 4 or 8 (GEMM shapes).
 """
 from __future__ import annotations
 
