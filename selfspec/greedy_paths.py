@@ -106,18 +106,36 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool =
 
 
 @torch.no_grad()
-def prompt_transitions(path: GreedyPath, head, span: int, topk: int = 16, run_id: str = "online",
-                       policy_version: int = 0) -> list[Transition]:
-    """Distillation-only transitions over the prompt's positions (each predicting the next prompt token,
-    the last one the first generated token), `span` positions each: the verifier's distribution there
-    comes with prefill (at the price of the output projection over the prompt). Nothing was drafted
-    or judged, so they carry no reward (on_path all False): only the KL term learns from them."""
-    end = path.prompt_len
+def distill_transitions(path: GreedyPath, head, span: int, start: int, end: int, request_id: str, topk: int = 16,
+                        run_id: str = "online", policy_version: int = 0) -> list[Transition]:
+    """Distillation-only transitions over positions start..end-1 of `path` (each predicting the next
+    token), `span` positions each. Nothing was drafted or judged there, so they carry no reward
+    (on_path all False): only the KL term learns from them. Serves two sources of extra positions:
+    the prompt's own (the verifier's distribution there comes with prefill, at the price of the
+    output projection over the prompt) and sampled responses, whose tokens greedy verification
+    would not have produced, so an accept/reject along them would be made up."""
+    if end <= start:
+        return []
     hidden = torch.from_numpy(path.hidden[:end]).to(next(head.parameters()).dtype)
-    logp = torch.log_softmax(head.path_logits(hidden, 0, end).float(), -1)
+    logp = torch.log_softmax(head.path_logits(hidden, start, end).float(), -1)
     drafts = head.to_full_ids(logp.argmax(-1)).numpy()
-    return [_transition(path, logp[p:p + span], drafts[p:p + span], p, min(span, end - p), -1, head, topk, run_id,
-                        f"{path.prompt_id}:prompt", i, policy_version) for i, p in enumerate(range(0, end, span))]
+    return [_transition(path, logp[p - start:p - start + span], drafts[p - start:p - start + span], p,
+                        min(span, end - p), -1, head, topk, run_id, request_id, i, policy_version)
+            for i, p in enumerate(range(start, end, span))]
+
+
+def prompt_transitions(path: GreedyPath, head, span: int, topk: int = 16, policy_version: int = 0) -> list[Transition]:
+    """Distillation-only transitions over the prompt's positions, the last one predicting the first
+    generated token."""
+    return distill_transitions(path, head, span, 0, path.prompt_len, f"{path.prompt_id}:prompt", topk,
+                               policy_version=policy_version)
+
+
+def response_transitions(path: GreedyPath, head, span: int, tag: str, topk: int = 16,
+                         policy_version: int = 0) -> list[Transition]:
+    """Distillation-only transitions over a (sampled) response's positions."""
+    return distill_transitions(path, head, span, path.prompt_len, len(path.tokens) - 1, f"{path.prompt_id}:{tag}",
+                               topk, policy_version=policy_version)
 
 
 def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:

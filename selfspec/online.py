@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
-from selfspec.greedy_paths import GreedyPath, mean_accepted_length, prompt_transitions, simulate_rounds
+from selfspec.greedy_paths import (GreedyPath, mean_accepted_length, prompt_transitions, response_transitions,
+                                   simulate_rounds)
 from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
 from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
@@ -49,6 +50,10 @@ class OnlineConfig(BaseModel):
     epochs: int = Field(2, ge=1, description="passes over each chunk's transitions")
     chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
     prompt_positions: bool = Field(False, description="also distill (KL only) on the prompts' positions")
+    sampled_responses: int = Field(0, ge=0, description="more responses per training prompt, sampled and distilled "
+                                   "on (KL only): more text from the same prompts")
+    sample_temperature: float = Field(0.8, gt=0)
+    sample_top_p: float = Field(0.95, gt=0, le=1)
     collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
     seed: int = 0
 
@@ -56,6 +61,14 @@ class OnlineConfig(BaseModel):
 def cached_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
     """The prompts' greedy paths at cfg's model, length and exit layer, from the per-prompt cache."""
     return cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer, cfg.collect_batch)
+
+
+def sampled_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[list[GreedyPath]]:
+    """cfg.sampled_responses sampled responses per prompt (seeds 0, 1, ...), from the same cache."""
+    per_seed = [cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer,
+                             cfg.collect_batch, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p,
+                             sample_seed=seed) for seed in range(cfg.sampled_responses)]
+    return [list(responses) for responses in zip(*per_seed)] if per_seed else [[] for _ in prompts]
 
 
 def _frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) -> np.ndarray | None:
@@ -93,15 +106,17 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
     train, extra, heldout = split_prompts(cfg)
     heldout_paths = cached_paths_for(model, tokenizer, cfg, heldout)
     train_paths = cached_paths_for(model, tokenizer, cfg, train + extra)
+    sampled = sampled_paths_for(model, tokenizer, cfg, train + extra)
     split = SplitModel(model, cfg.head.exit_layer)
     head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
     start = time.time()
-    curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress)
+    curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress, sampled)
     summary = {"mal_before": curve[0]["mal_heldout"], "mal_after": curve[-1]["mal_heldout"], "gamma": cfg.gamma,
                # the engine's `ngram` option: copied drafts where the text recurs, the head elsewhere
                "mal_ngram_only": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma),
                "mal_after_with_ngram": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma, head),
                "train_prompts": len(train_paths), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
+               "sampled_responses": cfg.sampled_responses,
                "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
                "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
     save_head(head, out, {"base_model": cfg.model, "version": versions,
@@ -112,8 +127,11 @@ def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=Non
 
 
 def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_paths: list[GreedyPath],
-                   cfg: OnlineConfig, out: Path, progress: bool = True) -> tuple[list[dict], int, int]:
-    """The online loop proper. Returns the held-out MAL curve, optimizer steps and head versions."""
+                   cfg: OnlineConfig, out: Path, progress: bool = True,
+                   sampled: list[list[GreedyPath]] | None = None) -> tuple[list[dict], int, int]:
+    """The online loop proper. `sampled[i]`: more responses to training prompt i, distilled on in the
+    same chunk. Returns the held-out MAL curve, optimizer steps and head versions."""
+    sampled = sampled or [[] for _ in train_paths]
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -127,13 +145,17 @@ def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_pat
         for chunk_start in range(0, len(train_paths), cfg.chunk_prompts):
             chunk = train_paths[chunk_start:chunk_start + cfg.chunk_prompts]
             transitions, accepted = [], []
-            for path in chunk:  # the current head drafts: on-policy data
+            for path, responses in zip(chunk, sampled[chunk_start:chunk_start + cfg.chunk_prompts]):
+                # the current head drafts: on-policy data
                 acc, trs = simulate_rounds(path, head, cfg.gamma, make_transitions=True, policy_version=version,
                                            topk=cfg.topk)
                 transitions += trs
                 accepted += acc
                 if cfg.prompt_positions:
                     transitions += prompt_transitions(path, head, cfg.gamma, cfg.topk, policy_version=version)
+                for seed, response in enumerate(responses):
+                    transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", cfg.topk,
+                                                        policy_version=version)
             head.train()
             for _ in range(cfg.epochs):
                 rng.shuffle(transitions)

@@ -6,7 +6,8 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.greedy_paths import annotate_path, mean_accepted_length, prompt_transitions, simulate_rounds
+from selfspec.greedy_paths import (annotate_path, mean_accepted_length, prompt_transitions, response_transitions,
+                                   simulate_rounds)
 from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import collate_for
 from selfspec.split import SplitModel
@@ -109,3 +110,26 @@ def test_prompt_transitions_cover_the_prompt_without_reward():
     assert [len(t.context_hidden) for t in transitions] == [0, 3, 4]
     for t in transitions:
         t.validate()
+
+
+def test_response_transitions_cover_a_sampled_response_without_reward():
+    model = tiny_llama(seed=4)
+    split = SplitModel(model, 2)
+    head = perturbed_head(split, attention_layers=1, window=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=7, temperature=1.0, seed=0, eos_ids=set()).tokens
+    path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=8, prompt_id="p")
+    transitions = response_transitions(path, head, span=4, tag="sampled0", topk=8)
+    assert [t.n for t in transitions] == [4, 2]  # positions 7..12 predict the response's tokens 2..7
+    np.testing.assert_array_equal(np.concatenate([t.target_tokens for t in transitions]), tokens[1:])
+    assert {t.request_id for t in transitions} == {"p:sampled0"}
+    assert not any(t.on_path.any() or t.accept_mask.any() for t in transitions)
+    assert [len(t.context_hidden) for t in transitions] == [4, 4]
+    # the same logits the head computes along the whole sequence, sliced at the response
+    with torch.no_grad():
+        full = torch.log_softmax(head.path_logits(torch.from_numpy(path.hidden).double(), 0, len(path.tokens) - 1), -1)
+    stored = np.concatenate([t.draft_logprobs for t in transitions])
+    drafted = head.to_full_ids(full.argmax(-1)).numpy()[len(prompt):]
+    np.testing.assert_array_equal(np.concatenate([t.draft_tokens for t in transitions]), drafted)
+    np.testing.assert_allclose(stored, full.max(-1).values.numpy()[len(prompt):], atol=1e-5)
+    assert response_transitions(annotate_path(model, prompt, len(prompt), 2, topk=8), head, 4, "sampled0") == []
