@@ -63,10 +63,11 @@ def test_cli_generate_prints_text_and_stats(capsys):
 def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
     head_dir = tmp_path / "head"
     code, out, _ = run_cli(capsys, "online", "--workload", "builtin", "--train-prompts", "4", "--heldout-prompts", "2",
-                           "--max-new-tokens", "16", "--out-dir", str(head_dir))
+                           "--max-new-tokens", "16", "--set", "sampled_responses=1", "--out-dir", str(head_dir))
     assert code == 0 and '"mal_before"' in out
     summary = json.loads((head_dir / "summary.json").read_text())
     assert summary["train_prompts"] == 4 and summary["heldout_prompts"] == 2 and summary["steps"] > 0
+    assert summary["sampled_responses"] == 1
     assert {"head.safetensors", "head.json", "metrics.jsonl", "mal.png", "summary.json"} <= {p.name for p in head_dir.iterdir()}
     code, out, _ = run_cli(capsys, "generate", "--prompt", "Hi!", "--drafter", str(head_dir), "--max-new-tokens", "8",
                            "--policy", "fixed")

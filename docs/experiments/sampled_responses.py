@@ -1,4 +1,6 @@
-"""Exploratory: more training text from the same real prompts, by sampling several responses each.
+"""Exploratory: more training text from the same real prompts, by sampling several responses each,
+trained on after all the greedy paths (`dvi online --set sampled_responses=N` instead trains on each
+prompt's sampled responses in the same chunk as its greedy path, as traffic would bring them).
 
 The head is data-limited, and Spec-Bench has only 440 training questions. Instead of prompts the
 model writes itself (`dvi synth-prompts`), each real training prompt gets SAMPLES more responses
@@ -20,24 +22,21 @@ import torch
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead
 from selfspec.model import load_model
-from selfspec.online import OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, split_prompts, train_on_paths
-from selfspec.path_cache import cached_paths
+from selfspec.online import (OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, sampled_paths_for, split_prompts,
+                             train_on_paths)
 from selfspec.split import SplitModel
 
 samples, out = int(sys.argv[1]), Path(sys.argv[2])
 torch.set_num_threads(2)
 cfg = load_config(OnlineConfig, "configs/online.yaml").model_copy(update={"train_prompts": 440, "epochs": 6,
-                                                                           "schedule": "kl_only"})
+                                                                           "schedule": "kl_only",
+                                                                           "sampled_responses": samples})
 cfg.head.draft_vocab = 8192
 model, tok = load_model(cfg.model)
 train, _, held = split_prompts(cfg)
 greedy, heldout = cached_paths_for(model, tok, cfg, train), cached_paths_for(model, tok, cfg, held)
 
-sampled = []
-for s in range(samples):
-    sampled += cached_paths(model, tok, train, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer, cfg.collect_batch,
-                            temperature=0.8, top_p=0.95, sample_seed=s)
-    print(f"sample {s}: {len(sampled)} sampled paths", flush=True)
+sampled = [path for per_seed in zip(*sampled_paths_for(model, tok, cfg, train)) for path in per_seed]
 
 torch.manual_seed(cfg.seed)
 split = SplitModel(model, cfg.head.exit_layer)
