@@ -132,6 +132,8 @@ def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_pat
     """The online loop proper. `sampled[i]`: more responses to training prompt i, distilled on in the
     same chunk. Returns the held-out MAL curve, optimizer steps and head versions."""
     sampled = sampled or [[] for _ in train_paths]
+    if len(sampled) != len(train_paths):  # zip below would silently drop training prompts
+        raise ValueError(f"sampled responses for {len(sampled)} prompts, but {len(train_paths)} training prompts")
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)

@@ -123,3 +123,6 @@ def test_sampled_responses_teach_what_few_greedy_paths_do_not(verifier, paths, t
     with_sampled, sampled_steps = trained_mal(sampled)
     assert sampled_steps > 2 * greedy_steps
     assert with_sampled > greedy_only + 0.2, (greedy_only, with_sampled)
+    with pytest.raises(ValueError, match="sampled responses for 7 prompts, but 8 training prompts"):
+        train_on_paths(DrafterHead(SplitModel(verifier, K), cfg.head), train, paths[48:], cfg, tmp_path,
+                       progress=False, sampled=sampled[:7])
