@@ -24,20 +24,25 @@ from torch import nn
 SMALL_BATCH = 128  # measured: above this F.linear wins again
 
 
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed as (W·xᵀ)ᵀ for a few rows on CPU."""
+    rows = x.numel() // x.shape[-1]
+    if not x.is_cpu or rows > SMALL_BATCH or rows == 0:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    # MKL picks its fast thin-GEMM path only for a column-major right-hand side of >= 2 columns
+    flat = flat.expand(2, -1).contiguous() if rows == 1 else flat.contiguous()
+    out = torch.mm(weight, flat.t())[:, :rows].t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class SmallBatchLinear(nn.Linear):
     """An nn.Linear (same parameters, same state-dict keys) with the small-batch CPU product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or rows > SMALL_BATCH or rows == 0:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1]).contiguous()
-        if rows == 1:
-            flat = flat.expand(2, -1).contiguous()
-        out = torch.mm(self.weight, flat.t())[:, :rows].t().contiguous()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return small_batch_linear(x, self.weight, self.bias)
 
 
 def use_small_batch_linears(module: nn.Module) -> nn.Module:

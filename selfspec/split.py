@@ -1,6 +1,7 @@
 """One Hugging Face causal LM viewed as trunk (layers [0,k)) + verifier (layers [k,L), norm, lm_head).
 
-Only the decoder layers' own forward is used, so any Llama-like HF model works. Both halves share one
+Only the decoder layers' own forward is used, so any Llama-like HF model works; plain Llama layers
+run as lean tensor code that computes the same (selfspec.lean_layers). Both halves share one
 KVCache and one set of rotary embeddings: a token's trunk pass during drafting is the same pass the
 verifier would have run, which is what lets verification start at layer k.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from selfspec.kv_cache import KVCache, cache_arg
+from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import small_batch_copy
 
 
 class SplitModel:
-    def __init__(self, model, exit_layer: int):
+    def __init__(self, model, exit_layer: int, lean: bool = True):
         base = model.model
         self.num_layers = len(base.layers)
         if not 1 <= exit_layer <= self.num_layers - 1:
@@ -24,6 +26,7 @@ class SplitModel:
         self.exit_layer = exit_layer
         # Copies sharing the weights, so that `model` itself (what hf_ar runs) keeps its own kernels.
         self.layers = small_batch_copy(base.layers)
+        self.lean = lean_layers(self.layers, model.config) if lean else None
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb
         self.norm = base.norm
@@ -44,6 +47,10 @@ class SplitModel:
         if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
             kv_len = start + n
             mask = (torch.arange(kv_len, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
+        if self.lean is not None:
+            for layer in self.lean[lo:hi]:
+                hidden = layer(hidden, rope, mask, cache)
+            return hidden
         for layer in self.layers[lo:hi]:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
                            position_embeddings=rope, **cache_arg(layer, cache))

@@ -22,7 +22,7 @@ def count_tokens(module, counter):
 
 def test_trunk_never_runs_twice_for_a_drafted_token(model):
     k = 2
-    split = SplitModel(model, k)
+    split = SplitModel(model, k, lean=False)  # HF layers, whose forward hooks count the tokens they see
     decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
                               LengthPolicy(4))
     trunk_seen, verifier_seen = [], []

@@ -41,9 +41,11 @@ def test_copy_shares_weights_and_leaves_the_original_alone():
     assert torch.equal(split.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
 
 
-def test_split_logits_match_the_model_forward():
+@pytest.mark.parametrize("lean", [True, False])
+def test_split_logits_match_the_model_forward(lean):
     model = tiny_llama(seed=4)
-    split = SplitModel(model, 2)
+    split = SplitModel(model, 2, lean=lean)
+    assert (split.lean is not None) == lean  # the tiny Llama is a plain Llama: lean layers serve it
     ids = torch.arange(3, 15)
     with torch.no_grad():
         want = model(ids[None]).logits[0]
