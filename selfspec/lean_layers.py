@@ -1,8 +1,8 @@
 """Llama decoder layers run as plain tensor code, for the few-token passes of decoding.
 
 A decoding pass through SmolLM2 is ~210 small matrix products. Around them, the Hugging Face
-layer's module calls, keyword plumbing and attention dispatch cost ~20% of a one-token step on the
-2-core CPU (docs/experiments/fused_layers.py), as much as a fifth of the weights' streaming time.
+layer's module calls, keyword plumbing and attention dispatch cost 9-12% of a pass of 1-8 tokens on
+the 2-core CPU (docs/experiments/fused_layers.py).
 `LeanLlamaLayer` computes what `LlamaDecoderLayer.forward` computes, in the same order with the same
 kernels (HF's own RMSNorm and rotary code, the small-batch product, SDPA with the same grouped-query
 layout), on the same shared weights, without that machinery. Layers it does not reproduce exactly
