@@ -92,7 +92,7 @@ class DrafterHead(nn.Module):
         # Full vocabulary: share the model's (frozen) lm_head rows instead of copying 28M floats.
         self.proj.weight = weight if vocab_ids is None else nn.Parameter(weight[self.vocab_ids].clone())
         self.to(dtype=weight.dtype, device=weight.device)
-        use_small_batch_linears(self)
+        use_small_batch_linears(self, split.thin_rows)
         if config.lora_rank:
             inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                                target_modules=["proj"], lora_dropout=0.0), self)

@@ -4,7 +4,7 @@ A decoding pass through SmolLM2 is ~210 small matrix products. Around them, the 
 layer's module calls, keyword plumbing and attention dispatch cost 9-12% of a pass of 1-8 tokens on
 the 2-core CPU (docs/experiments/fused_layers.py).
 `LeanLlamaLayer` computes what `LlamaDecoderLayer.forward` computes, in the same order with the same
-kernels (HF's own RMSNorm and rotary code, the small-batch product, SDPA with the same grouped-query
+kernels (HF's own RMSNorm and rotary code, the split's few-row product, SDPA with the same grouped-query
 layout), on the same shared weights, without that machinery. Layers it does not reproduce exactly
 (biases, other activations, other architectures) keep their own forward: see `lean_layers`.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfspec.small_batch_linear import small_batch_linear
+from selfspec.small_batch_linear import ALL_ROWS, small_batch_linear
 
 
-def lean_layers(layers, config) -> list["LeanLlamaLayer"] | None:
+def lean_layers(layers, config, thin_rows=ALL_ROWS) -> list["LeanLlamaLayer"] | None:
     """Lean versions of `layers`, or None when any of them is not a plain Llama layer."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
@@ -25,11 +25,11 @@ def lean_layers(layers, config) -> list["LeanLlamaLayer"] | None:
     if not plain or not all(type(layer) is LlamaDecoderLayer and type(layer.input_layernorm) is LlamaRMSNorm
                             for layer in layers):
         return None
-    return [LeanLlamaLayer(layer) for layer in layers]
+    return [LeanLlamaLayer(layer, thin_rows) for layer in layers]
 
 
 class LeanLlamaLayer:
-    def __init__(self, layer):
+    def __init__(self, layer, thin_rows=ALL_ROWS):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn, mlp = layer.self_attn, layer.mlp
@@ -41,21 +41,24 @@ class LeanLlamaLayer:
         # .forward: HF's exact arithmetic (float32 statistics, rotate-half) without the module call
         self.norm_attn, self.norm_mlp = layer.input_layernorm.forward, layer.post_attention_layernorm.forward
         self.rope = apply_rotary_pos_emb
+        self.thin_rows = thin_rows  # shared with the split, which measures it
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return small_batch_linear(x, weight, thin_rows=self.thin_rows)
 
     def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                  cache) -> torch.Tensor:
         """hidden [1, n, d] at the positions `rope` was computed for; appends n positions to the cache."""
         b, n, _ = hidden.shape
         x = self.norm_attn(hidden)
-        q = small_batch_linear(x, self.q).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = small_batch_linear(x, self.k).view(b, n, -1, self.head_dim).transpose(1, 2)
-        v = small_batch_linear(x, self.v).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q = self._linear(x, self.q).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self._linear(x, self.k).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self._linear(x, self.v).view(b, n, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, *rope)
         keys, values = cache.update(k, v, self.index)
-        hidden = hidden + small_batch_linear(self._attention(q, keys, values, mask), self.o)
+        hidden = hidden + self._linear(self._attention(q, keys, values, mask), self.o)
         x = self.norm_mlp(hidden)
-        return hidden + small_batch_linear(F.silu(small_batch_linear(x, self.gate)) * small_batch_linear(x, self.up),
-                                           self.down)
+        return hidden + self._linear(F.silu(self._linear(x, self.gate)) * self._linear(x, self.up), self.down)
 
     def _attention(self, q, keys, values, mask):
         """[1, heads, n, dim] queries over the cache -> [1, n, heads * dim], grouped as HF's SDPA path groups them."""

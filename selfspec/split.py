@@ -11,7 +11,10 @@ import torch
 
 from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.lean_layers import lean_layers
-from selfspec.small_batch_linear import small_batch_copy
+from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
+from selfspec.step_costs import measure_thin_rows
+
+_THIN_ROWS: dict[tuple, frozenset[int]] = {}  # measured once per process for each model shape and thread count
 
 
 class SplitModel:
@@ -24,16 +27,29 @@ class SplitModel:
         self.model = model
         self.config = model.config
         self.exit_layer = exit_layer
+        # Row counts whose products run as a thin GEMM (selfspec/small_batch_linear.py): one set, shared
+        # by every linear of the split and its head, measured on this machine below.
+        self.thin_rows: set[int] = set(ALL_ROWS)
         # Copies sharing the weights, so that `model` itself (what hf_ar runs) keeps its own kernels.
-        self.layers = small_batch_copy(base.layers)
-        self.lean = lean_layers(self.layers, model.config) if lean else None
+        self.layers = small_batch_copy(base.layers, self.thin_rows)
+        self.lean = lean_layers(self.layers, model.config, self.thin_rows) if lean else None
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb
         self.norm = base.norm
-        self.lm_head = small_batch_copy(model.lm_head)
+        self.lm_head = small_batch_copy(model.lm_head, self.thin_rows)
         self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 30)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            self._choose_kernels(model)
+
+    def _choose_kernels(self, model) -> None:
+        key = (tuple(tuple(p.shape) for p in model.parameters()), self.dtype, self.lean is not None,
+               torch.get_num_threads())
+        if key not in _THIN_ROWS:
+            _THIN_ROWS[key] = measure_thin_rows(self)
+        self.thin_rows.clear()
+        self.thin_rows.update(_THIN_ROWS[key])
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.config, capacity, self.dtype, self.device)

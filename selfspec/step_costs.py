@@ -1,7 +1,10 @@
-"""Measure what a trunk step, a head call and verifying m tokens cost on the running machine.
+"""Measure on the running machine what a trunk step, a head call and verifying m tokens cost, and
+which CPU kernel makes a few-row pass faster.
 
-The cost-aware length policy needs these because they are uneven and machine-specific: on the
+The cost-aware length policy needs the costs because they are uneven and machine-specific: on the
 2-core CPU verifying 2 tokens costs what 1 does, and 3 or 7 cost more than 4 or 8 (GEMM shapes).
+The kernel choice is machine-specific too (selfspec/small_batch_linear.py): the thin GEMM halves a
+one-token pass on one 2-core CPU and doubles it on another.
 """
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import time
 import torch
 
 from selfspec.length_policy import StepCosts
+from selfspec.small_batch_linear import SMALL_BATCH
+
+CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 covers every measured setting
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -51,3 +57,31 @@ def measure_step_costs(split, head, max_drafts: int, context: int = 128, reps: i
     verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps) for m in range(1, max_drafts + 2)]
     block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps) for m in range(1, max_drafts + 2)]
     return StepCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)
+
+
+@torch.inference_mode()
+def measure_thin_rows(split, context: int = 64, reps: int = 3) -> frozenset[int]:
+    """The row counts for which a whole pass (trunk + verify) is faster with the thin GEMM than with
+    F.linear, each timed `reps` times, the two interleaved so that drift hits both alike. Row counts
+    above CALIBRATED_ROWS follow the choice made at CALIBRATED_ROWS. Leaves `split.thin_rows` as the
+    measurement left it: the caller sets it."""
+    cache = split.new_cache(context + CALIBRATED_ROWS)
+    ids = torch.randint(0, split.config.vocab_size, (context + CALIBRATED_ROWS,), device=split.device)
+    split.verify(split.trunk(ids[:context], 0, cache), 0, cache)
+
+    def timed_pass(m: int, thin: bool) -> float:
+        split.thin_rows.add(m) if thin else split.thin_rows.discard(m)
+        start = time.perf_counter()
+        split.verify(split.trunk(ids[context:context + m], context, cache), context, cache)
+        cache.crop(context)
+        return time.perf_counter() - start
+
+    faster = set()
+    for m in range(1, CALIBRATED_ROWS + 1):
+        timed_pass(m, True), timed_pass(m, False)  # warm-up: first calls allocate and pick kernels
+        samples = [(timed_pass(m, True), timed_pass(m, False)) for _ in range(reps)]
+        if statistics.median(t for t, _ in samples) < statistics.median(f for _, f in samples):
+            faster.add(m)
+    if CALIBRATED_ROWS in faster:
+        faster.update(range(CALIBRATED_ROWS + 1, SMALL_BATCH + 1))
+    return frozenset(faster)

@@ -5,8 +5,10 @@ import torch
 from tiny_model import tiny_llama
 from torch import nn
 
-from selfspec.small_batch_linear import SMALL_BATCH, SmallBatchLinear, small_batch_copy
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH, SmallBatchLinear, small_batch_copy
 from selfspec.split import SplitModel
+from selfspec.step_costs import CALIBRATED_ROWS, measure_thin_rows
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -41,11 +43,14 @@ def test_copy_shares_weights_and_leaves_the_original_alone():
     assert torch.equal(split.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
 
 
+@pytest.mark.parametrize("thin", [True, False])
 @pytest.mark.parametrize("lean", [True, False])
-def test_split_logits_match_the_model_forward(lean):
+def test_split_logits_match_the_model_forward(lean, thin):
     model = tiny_llama(seed=4)
     split = SplitModel(model, 2, lean=lean)
     assert (split.lean is not None) == lean  # the tiny Llama is a plain Llama: lean layers serve it
+    split.thin_rows.clear()
+    split.thin_rows.update(ALL_ROWS if thin else ())  # either kernel, whatever this machine measured
     ids = torch.arange(3, 15)
     with torch.no_grad():
         want = model(ids[None]).logits[0]
@@ -54,6 +59,25 @@ def test_split_logits_match_the_model_forward(lean):
         one = split.verify(split.trunk(ids[9:10], 9, cache), 9, cache)
         block = split.verify(split.trunk(ids[10:], 10, cache), 10, cache)
     torch.testing.assert_close(torch.cat([prefix, one, block]), want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_measured_kernel_choice_reaches_every_linear_of_the_split_and_its_head():
+    model = tiny_llama(seed=6)
+    split = SplitModel(model, 2)
+    rows = measure_thin_rows(split)
+    assert rows <= ALL_ROWS
+    # above the measured row counts the choice made at the largest one holds
+    assert (CALIBRATED_ROWS + 1 in rows) == (CALIBRATED_ROWS in rows) == (SMALL_BATCH in rows)
+    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=16, lora_rank=2, attention_layers=1,
+                                         context_window=4, draft_vocab=64))
+    linears = [m for part in (split.layers, split.lm_head, head) for m in part.modules()
+               if isinstance(m, SmallBatchLinear)]
+    assert len(linears) >= 7 * 4 + 1 + 2 + 7  # the split's layers and lm_head, the head's adapter and layer
+    assert all(m.thin_rows is split.thin_rows for m in linears)
+    assert all(layer.thin_rows is split.thin_rows for layer in split.lean)
+    x = torch.randn(1, 3, 64, dtype=torch.float64)
+    split.thin_rows.clear()  # F.linear itself, bit for bit, once the thin GEMM is not chosen
+    assert torch.equal(split.lm_head(x), torch.nn.functional.linear(x, split.lm_head.weight))
 
 
 def test_lean_layers_in_bfloat16_compute_what_the_hf_layers_compute():

@@ -20,15 +20,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from selfspec.lean_layers import LeanLlamaLayer
 from selfspec.model import load_model
-from selfspec.small_batch_linear import small_batch_linear
 from selfspec.split import SplitModel
 
 CONTEXT = 256
 
 
 class FusedLayer(LeanLlamaLayer):
-    def __init__(self, layer):
-        super().__init__(layer)
+    def __init__(self, layer, thin_rows):
+        super().__init__(layer, thin_rows)
         self.qkv = torch.cat([self.q, self.k, self.v]).contiguous()
         self.gate_up = torch.cat([self.gate, self.up]).contiguous()
         self.sizes, self.inter = [self.q.shape[0], self.k.shape[0], self.v.shape[0]], self.gate.shape[0]
@@ -36,19 +35,19 @@ class FusedLayer(LeanLlamaLayer):
     def __call__(self, hidden, rope, mask, cache):
         b, n, _ = hidden.shape
         q, k, v = (t.reshape(b, n, -1, self.head_dim).transpose(1, 2)
-                   for t in small_batch_linear(self.norm_attn(hidden), self.qkv).split(self.sizes, -1))
+                   for t in self._linear(self.norm_attn(hidden), self.qkv).split(self.sizes, -1))
         q, k = self.rope(q, k, *rope)
         keys, values = cache.update(k, v, self.index)
-        hidden = hidden + small_batch_linear(self._attention(q, keys, values, mask), self.o)
-        gate_up = small_batch_linear(self.norm_mlp(hidden), self.gate_up)
-        return hidden + small_batch_linear(F.silu(gate_up[..., :self.inter]) * gate_up[..., self.inter:], self.down)
+        hidden = hidden + self._linear(self._attention(q, keys, values, mask), self.o)
+        gate_up = self._linear(self.norm_mlp(hidden), self.gate_up)
+        return hidden + self._linear(F.silu(gate_up[..., :self.inter]) * gate_up[..., self.inter:], self.down)
 
 
 def main():
     torch.set_num_threads(2)
     model, _ = load_model()
     splits = {"hf": SplitModel(model, 4, lean=False), "lean": SplitModel(model, 4), "fused": SplitModel(model, 4)}
-    splits["fused"].lean = [FusedLayer(layer) for layer in splits["fused"].layers]
+    splits["fused"].lean = [FusedLayer(layer, splits["fused"].thin_rows) for layer in splits["fused"].layers]
     ids = torch.randint(0, model.config.vocab_size, (CONTEXT + 8,))
     caches = {name: split.new_cache(CONTEXT + 16) for name, split in splits.items()}
 
