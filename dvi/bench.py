@@ -89,12 +89,21 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
     report = {
         "model": drafter.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
         "device": str(split.device), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows),  # the few-row kernel measured on it
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
         "gamma": gamma, "drafter": drafter.meta.get("path"),
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
         "methods": [_summarise(runs[name], reference, ref_tps, model, encoded) for name in names],
     }
     return report
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model, encoded) -> dict:
