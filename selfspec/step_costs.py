@@ -19,6 +19,12 @@ from selfspec.small_batch_linear import SMALL_BATCH
 CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 covers every measured setting
 
 
+def _probe_ids(split, n: int) -> torch.Tensor:
+    """n token ids to time passes with, from a generator of their own: measuring must not move the
+    global random state that seeded sampling and training rely on."""
+    return torch.randint(0, split.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(split.device)
+
+
 def _median_seconds(fn, reps: int) -> float:
     fn()  # warm-up: first calls allocate and pick kernels
     samples = []
@@ -32,7 +38,7 @@ def _median_seconds(fn, reps: int) -> float:
 @torch.inference_mode()
 def measure_step_costs(split, head, max_drafts: int, context: int = 128, reps: int = 5) -> StepCosts:
     cache = split.new_cache(context + max_drafts + 2)
-    ids = torch.randint(0, split.config.vocab_size, (context + 1,), device=split.device)
+    ids = _probe_ids(split, context + 1)
     split.verify(split.trunk(ids[:context], 0, cache), 0, cache)
     hidden = split.trunk(ids[context:], context, cache)
     cache.crop(context)
@@ -66,7 +72,7 @@ def measure_thin_rows(split, context: int = 64, reps: int = 3) -> frozenset[int]
     above CALIBRATED_ROWS follow the choice made at CALIBRATED_ROWS. Leaves `split.thin_rows` as the
     measurement left it: the caller sets it."""
     cache = split.new_cache(context + CALIBRATED_ROWS)
-    ids = torch.randint(0, split.config.vocab_size, (context + CALIBRATED_ROWS,), device=split.device)
+    ids = _probe_ids(split, context + CALIBRATED_ROWS)
     split.verify(split.trunk(ids[:context], 0, cache), 0, cache)
 
     def timed_pass(m: int, thin: bool) -> float:

@@ -8,7 +8,7 @@ from torch import nn
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH, SmallBatchLinear, small_batch_copy
 from selfspec.split import SplitModel
-from selfspec.step_costs import CALIBRATED_ROWS, measure_thin_rows
+from selfspec.step_costs import CALIBRATED_ROWS, measure_step_costs, measure_thin_rows
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -78,6 +78,17 @@ def test_the_measured_kernel_choice_reaches_every_linear_of_the_split_and_its_he
     x = torch.randn(1, 3, 64, dtype=torch.float64)
     split.thin_rows.clear()  # F.linear itself, bit for bit, once the thin GEMM is not chosen
     assert torch.equal(split.lm_head(x), torch.nn.functional.linear(x, split.lm_head.weight))
+
+
+def test_measuring_on_the_machine_leaves_the_global_random_state_alone():
+    """Seeded sampling and training must not depend on whether this process has measured yet."""
+    model = tiny_llama(seed=7, layers=3)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    split = SplitModel(model, 1)  # a model shape not seen before in this process: measured here
+    measure_thin_rows(split)
+    measure_step_costs(split, None, max_drafts=2, context=16, reps=1)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_lean_layers_in_bfloat16_compute_what_the_hf_layers_compute():
