@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfspec.small_batch_linear import ALL_ROWS, small_batch_linear
+from selfspec.small_batch_linear import small_batch_linear
 
 
-def lean_layers(layers, config, thin_rows=ALL_ROWS) -> list["LeanLlamaLayer"] | None:
-    """Lean versions of `layers`, or None when any of them is not a plain Llama layer."""
+def lean_layers(layers, config, thin_rows) -> list["LeanLlamaLayer"] | None:
+    """Lean versions of `layers`, or None when any of them is not a plain Llama layer. `thin_rows`: the
+    split's measured kernel choice (selfspec/small_batch_linear.py), shared, not copied."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
     plain = (getattr(config, "hidden_act", None) == "silu" and not getattr(config, "attention_bias", False)
@@ -29,7 +30,7 @@ def lean_layers(layers, config, thin_rows=ALL_ROWS) -> list["LeanLlamaLayer"] | 
 
 
 class LeanLlamaLayer:
-    def __init__(self, layer, thin_rows=ALL_ROWS):
+    def __init__(self, layer, thin_rows):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn, mlp = layer.self_attn, layer.mlp

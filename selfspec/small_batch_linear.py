@@ -43,9 +43,8 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class SmallBatchLinear(nn.Linear):
-    """An nn.Linear (same parameters, same state-dict keys) with the small-batch CPU product."""
-
-    thin_rows = ALL_ROWS
+    """An nn.Linear (same parameters, same state-dict keys) with the small-batch CPU product for the
+    row counts in `thin_rows`, which `use_small_batch_linears` sets."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return small_batch_linear(x, self.weight, self.bias, self.thin_rows)

@@ -48,8 +48,13 @@ class SplitModel:
                torch.get_num_threads())
         if key not in _THIN_ROWS:
             _THIN_ROWS[key] = measure_thin_rows(self)
+        self.use_thin_gemm_for(_THIN_ROWS[key])
+
+    def use_thin_gemm_for(self, rows) -> None:
+        """Run products of these row counts as a thin GEMM, all others with F.linear, in every linear of
+        the split and of heads built on it (they share the set)."""
         self.thin_rows.clear()
-        self.thin_rows.update(_THIN_ROWS[key])
+        self.thin_rows.update(rows)
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.config, capacity, self.dtype, self.device)

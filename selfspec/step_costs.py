@@ -69,8 +69,9 @@ def measure_step_costs(split, head, max_drafts: int, context: int = 128, reps: i
 def measure_thin_rows(split, context: int = 64, reps: int = 3) -> frozenset[int]:
     """The row counts for which a whole pass (trunk + verify) is faster with the thin GEMM than with
     F.linear, each timed `reps` times, the two interleaved so that drift hits both alike. Row counts
-    above CALIBRATED_ROWS follow the choice made at CALIBRATED_ROWS. Leaves `split.thin_rows` as the
-    measurement left it: the caller sets it."""
+    above CALIBRATED_ROWS follow the choice made at CALIBRATED_ROWS. The split's own choice is left as
+    it was."""
+    chosen = frozenset(split.thin_rows)
     cache = split.new_cache(context + CALIBRATED_ROWS)
     ids = _probe_ids(split, context + CALIBRATED_ROWS)
     split.verify(split.trunk(ids[:context], 0, cache), 0, cache)
@@ -83,11 +84,14 @@ def measure_thin_rows(split, context: int = 64, reps: int = 3) -> frozenset[int]
         return time.perf_counter() - start
 
     faster = set()
-    for m in range(1, CALIBRATED_ROWS + 1):
-        timed_pass(m, True), timed_pass(m, False)  # warm-up: first calls allocate and pick kernels
-        samples = [(timed_pass(m, True), timed_pass(m, False)) for _ in range(reps)]
-        if statistics.median(t for t, _ in samples) < statistics.median(f for _, f in samples):
-            faster.add(m)
+    try:
+        for m in range(1, CALIBRATED_ROWS + 1):
+            timed_pass(m, True), timed_pass(m, False)  # warm-up: first calls allocate and pick kernels
+            samples = [(timed_pass(m, True), timed_pass(m, False)) for _ in range(reps)]
+            if statistics.median(t for t, _ in samples) < statistics.median(f for _, f in samples):
+                faster.add(m)
+    finally:
+        split.use_thin_gemm_for(chosen)
     if CALIBRATED_ROWS in faster:
         faster.update(range(CALIBRATED_ROWS + 1, SMALL_BATCH + 1))
     return frozenset(faster)

@@ -49,8 +49,7 @@ def test_split_logits_match_the_model_forward(lean, thin):
     model = tiny_llama(seed=4)
     split = SplitModel(model, 2, lean=lean)
     assert (split.lean is not None) == lean  # the tiny Llama is a plain Llama: lean layers serve it
-    split.thin_rows.clear()
-    split.thin_rows.update(ALL_ROWS if thin else ())  # either kernel, whatever this machine measured
+    split.use_thin_gemm_for(ALL_ROWS if thin else ())  # either kernel, whatever this machine measured
     ids = torch.arange(3, 15)
     with torch.no_grad():
         want = model(ids[None]).logits[0]
@@ -64,7 +63,9 @@ def test_split_logits_match_the_model_forward(lean, thin):
 def test_the_measured_kernel_choice_reaches_every_linear_of_the_split_and_its_head():
     model = tiny_llama(seed=6)
     split = SplitModel(model, 2)
+    chosen = set(split.thin_rows)
     rows = measure_thin_rows(split)
+    assert split.thin_rows == chosen  # measuring again leaves the split's choice as it was
     assert rows <= ALL_ROWS
     # above the measured row counts the choice made at the largest one holds
     assert (CALIBRATED_ROWS + 1 in rows) == (CALIBRATED_ROWS in rows) == (SMALL_BATCH in rows)
@@ -76,7 +77,7 @@ def test_the_measured_kernel_choice_reaches_every_linear_of_the_split_and_its_he
     assert all(m.thin_rows is split.thin_rows for m in linears)
     assert all(layer.thin_rows is split.thin_rows for layer in split.lean)
     x = torch.randn(1, 3, 64, dtype=torch.float64)
-    split.thin_rows.clear()  # F.linear itself, bit for bit, once the thin GEMM is not chosen
+    split.use_thin_gemm_for(())  # F.linear itself, bit for bit, once the thin GEMM is not chosen
     assert torch.equal(split.lm_head(x), torch.nn.functional.linear(x, split.lm_head.weight))
 
 
