@@ -8,9 +8,9 @@ reports the outcome with `update(top_probs, n_accepted)`. For copied n-gram draf
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from selfspec.ngram import MAX_NGRAM
+from selfspec.step_costs import StepCosts
 
 
 class LengthPolicy:
@@ -51,24 +51,6 @@ class ConfidenceThreshold(LengthPolicy):
 
     def keep(self, i: int, top_prob: float, entropy: float) -> bool:
         return top_prob >= self.min_top_prob and entropy <= self.max_entropy
-
-
-@dataclass
-class StepCosts:
-    """Seconds, measured on the running machine (see selfspec.step_costs)."""
-
-    trunk: float  # one token through layers [0, k)
-    head: float  # one drafter-head call
-    verify: list[float]  # verify[m]: m tokens through layers [k, L) + norm + lm_head (index 0 unused)
-    trunk_block: list[float] | None = None  # trunk_block[m]: m tokens through layers [0, k) in one pass
-
-    def round_time(self, n_drafts: int, n_heads: int) -> float:
-        return self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]
-
-    def copy_round_time(self, n_drafts: int) -> float:
-        """A round of copied drafts: pending + drafts through the trunk at once, then verified."""
-        block = self.trunk_block[n_drafts + 1] if self.trunk_block else self.trunk * (1 + n_drafts)
-        return block + self.verify[n_drafts + 1]
 
 
 class CostAware(LengthPolicy):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfspec.defaults import POLICIES
 from selfspec.drafter import DrafterHead, HeadConfig, load_head
 from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.model import load_model
 from selfspec.split import SplitModel
 from selfspec.step_costs import measure_step_costs
 
-POLICIES = ("fixed", "threshold", "cost_aware")
 
 
 @dataclass

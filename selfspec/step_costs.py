@@ -10,13 +10,31 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
-from selfspec.length_policy import StepCosts
-from selfspec.small_batch_linear import SMALL_BATCH
+from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH
 
 CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 covers every measured setting
+
+
+@dataclass
+class StepCosts:
+    """Seconds, measured on the running machine (measure_step_costs below)."""
+
+    trunk: float  # one token through layers [0, k)
+    head: float  # one drafter-head call
+    verify: list[float]  # verify[m]: m tokens through layers [k, L) + norm + lm_head (index 0 unused)
+    trunk_block: list[float] | None = None  # trunk_block[m]: m tokens through layers [0, k) in one pass
+
+    def round_time(self, n_drafts: int, n_heads: int) -> float:
+        return self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]
+
+    def copy_round_time(self, n_drafts: int) -> float:
+        """A round of copied drafts: pending + drafts through the trunk at once, then verified."""
+        block = self.trunk_block[n_drafts + 1] if self.trunk_block else self.trunk * (1 + n_drafts)
+        return block + self.verify[n_drafts + 1]
 
 
 def _probe_ids(split, n: int) -> torch.Tensor:
@@ -95,3 +113,16 @@ def measure_thin_rows(split, context: int = 64, reps: int = 3) -> frozenset[int]
     if CALIBRATED_ROWS in faster:
         faster.update(range(CALIBRATED_ROWS + 1, SMALL_BATCH + 1))
     return frozenset(faster)
+
+
+def parse_rows(text: str) -> frozenset[int]:
+    """`DVI_THIN_GEMM_ROWS`: "none", "all", or comma-separated row counts that run as a thin GEMM."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return frozenset()
+    if text == "all":
+        return ALL_ROWS
+    try:
+        return frozenset(int(r) for r in text.split(","))
+    except ValueError:
+        raise ValueError(f"DVI_THIN_GEMM_ROWS={text!r}: expected none, all, or row counts like 1,2,3") from None

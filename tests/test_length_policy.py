@@ -1,6 +1,7 @@
 """The cost-aware policy drafts only what pays: nothing for a useless head, long drafts for a good one,
 and never a round length whose verification shape is too slow."""
-from selfspec.length_policy import ConfidenceThreshold, CostAware, StepCosts
+from selfspec.length_policy import ConfidenceThreshold, CostAware
+from selfspec.step_costs import StepCosts
 
 # Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
 COSTS = StepCosts(trunk=0.11, head=0.16, verify=[0.0, 0.89, 1.5, 1.7, 1.3, 1.3])

@@ -6,7 +6,8 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy, StepCosts
+from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy
+from selfspec.step_costs import StepCosts
 from selfspec.split import SplitModel
 
 MAX_POS = 96
