@@ -143,7 +143,7 @@ class TransitionWriter:
 
 
 @dataclass
-class Batch:
+class ReadBatch:
     transitions: list[Transition] = field(default_factory=list)
     entry_ids: list[bytes] = field(default_factory=list)
     deadletters: list[dict] = field(default_factory=list)  # {entry, reason, blob, transitions}
@@ -170,7 +170,7 @@ class TransitionReader:
         self._claim_cursor = "0-0"
         ensure_group(client, self.keys)
 
-    def read(self, count: int | None = None, block_ms: int | None = None) -> Batch:
+    def read(self, count: int | None = None, block_ms: int | None = None) -> ReadBatch:
         """Up to `count` transitions: first entries dead consumers left pending, then new ones."""
         want = math.ceil((count or self.cfg.batch_size) / self.cfg.frame_size)
         try:
@@ -184,15 +184,15 @@ class TransitionReader:
             if "NOGROUP" not in str(err):
                 raise
             ensure_group(self.client, self.keys)  # a server restarted without persistence lost it
-            return Batch()
-        batch = Batch()
+            return ReadBatch()
+        batch = ReadBatch()
         for entry_id, fields in entries:
             batch.entry_ids.append(entry_id)
             self._take_entry(batch, entry_id, fields)
         self._inflight_entries.update(batch.entry_ids)
         return batch
 
-    def ack(self, batch: Batch) -> None:
+    def ack(self, batch: ReadBatch) -> None:
         """The batch was used: dead letters, acknowledgements and counters commit together (MULTI)."""
         pipe = self.client.pipeline(transaction=True)
         for letter in batch.deadletters:  # capped like the stream: the count in `stats` stays exact
@@ -214,7 +214,7 @@ class TransitionReader:
             del self._seen[next(iter(self._seen))]
         self.release(batch)
 
-    def release(self, batch: Batch) -> None:
+    def release(self, batch: ReadBatch) -> None:
         """Forget a batch without acknowledging it: after `claim_idle_ms` any reader may reclaim it."""
         self._inflight_entries.difference_update(batch.entry_ids)
         self._inflight_ids.difference_update(t.transition_id for t in batch.transitions)
@@ -241,7 +241,7 @@ class TransitionReader:
         self.counts["reclaimed"] += len(claimed)
         return claimed
 
-    def _take_entry(self, batch: Batch, entry_id: bytes, fields: dict) -> None:
+    def _take_entry(self, batch: ReadBatch, entry_id: bytes, fields: dict) -> None:
         declared = fields.get(b"n", b"")
         try:
             blobs = decode_frame(fields.get(b"frame", b""))
@@ -253,7 +253,7 @@ class TransitionReader:
         for blob in blobs:
             self._take(batch, entry_id, blob)
 
-    def _take(self, batch: Batch, entry_id: bytes, blob: bytes) -> None:
+    def _take(self, batch: ReadBatch, entry_id: bytes, blob: bytes) -> None:
         try:
             t = decode_transition(blob)
         except CodecError as err:

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dvi.common_args import quiet_transformers
-from dvi.online_cmd import add_online_args, overrides
+from dvi.online_cmd import add_online_args, overrides, train_and_report
 
 
 def add_parser(sub, name):
@@ -23,7 +23,8 @@ def add_parser(sub, name):
 def run(args) -> int:
     from dvi.config import load_config
     from selfspec.model import load_model
-    from selfspec.online import OnlineConfig, plot_curve, run_online
+    from dvi.plots import plot_mal_curves
+    from selfspec.online import OnlineConfig
 
     quiet_transformers()
     out = Path(args.out_dir)
@@ -31,7 +32,7 @@ def run(args) -> int:
     model, tokenizer = load_model(base.model)
     rows = []
     for name in [s.strip() for s in args.schedules.split(",") if s.strip()]:
-        summary = run_online(base.model_copy(update={"schedule": name}), out / name, model, tokenizer)
+        summary = train_and_report(base.model_copy(update={"schedule": name}), out / name, model, tokenizer)
         rows.append(summary)
     table = Table(title=f"schedules on {rows[0]['train_prompts']} training / {rows[0]['heldout_prompts']} held-out "
                         f"prompts, exit layer {rows[0]['exit_layer']}, γ={rows[0]['gamma']}")
@@ -40,7 +41,7 @@ def run(args) -> int:
     for r in rows:
         table.add_row(r["schedule"], f"{r['mal_before']:.3f}", f"{r['mal_after']:.3f}", str(r["steps"]))
     Console(width=100).print(table)
-    plot_curve([(r["schedule"], r["curve"]) for r in rows], out / "ablation.png", base.gamma)
+    plot_mal_curves([(r["schedule"], r["curve"]) for r in rows], out / "ablation.png", base.gamma)
     (out / "ablation.json").write_text(json.dumps(
         [{k: r[k] for k in ("schedule", "mal_before", "mal_after", "steps", "train_prompts", "heldout_prompts")}
          for r in rows], indent=2))

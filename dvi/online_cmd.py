@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -49,13 +50,32 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.config import load_config
-    from selfspec.online import OnlineConfig, run_online
+    from selfspec.online import OnlineConfig
 
     quiet_transformers()
     cfg = load_config(OnlineConfig, args.config, {**overrides(args), "schedule": args.schedule})
-    summary = run_online(cfg, args.out_dir)
+    summary = train_and_report(cfg, args.out_dir)
     print(json.dumps({k: summary[k] for k in ("mal_before", "mal_after", "mal_ngram_only", "mal_after_with_ngram",
                                               "train_prompts", "heldout_prompts",
                                               "steps", "schedule", "exit_layer", "gamma")}, indent=2))
     print(f"head and report in {args.out_dir} (use it with `dvi bench --drafter {args.out_dir}`)")
     return 0
+
+
+def train_and_report(cfg, out_dir, model=None, tokenizer=None) -> dict:
+    """Run the online loop and write its run directory: head.safetensors + head.json, metrics.jsonl,
+    TensorBoard events under tb/, mal.png and summary.json."""
+    from dvi.plots import plot_mal_curves
+    from learner.metrics_log import MetricsLog
+    from selfspec.drafter import save_head
+    from selfspec.online import run_online
+
+    out = Path(out_dir)
+    with MetricsLog(out) as log:
+        head, summary = run_online(cfg, model, tokenizer, log)
+    save_head(head, out, {"base_model": cfg.model, "version": summary["versions"],
+                          "training": {k: summary[k] for k in ("mal_before", "mal_after", "train_prompts", "steps",
+                                                               "schedule")}})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_mal_curves([(cfg.schedule, summary["curve"])], out / "mal.png", cfg.gamma)
+    return summary

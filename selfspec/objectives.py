@@ -33,7 +33,7 @@ SCHEDULES = ("kl_rl", "kl_only", "ce_only", "pg_only")
 
 
 @dataclass
-class Batch:
+class PositionBatch:
     """The drafted positions of several transitions, flattened to N rows; ids are draft-vocab indices."""
     hidden: torch.Tensor  # [N, d] in the head's dtype
     tau: torch.Tensor  # [N] temperature the stored log-probs are at (1 for greedy)
@@ -71,8 +71,8 @@ def _to_draft(ids: np.ndarray, vocab_ids: torch.Tensor | None) -> tuple[torch.Te
 
 def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-            with_context: bool = False) -> Batch:
-    """list[Transition] -> Batch. `vocab_ids` is the head's sorted draft-index -> full-id map (None:
+            with_context: bool = False) -> PositionBatch:
+    """list[Transition] -> PositionBatch. `vocab_ids` is the head's sorted draft-index -> full-id map (None:
     full vocabulary). Top-K of different widths are padded with invalid entries of log-prob -inf.
     `with_context` also stacks the committed context for an attention head."""
     if not transitions:
@@ -108,7 +108,7 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
         rows = np.concatenate([np.stack([np.full(tr.n, r), np.arange(tr.n)], 1) for r, tr in enumerate(transitions)])
         context = {"context": as_f(padded), "rows": on(torch.as_tensor(rows, dtype=torch.long)),
                    "context_len": on(torch.as_tensor([len(tr.context_hidden) for tr in transitions]))}
-    return Batch(**context,
+    return PositionBatch(**context,
         hidden=as_f(cat("hidden")), tau=as_f(per_pos(lambda tr: tr.temperature if tr.temperature > 0 else 1.0)),
         draft_idx=on(draft_idx), draft_in_vocab=on(draft_in), draft_logprobs=as_f(cat("draft_logprobs")),
         target_idx=on(target_idx), target_in_vocab=on(target_in), topk_idx=on(topk_idx),
@@ -118,7 +118,7 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
         rounds=len(transitions))
 
 
-def collate_for(head, transitions: Sequence[Transition]) -> Batch:
+def collate_for(head, transitions: Sequence[Transition]) -> PositionBatch:
     """collate with the head's draft vocabulary, dtype and device."""
     p = next(head.parameters())
     return collate(transitions, vocab_ids=head.vocab_ids, dtype=p.dtype, device=p.device, with_context=head.attends)
@@ -129,7 +129,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
 
 
-def distill_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+def distill_kl(logits: torch.Tensor, batch: PositionBatch, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Forward KL(p_verifier || p_drafter), mean over all positions.
 
     Tail mass: both distributions are coarse-grained onto the same partition, {each verifier top-K
@@ -160,7 +160,7 @@ def distill_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> 
     return loss, {"losses/kl": loss.item(), "charts/kl_tail_mass": float(p_rest.mean())}
 
 
-def accepted_ce(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+def accepted_ce(logits: torch.Tensor, batch: PositionBatch) -> tuple[torch.Tensor, dict]:
     """-log p_drafter(verifier token), mean over accepted positions whose target is in the draft
     vocabulary; 0 (with zero gradients) when the batch has none."""
     logq = torch.log_softmax(logits / batch.tau[:, None], -1)
@@ -169,7 +169,7 @@ def accepted_ce(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     return loss, {"losses/ce": loss.item(), "charts/ce_positions": float(mask.sum())}
 
 
-def policy_gradient(logits: torch.Tensor, batch: Batch, baseline: float, clip_eps: float = 0.2
+def policy_gradient(logits: torch.Tensor, batch: PositionBatch, baseline: float, clip_eps: float = 0.2
                     ) -> tuple[torch.Tensor, dict]:
     """PPO-clipped REINFORCE on the drafted tokens of on-path positions.
 
@@ -293,7 +293,7 @@ def make_schedule(name: str, config: ScheduleConfig | dict | None = None) -> Sch
     return Schedule(ScheduleConfig(**{**config.model_dump(), **overrides[name]}), name)
 
 
-def total_loss(head, batch: Batch, schedule: Schedule, baseline: EMABaseline,
+def total_loss(head, batch: PositionBatch, schedule: Schedule, baseline: EMABaseline,
                config: LossConfig | None = None, *, update_baseline: bool = True) -> tuple[torch.Tensor, dict]:
     """Weighted KL + CE + PG at the schedule's current step (one head forward), and cleanRL-style
     metrics. Updates the baseline with this batch's on-path acceptance after using it (pass
@@ -320,3 +320,39 @@ def total_loss(head, batch: Batch, schedule: Schedule, baseline: EMABaseline,
                   "charts/agreement": float(agree.double().mean()),
                   "charts/target_oov_fraction": float((~batch.target_in_vocab).double().mean()),
                   "charts/positions": float(len(batch))}
+
+
+@dataclass
+class TrainState:
+    """What a training loop carries from step to step besides the head and its optimizer."""
+    schedule: Schedule
+    baseline: EMABaseline
+
+    @classmethod
+    def create(cls, schedule: str, schedule_config: ScheduleConfig | dict | None, loss: LossConfig) -> "TrainState":
+        return cls(make_schedule(schedule, schedule_config), EMABaseline(loss.baseline_decay, loss.baseline_init))
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "baseline": self.baseline.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.baseline.load_state_dict(state["baseline"])
+
+
+def train_step(head, optimizer, transitions: Sequence[Transition], state: TrainState,
+               config: LossConfig) -> dict:
+    """One optimizer step of the head on these transitions at the schedule's current weights; advances
+    the schedule and returns the step's metrics. `optimizer` is a torch optimizer over the head's
+    trainable parameters, or a DeepSpeed engine wrapping the head (it owns backward, so that gradients
+    are averaged across ranks). The one training step of every loop: in-process and distributed."""
+    loss, metrics = total_loss(head, collate_for(head, transitions), state.schedule, state.baseline, config)
+    if hasattr(optimizer, "backward"):  # a DeepSpeed engine
+        optimizer.backward(loss)
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    state.schedule.advance()
+    return metrics

@@ -4,25 +4,28 @@ Each chunk of training prompts is decoded along its greedy path (batched; see gr
 current head's drafting is replayed to produce on-policy Transitions, a few optimizer steps are
 taken on the head only, and the new head drafts the next chunk. Held-out prompts, never trained on,
 measure mean accepted length (MAL) at a fixed γ before, during and after training.
+
+Writing metrics, plots and the head is the caller's (`dvi online`): the loop reports each record to
+a `log(record)` callable.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids, save_head
+from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids
 from selfspec.greedy_paths import (GreedyPath, mean_accepted_length, prompt_transitions, response_transitions,
                                    simulate_rounds)
 from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
-from selfspec.objectives import EMABaseline, LossConfig, ScheduleConfig, collate_for, make_schedule, total_loss
+from selfspec.objectives import LossConfig, ScheduleConfig, TrainState, train_step
 from selfspec.path_cache import cached_paths
 from selfspec.prompts import load_prompts
 from selfspec.split import SplitModel
@@ -71,7 +74,7 @@ def sampled_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[list
     return [list(responses) for responses in zip(*per_seed)] if per_seed else [[] for _ in prompts]
 
 
-def _frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) -> np.ndarray | None:
+def frequent_ids(paths: list[GreedyPath], split: SplitModel, size: int | None) -> np.ndarray | None:
     """A reduced draft vocabulary: the ids the model itself emits most often on the training prompts."""
     if size is None:
         return None
@@ -97,116 +100,110 @@ def split_prompts(cfg: OnlineConfig):
             prompts[len(prompts) - cfg.heldout_prompts:])
 
 
-def run_online(cfg: OnlineConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class OnlinePaths:
+    """What the online loop learns from and is judged on. `sampled[i]`: more responses to training
+    prompt i, distilled on in the same chunk as its greedy path."""
+    train: list[GreedyPath]
+    heldout: list[GreedyPath]
+    sampled: list[list[GreedyPath]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sampled = self.sampled or [[] for _ in self.train]
+        if len(self.sampled) != len(self.train):  # zip would silently drop training prompts
+            raise ValueError(f"sampled responses for {len(self.sampled)} prompts, but {len(self.train)} training prompts")
+
+
+@dataclass
+class OnlineResult:
+    curve: list[dict]  # held-out MAL after each chunk, the untrained head first
+    steps: int
+    versions: int
+
+
+Log = Callable[[dict], None]
+
+
+def load_online_paths(cfg: OnlineConfig, model, tokenizer) -> OnlinePaths:
+    train, extra, heldout = split_prompts(cfg)
+    return OnlinePaths(cached_paths_for(model, tokenizer, cfg, train + extra),
+                       cached_paths_for(model, tokenizer, cfg, heldout),
+                       sampled_paths_for(model, tokenizer, cfg, train + extra))
+
+
+def run_online(cfg: OnlineConfig, model=None, tokenizer=None, log: Log | None = None,
+               progress: bool = True) -> tuple[DrafterHead, dict]:
+    """Train a fresh head on cfg's workload; returns it and a summary (MAL before and after, curve)."""
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    train, extra, heldout = split_prompts(cfg)
-    heldout_paths = cached_paths_for(model, tokenizer, cfg, heldout)
-    train_paths = cached_paths_for(model, tokenizer, cfg, train + extra)
-    sampled = sampled_paths_for(model, tokenizer, cfg, train + extra)
+    paths = load_online_paths(cfg, model, tokenizer)
     split = SplitModel(model, cfg.head.exit_layer)
-    head = DrafterHead(split, cfg.head, _frequent_ids(train_paths, split, cfg.head.draft_vocab))
+    head = DrafterHead(split, cfg.head, frequent_ids(paths.train, split, cfg.head.draft_vocab))
     start = time.time()
-    curve, steps, versions = train_on_paths(head, train_paths, heldout_paths, cfg, out, progress, sampled)
+    result = train_on_paths(head, paths, cfg, log, progress)
+    curve = result.curve
     summary = {"mal_before": curve[0]["mal_heldout"], "mal_after": curve[-1]["mal_heldout"], "gamma": cfg.gamma,
                # the engine's `ngram` option: copied drafts where the text recurs, the head elsewhere
-               "mal_ngram_only": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma),
-               "mal_after_with_ngram": mean_accepted_length_with_ngram(heldout_paths, cfg.gamma, head),
-               "train_prompts": len(train_paths), "heldout_prompts": len(heldout), "steps": steps, "versions": versions,
-               "sampled_responses": cfg.sampled_responses,
+               "mal_ngram_only": mean_accepted_length_with_ngram(paths.heldout, cfg.gamma),
+               "mal_after_with_ngram": mean_accepted_length_with_ngram(paths.heldout, cfg.gamma, head),
+               "train_prompts": len(paths.train), "heldout_prompts": len(paths.heldout), "steps": result.steps,
+               "versions": result.versions, "sampled_responses": cfg.sampled_responses,
                "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
                "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
-    save_head(head, out, {"base_model": cfg.model, "version": versions,
-                          "training": {k: summary[k] for k in ("mal_before", "mal_after", "train_prompts", "steps", "schedule")}})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curve([(cfg.schedule, curve)], out / "mal.png", cfg.gamma)
-    return summary
+    return head, summary
 
 
-def train_on_paths(head: DrafterHead, train_paths: list[GreedyPath], heldout_paths: list[GreedyPath],
-                   cfg: OnlineConfig, out: Path, progress: bool = True,
-                   sampled: list[list[GreedyPath]] | None = None) -> tuple[list[dict], int, int]:
-    """The online loop proper. `sampled[i]`: more responses to training prompt i, distilled on in the
-    same chunk. Returns the held-out MAL curve, optimizer steps and head versions."""
-    sampled = sampled or [[] for _ in train_paths]
-    if len(sampled) != len(train_paths):  # zip below would silently drop training prompts
-        raise ValueError(f"sampled responses for {len(sampled)} prompts, but {len(train_paths)} training prompts")
+def _chunk_transitions(head: DrafterHead, paths: OnlinePaths, chunk: range, cfg: OnlineConfig, version: int):
+    """On-policy transitions of the current head along a chunk of training paths (plus prompt and
+    sampled-response positions when configured), and the accepted drafts per simulated round."""
+    transitions, accepted = [], []
+    for i in chunk:
+        path = paths.train[i]
+        acc, trs = simulate_rounds(path, head, cfg.gamma, make_transitions=True, policy_version=version,
+                                   topk=cfg.topk)
+        transitions += trs
+        accepted += acc
+        if cfg.prompt_positions:
+            transitions += prompt_transitions(path, head, cfg.gamma, cfg.topk, policy_version=version)
+        for seed, response in enumerate(paths.sampled[i]):
+            transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", cfg.topk,
+                                                policy_version=version)
+    return transitions, accepted
+
+
+def train_on_paths(head: DrafterHead, paths: OnlinePaths, cfg: OnlineConfig, log: Log | None = None,
+                   progress: bool = True) -> OnlineResult:
+    """The online loop proper: per chunk of prompts, the current head drafts (simulated exactly along
+    the greedy paths), `epochs` passes of `train_step` over the chunk's transitions, a new version."""
+    log = log or (lambda record: None)
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    schedule = make_schedule(cfg.schedule, cfg.schedule_config)
-    baseline = EMABaseline(cfg.loss.baseline_decay, cfg.loss.baseline_init)
+    state = TrainState.create(cfg.schedule, cfg.schedule_config, cfg.loss)
     head.eval()
-    curve = [{"prompts": 0, "step": 0, "mal_heldout": mean_accepted_length(heldout_paths, head, cfg.gamma)}]
+    curve = [{"prompts": 0, "step": 0, "mal_heldout": mean_accepted_length(paths.heldout, head, cfg.gamma)}]
     step, version, metrics = 0, 0, {}
-    with (out / "metrics.jsonl").open("w") as metrics_file, _tensorboard(out) as writer, \
-            tqdm(total=len(train_paths), desc="online", unit="prompt", disable=not progress) as bar:
-        for chunk_start in range(0, len(train_paths), cfg.chunk_prompts):
-            chunk = train_paths[chunk_start:chunk_start + cfg.chunk_prompts]
-            transitions, accepted = [], []
-            for path, responses in zip(chunk, sampled[chunk_start:chunk_start + cfg.chunk_prompts]):
-                # the current head drafts: on-policy data
-                acc, trs = simulate_rounds(path, head, cfg.gamma, make_transitions=True, policy_version=version,
-                                           topk=cfg.topk)
-                transitions += trs
-                accepted += acc
-                if cfg.prompt_positions:
-                    transitions += prompt_transitions(path, head, cfg.gamma, cfg.topk, policy_version=version)
-                for seed, response in enumerate(responses):
-                    transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", cfg.topk,
-                                                        policy_version=version)
+    with tqdm(total=len(paths.train), desc="online", unit="prompt", disable=not progress) as bar:
+        for chunk_start in range(0, len(paths.train), cfg.chunk_prompts):
+            chunk = range(chunk_start, min(chunk_start + cfg.chunk_prompts, len(paths.train)))
+            transitions, accepted = _chunk_transitions(head, paths, chunk, cfg, version)
             head.train()
             for _ in range(cfg.epochs):
                 rng.shuffle(transitions)
                 for b in range(0, len(transitions), cfg.batch_size):
-                    loss, metrics = total_loss(head, collate_for(head, transitions[b:b + cfg.batch_size]),
-                                               schedule, baseline, cfg.loss)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.advance()
+                    metrics = train_step(head, optimizer, transitions[b:b + cfg.batch_size], state, cfg.loss)
                     step += 1
-                    metrics_file.write(json.dumps({"step": step, "version": version, **metrics}) + "\n")
-                    for name, value in metrics.items():
-                        writer.add_scalar(name, value, step)
+                    log({"step": step, "version": version, **metrics})
             version += 1  # in-process the swap is immediate: the next chunk drafts with this head
             head.eval()
-            seen = chunk_start + len(chunk)
-            point = {"prompts": seen, "step": step, "mal_heldout": mean_accepted_length(heldout_paths, head, cfg.gamma),
+            point = {"prompts": chunk.stop, "step": step,
+                     "mal_heldout": mean_accepted_length(paths.heldout, head, cfg.gamma),
                      "mal_train_chunk": float(np.mean(accepted) + 1) if accepted else 1.0}
             curve.append(point)
-            for name in ("mal_heldout", "mal_train_chunk"):
-                writer.add_scalar(f"charts/{name}", point[name], step)
-            metrics_file.write(json.dumps({"step": step, "version": version, "prompts": seen,
-                                           "charts/mal_heldout": point["mal_heldout"]}) + "\n")
+            log({"step": step, "version": version, "prompts": chunk.stop,
+                 "charts/mal_heldout": point["mal_heldout"], "charts/mal_train_chunk": point["mal_train_chunk"]})
             bar.set_postfix_str(f"MAL held-out {point['mal_heldout']:.3f} train {point['mal_train_chunk']:.3f} "
                                 f"kl {metrics.get('losses/kl', float('nan')):.2f}")
             bar.update(len(chunk))
-    return curve, step, version
-
-
-def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tb"))
-
-
-def plot_curve(curves: list[tuple[str, list[dict]]], file: Path, gamma: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves:
-        ax.plot([c["prompts"] for c in curve], [c["mal_heldout"] for c in curve], marker="o", label=label)
-    ax.set_xlabel("training prompts seen")
-    ax.set_ylabel(f"mean accepted length, held-out (γ={gamma})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+    return OnlineResult(curve, step, version)

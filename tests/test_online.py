@@ -11,7 +11,8 @@ from selfspec.drafter import DrafterHead, HeadConfig, load_head, save_head
 from selfspec.engine import SelfSpecDecoder
 from selfspec.greedy_paths import annotate_path, mean_accepted_length
 from selfspec.length_policy import LengthPolicy
-from selfspec.online import OnlineConfig, train_on_paths
+from learner.metrics_log import MetricsLog
+from selfspec.online import OnlineConfig, OnlinePaths, frequent_ids, train_on_paths
 from selfspec.split import SplitModel
 
 K = 1
@@ -47,8 +48,9 @@ def trained(verifier, paths, tmp_path_factory):
                        schedule_config=dict(warmup_steps=40, ramp_steps=40))
     head = DrafterHead(SplitModel(verifier, K), cfg.head)
     out = tmp_path_factory.mktemp("online")
-    curve, steps, versions = train_on_paths(head, paths[:48], paths[48:], cfg, out, progress=False)
-    return head, curve, steps, versions, out
+    with MetricsLog(out) as log:
+        result = train_on_paths(head, OnlinePaths(paths[:48], paths[48:]), cfg, log, progress=False)
+    return head, result.curve, result.steps, result.versions, out
 
 
 def test_acceptance_rises_from_chance_to_high(trained):
@@ -86,17 +88,15 @@ def test_checkpoint_missing_says_what_to_run(verifier, tmp_path):
 
 
 def test_reduced_vocab_keeps_the_ids_the_model_emits(verifier, paths):
-    from selfspec.online import _frequent_ids
-
     split = SplitModel(verifier, K)
     emitted = np.concatenate([p.tokens[p.prompt_len:] for p in paths])
     distinct = np.unique(emitted)
-    ids = _frequent_ids(paths, split, len(distinct))
+    ids = frequent_ids(paths, split, len(distinct))
     np.testing.assert_array_equal(ids, distinct)  # exactly the emitted ids when the budget allows
-    top = _frequent_ids(paths, split, 16)
+    top = frequent_ids(paths, split, 16)
     counts = np.bincount(emitted, minlength=256)
     assert counts[top].min() >= np.sort(counts)[-16]  # the 16 most frequent (ties broken by id)
-    assert _frequent_ids(paths, split, None) is None
+    assert frequent_ids(paths, split, None) is None
 
 
 def test_sampled_responses_teach_what_few_greedy_paths_do_not(verifier, paths, tmp_path):
@@ -116,13 +116,12 @@ def test_sampled_responses_teach_what_few_greedy_paths_do_not(verifier, paths, t
     def trained_mal(responses):
         torch.manual_seed(0)
         head = DrafterHead(SplitModel(verifier, K), cfg.head)
-        curve, steps, _ = train_on_paths(head, train, paths[48:], cfg, tmp_path, progress=False, sampled=responses)
-        return curve[-1]["mal_heldout"], steps
+        result = train_on_paths(head, OnlinePaths(train, paths[48:], responses), cfg, progress=False)
+        return result.curve[-1]["mal_heldout"], result.steps
 
     greedy_only, greedy_steps = trained_mal(None)
     with_sampled, sampled_steps = trained_mal(sampled)
     assert sampled_steps > 2 * greedy_steps
     assert with_sampled > greedy_only + 0.2, (greedy_only, with_sampled)
     with pytest.raises(ValueError, match="sampled responses for 7 prompts, but 8 training prompts"):
-        train_on_paths(DrafterHead(SplitModel(verifier, K), cfg.head), train, paths[48:], cfg, tmp_path,
-                       progress=False, sampled=sampled[:7])
+        OnlinePaths(train, paths[48:], sampled[:7])
