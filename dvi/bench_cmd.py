@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from dvi.bench import METHODS
 from dvi.common_args import add_model_args, quiet_transformers
+
+# dvi.bench.METHODS, spelled out here because importing dvi.bench loads torch and `dvi --help` must not
+# (tests/test_cli.py checks that the two agree).
+METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
+           "dvi_spec_ngram_dynamic")
 
 
 def add_parser(sub, name):
@@ -52,6 +53,9 @@ def run(args) -> int:
 
 
 def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"{report['model']} on {report['machine']}, {report['n_prompts']} prompts x "
                         f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, gamma {report['gamma']}")
     for col in ("method", "tok/s", "speedup", "MAL", "accept", "identical", "draft/verify time"):

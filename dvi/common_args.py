@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 
-from selfspec.model import DEFAULT_MODEL
+from selfspec.defaults import DEFAULT_MODEL
 
 
 def add_model_args(p) -> None:

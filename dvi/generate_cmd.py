@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dvi.common_args import add_model_args, quiet_transformers
-from selfspec.loading import POLICIES
+from selfspec.defaults import POLICIES
 
 
 def add_parser(sub, name):

@@ -10,12 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from buffer.config import RedisConfig, describe_error
-from buffer.connection import connect
-from buffer.server import RedisServer, redis_pid_alive, stop_pid
-
+# pydantic, redis and the buffer package are imported by the actions, not here: `dvi --help` stays fast.
 STATE_FILE = "server.json"
 
 
@@ -40,6 +35,11 @@ def run(args) -> int:
 
 
 def _start(args, state_dir: Path) -> int:
+    from pydantic import ValidationError
+
+    from buffer.config import RedisConfig, describe_error
+    from buffer.server import RedisServer
+
     state = _running(state_dir)
     if state:
         raise ValueError(f"already running at {state['url']} (pid {state['pid']}): `dvi redis stop --dir {state_dir}` "
@@ -58,6 +58,8 @@ def _start(args, state_dir: Path) -> int:
 
 
 def _status(args, state_dir: Path) -> int:
+    from buffer.connection import connect
+
     state = _running(state_dir)
     if not state:
         print(f"redis: not running (no live server recorded in {state_dir}): run `dvi redis start`")
@@ -71,6 +73,8 @@ def _status(args, state_dir: Path) -> int:
 
 
 def _stop(args, state_dir: Path) -> int:
+    from buffer.server import stop_pid
+
     state = _running(state_dir)
     if not state:
         print(f"redis: not running (no live server recorded in {state_dir})")
@@ -82,6 +86,8 @@ def _stop(args, state_dir: Path) -> int:
 
 
 def _running(state_dir: Path) -> dict | None:
+    from buffer.server import redis_pid_alive
+
     path = state_dir / STATE_FILE
     try:
         state = json.loads(path.read_text())

@@ -7,7 +7,7 @@ for `dvi online --set extra_train_workload=FILE`.
 from __future__ import annotations
 
 from dvi.common_args import quiet_transformers
-from selfspec.model import DEFAULT_MODEL
+from selfspec.defaults import DEFAULT_MODEL
 
 
 def add_parser(sub, name):
