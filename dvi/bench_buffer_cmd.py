@@ -25,7 +25,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--n", type=int, default=20_000, help="SmolLM2-sized transitions per run; 7B-sized use n/5")
     p.add_argument("--frame-size", type=int, default=16, help="transitions per stream entry")
     p.add_argument("--write-batch", type=int, default=256, help="transitions per pipelined flush")
-    p.add_argument("--persistence", action="store_true", help="run the server with AOF everysec, as `dvi run` does")
+    p.add_argument("--persistence", action="store_true",
+                   help="run the server with AOF everysec, as `dvi redis start` does by default")
     p.set_defaults(func=run)
 
 

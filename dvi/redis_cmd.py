@@ -17,8 +17,8 @@ STATE_FILE = "server.json"
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(
         name, help="start, check or stop a local redis-server (the replay buffer)",
-        description="Manage a background redis-server that runs can share via --redis-url. "
-                    "Set DVI_REDIS_PASSWORD to require a password.")
+        description="Manage a background redis-server on this machine: `start` prints its URL, `status` checks "
+                    "it, `stop` ends it. Set DVI_REDIS_PASSWORD to require a password.")
     p.add_argument("action", choices=["start", "status", "stop"])
     p.add_argument("--dir", default="runs/redis", help="data and state directory (default: runs/redis)")
     p.add_argument("--port", type=int, default=6380, help="port to listen on, 0 for a free one (default: 6380)")
