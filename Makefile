@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 # Ray's usage-stats prompt would try to reach the network.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ demo: install
 		--methods hf_ar,hf_prompt_lookup,dvi_ar,dvi_spec,dvi_spec_dynamic,dvi_spec_ngram_dynamic --out runs/demo/bench.json
 	@echo "demo report: runs/demo/online (summary.json, mal.png, tb/) and runs/demo/bench.json"
 
+# Every tier: unit, integration (real redis-server / local Ray) and e2e (the real SmolLM2).
 test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The fast tier only: tiny models and pure code, no redis-server, no Ray, no SmolLM2.
+test-unit: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e and not integration"
 
 clean:
 	rm -rf $(VENV) runs

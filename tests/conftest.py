@@ -1,10 +1,24 @@
-"""Shared fixtures. A real redis-server process per test that asks for one: no fakes, no mocks."""
+"""Shared fixtures. A real redis-server process per test that asks for one: no fakes, no mocks.
+
+Tiers: a module marks itself `e2e` (the real SmolLM2) and/or `integration` (a real redis-server
+and/or a local Ray) with a module-level `pytestmark`; every other test is marked `unit` here.
+"""
 from __future__ import annotations
 
 import pytest
 
 from buffer.config import RedisConfig
 from buffer.server import RedisServer
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        integration = item.get_closest_marker("integration")
+        if not integration and {"redis_server", "redis_client"} & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} starts a redis-server: mark its module "
+                                    "`pytestmark = pytest.mark.integration`")
+        if not (integration or item.get_closest_marker("e2e")):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
