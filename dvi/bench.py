@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from selfspec.acceptance import mean_accepted_length
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
@@ -122,7 +123,7 @@ def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model, e
         accepted = np.array([sum(r.accepted > i for r in rounds) for i in range(longest)])
         total = sum(res.t_total for res in runs.results)
         out.update(
-            mean_accepted_length=float(np.mean([r.accepted + 1 for r in rounds])),
+            mean_accepted_length=mean_accepted_length(r.accepted for r in rounds),
             acceptance_rate=(sum(r.accepted for r in rounds) / drafted) if drafted else None,
             per_position_acceptance=(accepted / np.maximum(reached, 1)).round(4).tolist(),
             rounds=len(rounds), drafted=drafted, mean_drafted=drafted / max(len(rounds), 1),

@@ -64,10 +64,10 @@ def _bench_stream(client, run_id: str, hidden: int, n: int, cfg) -> dict:
     from buffer.codec import decode_transition, encode_transition
     from buffer.keys import RunKeys
     from buffer.stream import TransitionReader, TransitionWriter
-    from selfspec.transitions import random_transition
+    from buffer.synthetic import random_transition
 
     rng = np.random.default_rng(0)
-    pool = [random_transition(rng, n=POSITIONS, d=hidden, k=TOP_K, vocab=VOCAB, run_id=run_id, request_id=f"q{i}")
+    pool = [random_transition(rng, n=POSITIONS, d=hidden, k=TOP_K, run_id=run_id, request_id=f"q{i}")
             for i in range(64)]
     blobs = [encode_transition(t, quantize_hidden=cfg.quantize_hidden) for t in pool]
     encode_s = _per_call(lambda: encode_transition(pool[0], quantize_hidden=cfg.quantize_hidden))

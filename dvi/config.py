@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 
 
 def load_config(model: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
-    """Read YAML (if given), apply CLI overrides (dotted keys allowed: `head.exit_layer`), validate."""
+    """Read YAML (if given), apply CLI overrides (dotted keys allowed: `head.lora_rank`), validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)

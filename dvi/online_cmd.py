@@ -34,7 +34,7 @@ def overrides(args) -> dict:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. head.draft_vocab=8192")
         pairs[key.strip()] = yaml.safe_load(value)
     flags = {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
-             "heldout_prompts": args.heldout_prompts, "head.exit_layer": args.exit_layer, "gamma": args.gamma,
+             "heldout_prompts": args.heldout_prompts, "exit_layer": args.exit_layer, "gamma": args.gamma,
              "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     return {**pairs, **{key: value for key, value in flags.items() if value is not None}}  # unset flags keep --set
 

@@ -2,6 +2,8 @@
 sampling reproduces the model's sampling distribution (Leviathan et al. 2023, Chen et al. 2023)."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 
@@ -25,7 +27,7 @@ def sampling_accept(drafts: torch.Tensor, q: torch.Tensor | None, p: torch.Tenso
     for i in range(n):
         x = int(drafts[i])
         ratio = float(p[i, x] / q[i, x]) if q[i, x] > 0 else 0.0
-        if torch.rand((), generator=generator, dtype=torch.float64) < ratio:
+        if torch.rand((), generator=generator, dtype=torch.float64, device=p.device) < ratio:
             continue
         residual = (p[i] - q[i]).clamp_min(0)
         total = residual.sum()
@@ -33,3 +35,10 @@ def sampling_accept(drafts: torch.Tensor, q: torch.Tensor | None, p: torch.Tenso
         residual = residual / total if total > 0 else p[i]
         return i, int(torch.multinomial(residual, 1, generator=generator))
     return n, int(torch.multinomial(p[n], 1, generator=generator))
+
+
+def mean_accepted_length(accepted_per_round: Iterable[int]) -> float:
+    """Tokens committed per verification round: accepted drafts + the verifier's own token (1.0 for
+    no rounds, which is plain decoding)."""
+    counts = list(accepted_per_round)
+    return sum(counts) / len(counts) + 1 if counts else 1.0

@@ -37,7 +37,6 @@ from selfspec.split import SplitModel
 class HeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
     adapter_hidden: int = Field(1024, ge=0, description="width of the residual MLP adapter (0: none)")
     lora_rank: int = Field(16, ge=0, description="LoRA rank on the output projection (0: none)")
     lora_alpha: float = Field(32.0, gt=0)
@@ -66,15 +65,13 @@ def draft_vocab_ids(vocab_size: int, size: int, counts: np.ndarray | None = None
 class DrafterHead(nn.Module):
     def __init__(self, split: SplitModel, config: HeadConfig, vocab_ids: np.ndarray | None = None):
         super().__init__()
-        if config.exit_layer != split.exit_layer:
-            raise ValueError(f"head exit_layer {config.exit_layer} != split exit layer {split.exit_layer}")
-        self.config = config
+        self.config, self.exit_layer = config, split.exit_layer  # the split owns the exit layer
         d = split.config.hidden_size
         weight = split.lm_head.weight
         if config.draft_vocab is not None and vocab_ids is None:
             vocab_ids = draft_vocab_ids(weight.shape[0], config.draft_vocab, always=tuple(eos_ids(split.config)))
         self.register_buffer("vocab_ids", None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long))
-        k, n_attn = config.exit_layer, config.attention_layers
+        k, n_attn = split.exit_layer, config.attention_layers
         if k + n_attn > split.num_layers:
             raise ValueError(f"attention_layers {n_attn} from exit layer {k}: the model has only {split.num_layers} layers")
         self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in split.layers[k:k + n_attn])
@@ -140,7 +137,7 @@ class DrafterHead(nn.Module):
         if not self.attends:
             return self(hidden[0, -1])
         # Positions before start - window are never attended again: jumping over them leaves a harmless hole.
-        cache.lengths = [start] * len(cache.lengths)
+        cache.seek(start)
         positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
         keys = torch.arange(start + hidden.shape[1], device=hidden.device)
         return self(self._attend(hidden, positions, keys, cache=cache)[0, -1])
@@ -208,7 +205,8 @@ def save_head(head: DrafterHead, out_dir: str | Path, meta: dict) -> Path:
     if head.vocab_ids is not None:
         tensors["vocab_ids"] = head.vocab_ids.cpu().numpy()
     save_file(tensors, str(out / "head.safetensors"))
-    (out / "head.json").write_text(json.dumps({"head": head.config.model_dump(), **meta}, indent=2))
+    (out / "head.json").write_text(json.dumps({"head": head.config.model_dump(), "exit_layer": head.exit_layer, **meta},
+                                              indent=2))
     return out
 
 
@@ -220,8 +218,12 @@ def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
         raise FileNotFoundError(f"no drafter checkpoint at {path}: expected head.json and head.safetensors "
                                 f"(written by `dvi online --out-dir`)")
     meta = json.loads((root / "head.json").read_text())
-    config = HeadConfig(**meta.pop("head"))
-    split = SplitModel(model, config.exit_layer)
+    head_config = meta.pop("head")
+    # checkpoints written before the split owned the exit layer keep it in the head's config
+    exit_layer = meta.pop("exit_layer", None) or head_config.pop("exit_layer")
+    head_config.pop("exit_layer", None)
+    config = HeadConfig(**head_config)
+    split = SplitModel(model, exit_layer)
     tensors = load_file(str(root / "head.safetensors"))
     vocab_ids = tensors.pop("vocab_ids", None)
     head = DrafterHead(split, config, vocab_ids)

@@ -1,39 +1,37 @@
 """Lossless self-speculative decoding of one request (batch 1).
 
-Each round: the pending token (emitted last round, not yet run) goes through the trunk; the head
-drafts from its layer-k hidden state, each draft also going through the trunk (for the next draft
-and for verification); then layers [k, L) verify the pending token and all drafts in one pass,
-reusing the trunk hidden states and KV computed while drafting. The longest agreeing prefix is kept
-plus one verifier token, and the cache is rolled back to what was kept. γ=0 is plain decoding.
-
-With `ngram` on, a round whose committed tokens end in an n-gram seen earlier copies what followed
-it as drafts instead (prompt lookup; see selfspec.ngram), when the length policy expects that to pay.
+A round: draft (copy what followed an earlier occurrence of the text's suffix, or let the head draft
+from its layer-k hidden state, each draft also going through the trunk) -> verify (layers [k, L) on
+the pending token and all drafts in one pass, reusing the trunk's hidden states and KV) -> accept
+(the longest agreeing prefix plus one verifier token) -> commit (roll the caches back to what was
+kept) -> observe (the length policy learns what paid) -> emit (a Transition for the learner).
+γ=0 is plain decoding.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from selfspec.acceptance import greedy_accept, sampling_accept
+from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
 from selfspec.drafter import DrafterHead
-from selfspec.length_policy import LengthPolicy
+from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
 from selfspec.split import SplitModel
-from selfspec.transitions import Transition
+from selfspec.transitions import RoundMeta, Transition, make_transition
 
 
 @dataclass
 class RoundStats:
     drafted: int
     accepted: int
-    t_draft: float
-    t_verify: float
+    t_draft: float  # proposing drafts: n-gram lookup, head calls and the drafts' trunk passes
+    t_verify: float  # the pending token's trunk pass, verification and acceptance
 
 
 @dataclass
@@ -46,199 +44,262 @@ class DecodeResult:
 
     @property
     def mean_accepted_length(self) -> float:
-        return float(np.mean([r.accepted + 1 for r in self.rounds])) if self.rounds else 1.0
+        return mean_accepted_length(r.accepted for r in self.rounds)
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    seed: int | None = None
+    eos_ids: set[int] | None = None  # None: the model's own
+    request_id: str | None = None
+    workload: str = ""  # tag carried by the request's transitions
+
+
+@dataclass
+class Emitter:
+    """Where a decoder sends a Transition for each round its head drafted, and what it holds."""
+    sink: Callable[[Transition], None]
+    run_id: str = "local"
+    actor_id: int = 0
+    topk: int = 16
+
+
+@dataclass
+class Draft:
+    """One round's drafts and what verifying them needs."""
+    kind: str  # "copied" (n-gram) or "drafted" (head); a round without drafts is "copied" with none
+    hiddens: list[torch.Tensor]  # layer-k hidden [1, m, d]: the pending token, then each draft
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # head drafts, over the draft vocab
+    confidences: list[float] = field(default_factory=list)  # head drafts: top probability
+    shadow: Shadow | None = None  # the head's greedy choice when the policy drafted nothing
+    t_start: float = 0.0  # wall clock (time.time()) when the round began
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return torch.cat(self.hiddens, 1)
 
 
 @dataclass
 class _Request:
-    """Decoding state between rounds: caches cover positions [0, position); `pending` sits at `position`."""
+    """Decoding state between rounds: caches cover [0, position); `pending` sits at `position`."""
+    options: DecodeOptions
     cache: object
     pending: int
     position: int
     budget: int  # new tokens still allowed, the pending one already counted
-    out: list[int]
     generator: torch.Generator | None
-    request_id: str
     rounds: int = 0
-    history: list[torch.Tensor] = field(default_factory=list)  # committed trunk hiddens (context heads only)
+    history: list[torch.Tensor] = field(default_factory=list)  # committed trunk hiddens
     head_cache: object = None  # attention heads: their own KV cache over the trunk hiddens
     ngram: NgramIndex | None = None  # committed tokens, for copied drafts
 
 
 class SelfSpecDecoder:
-    def __init__(self, split: SplitModel, head: DrafterHead | None = None, policy: LengthPolicy | None = None,
-                 sink: Callable[[Transition], None] | None = None, topk: int = 16, run_id: str = "local",
-                 actor_id: int = 0, policy_version: int = 0, workload: str = "", ngram: int = 0):
-        self.split, self.head, self.sink, self.topk = split, head, sink, topk
+    def __init__(self, split: SplitModel, head: DrafterHead | None = None,
+                 policy: LengthPolicy | None = None, ngram: int = 0, emit: Emitter | None = None):
+        self.split, self.emit = split, emit
         self.policy = policy or LengthPolicy(0)
         if not 0 <= ngram <= MAX_NGRAM:
-            raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must be in [0, {MAX_NGRAM}], "
-                             f"got {ngram}")
+            raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must "
+                             f"be in [0, {MAX_NGRAM}], got {ngram}")
         self.ngram = ngram
         if self.policy.max_drafts > 0 and head is None and not ngram:
             raise ValueError("drafting (gamma > 0) needs a drafter head or n-gram drafts")
-        self.run_id, self.actor_id, self.policy_version, self.workload = run_id, actor_id, policy_version, workload
+        self.set_head(head)
+
+    def set_head(self, head: DrafterHead | None, version: int = 0) -> None:
+        """Swap the drafter head (between requests): output never changes, only speed. `version`
+        goes into the transitions it drafts."""
+        self.head, self.policy_version = head, version
         self.window = head.config.context_window if head is not None else 0
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
-                 eos_ids: set[int] | None = None, request_id: str | None = None) -> DecodeResult:
+    def generate(self, prompt_ids, options: DecodeOptions | None = None,
+                 **overrides) -> DecodeResult:
+        """Decode one request; `overrides` set DecodeOptions fields (max_new_tokens=...)."""
+        opts = replace(options or DecodeOptions(), **overrides)
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.split.device).flatten()
-        limit = self.split.max_positions
-        if prompt.numel() == 0:
-            raise ValueError("empty prompt: give at least one token")
-        if prompt.numel() >= limit:
-            raise ValueError(f"prompt has {prompt.numel()} tokens but the model has {limit} positions; "
-                             f"shorten it to at most {limit - 1}")
-        if temperature < 0 or not np.isfinite(temperature):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = eos_ids if eos_ids is not None else model_eos_ids(self.split.config)
-        budget = min(max_new_tokens, limit - prompt.numel())
+        budget = self._check(prompt.numel(), opts)
+        eos = opts.eos_ids if opts.eos_ids is not None else model_eos_ids(self.split.config)
         start = time.perf_counter()
-        cache = self.split.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
-        generator = torch.Generator(self.split.device).manual_seed(seed) if temperature > 0 and seed is not None else None
-        hidden = self.split.trunk(prompt, 0, cache)
-        logits = self.split.verify(hidden, 0, cache)[-1:]
-        no_drafts = torch.empty(0, dtype=torch.long)
-        _, first = (greedy_accept(no_drafts, logits) if temperature == 0
-                    else sampling_accept(no_drafts, None, _probs(logits, temperature), generator))
-        req = _Request(cache, first, prompt.numel(), budget - 1, [first], generator, request_id or uuid.uuid4().hex[:12])
-        if self.window:
-            req.history = list(hidden[0, -self.window:])
-        if self.head is not None:
-            req.head_cache = self.head.new_cache(cache.capacity)
-        if self.ngram:
-            req.ngram = NgramIndex([*prompt.tolist(), first])
-        result = DecodeResult(req.out, t_prefill=time.perf_counter() - start)
-        result.stop_reason = "eos" if first in eos else "length"
+        req = self._prefill(prompt, budget, opts)
+        result = DecodeResult([req.pending], t_prefill=time.perf_counter() - start)
+        result.stop_reason = "eos" if req.pending in eos else "length"
         while req.budget > 0 and result.stop_reason != "eos":
-            stats, emitted = self._round(req, temperature)
+            stats, emitted = self._round(req)
             result.rounds.append(stats)
             for tok in emitted:
-                req.out.append(tok)
+                result.tokens.append(tok)
                 if tok in eos:
                     result.stop_reason = "eos"
                     break
         result.t_total = time.perf_counter() - start
         return result
 
-    def _round(self, req: _Request, temperature: float) -> tuple[RoundStats, list[int]]:
-        t, split = req.position, self.split
-        wall_start, t0 = time.time(), time.perf_counter()
-        room = min(self.policy.max_drafts, req.budget - 1)  # the bonus token needs one slot of the budget
-        proposal = req.ngram.propose(room, self.ngram) if req.ngram is not None and room > 0 else Proposal([], 0)
-        copied = proposal.tokens[:self.policy.ngram_drafts(proposal.ngram, len(proposal.tokens))] if proposal.tokens else []
-        # Copied drafts need no head, so pending + drafts go through the trunk in one pass.
-        hiddens = [split.trunk(torch.tensor([req.pending, *copied], device=split.device), t, req.cache)]
-        t1 = time.perf_counter()
-        drafts, draft_logits, confidences, shadow = list(copied), [], [], None
-        if not copied and room > 0 and self.head is not None and self.policy.start_round():
-            shadow = self._head_drafts(req, hiddens, drafts, draft_logits, confidences, room, temperature)
-        t2 = time.perf_counter()
-        hidden = torch.cat(hiddens, 1)
-        target_logits = split.verify(hidden, t, req.cache)  # [n+1, V]: one pass over layers [k, L)
-        draft_ids = torch.tensor(drafts, dtype=torch.long)
-        if temperature == 0:
-            n_acc, nxt = greedy_accept(draft_ids, target_logits)
-        else:
-            q = _one_hot(draft_ids, target_logits.shape[-1]) if copied else self._draft_probs(draft_logits, temperature)
-            n_acc, nxt = sampling_accept(draft_ids, q, _probs(target_logits, temperature), req.generator)
-        req.cache.crop(t + n_acc + 1)  # keep pending + accepted drafts; the bonus token becomes pending
-        if req.head_cache is not None:
-            req.head_cache.crop(t + n_acc + 1)
-        emitted = drafts[:n_acc] + [int(nxt)]  # fits the budget: room left a slot for the bonus token
-        req.position, req.pending, req.budget = t + n_acc + 1, emitted[-1], req.budget - len(emitted)
+    def _check(self, prompt_len: int, opts: DecodeOptions) -> int:
+        """The new-token budget, or a clear error for a request that cannot run."""
+        limit = self.split.max_positions
+        if prompt_len == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if prompt_len >= limit:
+            raise ValueError(f"prompt has {prompt_len} tokens but the model has {limit} positions; "
+                             f"shorten it to at most {limit - 1}")
+        if opts.temperature < 0 or not np.isfinite(opts.temperature):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {opts.temperature}")
+        if opts.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {opts.max_new_tokens}")
+        return min(opts.max_new_tokens, limit - prompt_len)
+
+    def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions) -> _Request:
+        """Run the prompt through the whole model; its next token becomes the first pending one."""
+        cache = self.split.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
+        generator = None
+        if opts.temperature > 0 and opts.seed is not None:
+            generator = torch.Generator(self.split.device).manual_seed(opts.seed)
+        hidden = self.split.trunk(prompt, 0, cache)
+        logits = self.split.verify(hidden, 0, cache)[-1:]
+        _, first = _accept(Draft("copied", [hidden]), logits, opts.temperature, generator)
+        opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
+        req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
+        if self.window:
+            req.history = list(hidden[0, -self.window:])
+        if self.head is not None:
+            req.head_cache = self.head.new_cache(cache.capacity)
+        if self.ngram:
+            req.ngram = NgramIndex([*prompt.tolist(), first])
+        return req
+
+    def _round(self, req: _Request) -> tuple[RoundStats, list[int]]:
         req.rounds += 1
-        if proposal.tokens:  # judged also when not verified: against the tokens this round emitted anyway
-            self.policy.update_ngram(proposal.ngram, proposal.tokens, emitted)
-        if confidences:
-            self.policy.update(confidences, n_acc)
-        elif shadow is not None:
-            self.policy.update([shadow[0]], int(shadow[1] == nxt))
-        if self.sink is not None and draft_logits:
-            self.sink(self._transition(req, hidden[0], draft_ids, draft_logits, target_logits, n_acc, nxt,
-                                       temperature, wall_start))
+        wall_start, t0 = time.time(), time.perf_counter()
+        room = min(self.policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
+        proposal, copied = self._copies(req, room)
+        # Copied drafts need no head: the pending token and they go through the trunk in one pass.
+        hidden = self.split.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+        t1 = time.perf_counter()
+        draft = Draft("copied", [hidden], copied, t_start=wall_start)
+        if not copied and room > 0 and self.head is not None and self.policy.start_round():
+            draft = self._head_draft(req, draft, room)
+        t2 = time.perf_counter()
+        # one pass over layers [k, L) verifies the pending token and every draft
+        target_logits = self.split.verify(draft.hidden, req.position, req.cache)
+        n_acc, bonus = _accept(draft, target_logits, req.options.temperature, req.generator,
+                               self._full_probs)
+        t3 = time.perf_counter()
+        emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
+        self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
+        if self.emit is not None and draft.logits:
+            self.emit.sink(self._transition(req, draft, target_logits, emitted))
+        self._commit(req, draft.hidden, n_acc, emitted)
+        return RoundStats(len(draft.tokens), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
+
+    def _copies(self, req: _Request, room: int) -> tuple[Proposal, list[int]]:
+        """The n-gram proposal and as much of it as the length policy expects to pay."""
+        if req.ngram is None or room == 0:
+            return Proposal([], 0), []
+        proposal = req.ngram.propose(room, self.ngram)
+        if not proposal.tokens:
+            return proposal, []
+        return proposal, proposal.tokens[:self.policy.ngram_drafts(proposal.ngram,
+                                                                  len(proposal.tokens))]
+
+    def _head_draft(self, req: _Request, draft: Draft, room: int) -> Draft:
+        """Draft with the head while the length policy keeps going, each draft through the trunk.
+        When it keeps none, the head's greedy choice becomes a shadow, judged for free by this
+        round's token."""
+        temperature, draft.kind = req.options.temperature, "drafted"
+        new, start = self._unseen_by_head(req, draft.hiddens[0])
+        while len(draft.tokens) < room:
+            logits = self.head.next_logits(new, start, req.head_cache).float()
+            logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
+            top = float(logp.max().exp())
+            if not self.policy.keep(len(draft.tokens), top, float(-(logp.exp() * logp).sum())):
+                if not draft.tokens and temperature == 0:
+                    draft.shadow = Shadow(top, int(self.head.to_full_ids(logp.argmax())))
+                break
+            idx = (torch.multinomial(logp.exp(), 1, generator=req.generator)[0] if temperature
+                   else logp.argmax())
+            draft.tokens.append(int(self.head.to_full_ids(idx)))
+            draft.logits.append(logits)
+            draft.confidences.append(top)
+            start = req.position + len(draft.tokens)
+            new = self.split.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
+            draft.hiddens.append(new)
+        return draft
+
+    def _commit(self, req: _Request, hidden: torch.Tensor, n_acc: int, emitted: list[int]) -> None:
+        """Keep the pending token and the accepted drafts; the bonus token becomes pending. The one
+        place where caches roll back (a rollback is lowering lengths: no copies)."""
+        kept = req.position + n_acc + 1
+        req.cache.crop(kept)
+        if req.head_cache is not None:
+            req.head_cache.crop(kept)
         if self.window:
             req.history.extend(hidden[0, : n_acc + 1])
             del req.history[:-self.window]
         if req.ngram is not None:
             req.ngram.extend(emitted)
-        t3 = time.perf_counter()
-        return RoundStats(len(drafts), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
+        req.position, req.pending, req.budget = kept, emitted[-1], req.budget - len(emitted)
 
-    def _head_drafts(self, req, hiddens, drafts, draft_logits, confidences, room, temperature):
-        """Draft with the head while the length policy keeps going, each draft through the trunk; appends
-        to the lists given. Returns a shadow draft (confidence, token) when the policy drafted none."""
-        head, t = self.head, req.position
-        new, start = self._unseen_by_head(req, hiddens[0])
-        while len(drafts) < room:
-            logits = head.next_logits(new, start, req.head_cache).float()
-            logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
-            top = float(logp.max().exp())
-            if not self.policy.keep(len(drafts), top, float(-(logp.exp() * logp).sum())):
-                # a shadow draft: judged for free by this round's token
-                return (top, int(head.to_full_ids(logp.argmax()))) if not drafts and temperature == 0 else None
-            idx = torch.multinomial(logp.exp(), 1, generator=req.generator)[0] if temperature else logp.argmax()
-            drafts.append(int(head.to_full_ids(idx)))
-            draft_logits.append(logits)
-            confidences.append(top)
-            hiddens.append(self.split.trunk(torch.tensor([drafts[-1]], device=self.split.device), t + len(drafts),
-                                            req.cache))
-            new, start = hiddens[-1], t + len(drafts)
-        return None
-
-    def _unseen_by_head(self, req: _Request, pending_hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The layer-k hiddens an attention head has yet to see (committed positions within its window
-        it skipped in rounds without drafts, then the pending token) and the first one's position."""
+    def _unseen_by_head(self, req: _Request, pending: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The layer-k hiddens an attention head has yet to see (committed positions within its
+        window it skipped in rounds without drafts, then the pending token) and the first one's
+        position."""
         if req.head_cache is None:
-            return pending_hidden, req.position
+            return pending, req.position
         first = max(req.head_cache.length(0), req.position - len(req.history))
         missed = req.history[len(req.history) - (req.position - first):]
-        return torch.cat([torch.stack(missed)[None], pending_hidden], 1) if missed else pending_hidden, first
+        return (torch.cat([torch.stack(missed)[None], pending], 1) if missed else pending), first
 
-    def _draft_probs(self, draft_logits: list[torch.Tensor], temperature: float) -> torch.Tensor | None:
-        """Draft distributions over the full vocabulary [n, V] (zero outside a reduced draft vocab)."""
-        if not draft_logits:
-            return None
-        q = torch.softmax(torch.stack(draft_logits) / temperature, -1)
+    def _ids(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens, dtype=torch.long, device=self.split.device)
+
+    def _full_probs(self, draft_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Head draft distributions [n, V_draft] -> over the full vocabulary [n, V], 0 outside."""
+        q = torch.softmax(draft_logits.double() / temperature, -1)
         if self.head.vocab_ids is None:
             return q
-        full = torch.zeros(q.shape[0], self.split.config.vocab_size, dtype=q.dtype)
+        full = q.new_zeros(q.shape[0], self.split.config.vocab_size)
         return full.index_copy_(1, self.head.vocab_ids, q)
 
-    def _transition(self, req, hidden, draft_ids, draft_logits, target_logits, n_acc, nxt, temperature, wall_start):
-        tau = temperature if temperature else 1.0  # greedy: store the head's own (T=1) distribution
-        draft_logp = torch.log_softmax(torch.stack(draft_logits) / tau, -1)
-        n, k = len(draft_ids), min(self.topk, draft_logp.shape[-1])  # a small draft vocab bounds K for both sides
-        target_logp = torch.log_softmax(target_logits[:n].float() / tau, -1)
-        target_top = target_logp.topk(k, -1)
-        target_tokens = target_logits[:n].argmax(-1)
-        target_tokens[:n_acc] = draft_ids[:n_acc]
-        if n_acc < n:
-            target_tokens[n_acc] = nxt
-        positions = torch.arange(n)
+    def _transition(self, req: _Request, draft: Draft, target_logits: torch.Tensor,
+                    emitted: list[int]) -> Transition:
+        tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
+        n = len(draft.tokens)
+        draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
+        k = min(self.emit.topk, draft_logp.shape[-1])  # a small draft vocab bounds K for both sides
+        target_top = torch.log_softmax(target_logits[:n].float() / tau, -1).topk(k, -1)
+        # the verifier's choice: what it emitted up to the first reject, its argmax after
+        target_tokens = (emitted[:n] + target_logits[len(emitted):n].argmax(-1).tolist())
         context = (torch.stack(req.history[-self.window:]).half().cpu().numpy() if self.window
                    else np.zeros((0, 0), np.float16))
-        return Transition(
-            run_id=self.run_id, actor_id=self.actor_id, request_id=req.request_id, round=req.rounds,
-            policy_version=self.policy_version, workload=self.workload, t_start=wall_start,
-            t_end=time.time(), temperature=float(temperature),
-            hidden=hidden[:n].half().cpu().numpy(),
-            **self.head.draft_fields(draft_logp, draft_ids, k),
-            target_topk_ids=target_top.indices.int().cpu().numpy(),
-            target_topk_logprobs=target_top.values.float().cpu().numpy(),
-            target_tokens=target_tokens.int().cpu().numpy(),
-            accept_mask=(positions < n_acc).numpy(), on_path=(positions <= n_acc).numpy(),
-            context_hidden=context)
+        drafted = {"hidden": draft.hidden[0, :n].half().cpu().numpy(), "context_hidden": context,
+                   **self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), k)}
+        verified = {"target_topk_ids": target_top.indices.int().cpu().numpy(),
+                    "target_topk_logprobs": target_top.values.float().cpu().numpy(),
+                    "target_tokens": np.asarray(target_tokens, np.int32)}
+        opts = req.options
+        meta = RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, req.rounds,
+                         self.policy_version, opts.workload, draft.t_start, time.time(),
+                         float(opts.temperature))
+        return make_transition(meta, drafted, verified, len(emitted) - 1)
 
 
-def _one_hot(ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The draft distribution of a copied (deterministic) draft."""
-    return torch.nn.functional.one_hot(ids, vocab).double()
-
-
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.double() / temperature, -1)
-
+def _accept(draft: Draft, target_logits: torch.Tensor, temperature: float, generator,
+            full_probs=None) -> tuple[int, int]:
+    """(accepted drafts, the verifier's next token): greedy, or speculative sampling against the
+    drafts' own distribution (one-hot for copied drafts, which are deterministic)."""
+    ids = torch.tensor(draft.tokens, dtype=torch.long)
+    if temperature == 0:
+        return greedy_accept(ids, target_logits)
+    p = torch.softmax(target_logits.double() / temperature, -1)
+    if not draft.tokens:
+        q = None
+    elif draft.kind == "copied":
+        q = torch.nn.functional.one_hot(ids.to(p.device), p.shape[-1]).double()
+    else:
+        q = full_probs(torch.stack(draft.logits), temperature)
+    return sampling_accept(ids, q, p, generator)

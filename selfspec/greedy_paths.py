@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from selfspec.prompts import Prompt, chat_ids, left_padded, pad_id
-from selfspec.transitions import Transition
+from selfspec.acceptance import mean_accepted_length as rounds_mal
+from selfspec.model import eos_ids
+from selfspec.transitions import RoundMeta, Transition, make_transition
 
 
 @dataclass
@@ -42,8 +44,7 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     results: dict[int, tuple[list[int], int]] = {}
     pad = pad_id(tokenizer)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, list) else {eos}
+    eos = eos_ids(model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
     desc = "sampled paths" if temperature > 0 else "greedy paths"
@@ -73,88 +74,102 @@ def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, to
                       logp.values.numpy())
 
 
+@dataclass(frozen=True)
+class PathEmit:
+    """How simulated rounds become Transitions: the ids they carry and the top-K they keep."""
+    policy_version: int = 0
+    topk: int = 16
+    run_id: str = "online"
+
+
+def _head_logp(path: GreedyPath, head, start: int, end: int) -> torch.Tensor:
+    """The head's log-probs (draft vocabulary) at positions start..end-1 of the path, teacher-forced."""
+    hidden = torch.from_numpy(path.hidden[:end]).to(next(head.parameters()).dtype)
+    return torch.log_softmax(head.path_logits(hidden, start, end).float(), -1)
+
+
 @torch.no_grad()
-def simulate_rounds(path: GreedyPath, head, gamma: int, make_transitions: bool = False, topk: int = 16,
-                    run_id: str = "online", request_id: str = "", policy_version: int = 0):
+def simulate_rounds(path: GreedyPath, head, gamma: int, emit: PathEmit | None = None
+                    ) -> tuple[list[int], list[Transition]]:
     """Replay greedy self-speculative decoding of this path with `head` and a fixed γ.
 
-    Returns (accepted drafts per round, transitions). The first generated token comes from prefill,
-    so rounds start with the pending token at position prompt_len."""
+    Returns the accepted drafts per round and, with `emit`, the rounds' transitions. The first
+    generated token comes from prefill, so rounds start with the pending token at position prompt_len."""
     tokens, start = path.tokens, path.prompt_len
     end = len(tokens) - 1  # positions start..end-1 draft the token after them
     if end <= start:
         return [], []
-    param = next(head.parameters())
-    hidden = torch.from_numpy(path.hidden[:end]).to(param.dtype)
-    logits = head.path_logits(hidden, start, end).float()
-    logp = torch.log_softmax(logits, -1)
-    drafts = head.to_full_ids(logits.argmax(-1)).numpy()
-    match = drafts == tokens[start + 1:end + 1]
+    logp = _head_logp(path, head, start, end)
+    match = head.to_full_ids(logp.argmax(-1)).numpy() == tokens[start + 1:end + 1]
     accepted, transitions, p = [], [], 0  # p: pending position, relative to start
     while p < end - start:
         n = min(gamma, end - start - p - 1)  # the bonus token needs one slot of what is left
         n_acc = int(np.argmin(np.append(match[p:p + n], False)))
         accepted.append(n_acc)
-        if make_transitions and n > 0:
+        if emit is not None and n > 0:
             # Only on-path positions: off the path the simulation would repeat the greedy context of the
             # next round's positions, which adds compute, not information (on-path positions tile the path).
             kept = min(n, n_acc + 1)
-            transitions.append(_transition(path, logp[p:p + kept], drafts[p:p + kept], start + p, kept, n_acc, head,
-                                           topk, run_id, request_id or path.prompt_id, len(accepted), policy_version))
+            span = _Span(start + p, n_acc, _meta(path, emit, path.prompt_id, len(accepted)))
+            transitions.append(_path_transition(path, head, logp[p:p + kept], span, emit.topk))
         p += n_acc + 1
     return accepted, transitions
 
 
 @torch.no_grad()
-def distill_transitions(path: GreedyPath, head, span: int, start: int, end: int, request_id: str, topk: int = 16,
-                        run_id: str = "online", policy_version: int = 0) -> list[Transition]:
-    """Distillation-only transitions over positions start..end-1 of `path` (each predicting the next
-    token), `span` positions each. Nothing was drafted or judged there, so they carry no reward
-    (on_path all False): only the KL term learns from them. Serves two sources of extra positions:
-    the prompt's own (the verifier's distribution there comes with prefill, at the price of the
-    output projection over the prompt) and sampled responses, whose tokens greedy verification
+def distill_transitions(path: GreedyPath, head, rows: range, request_id: str, emit: PathEmit) -> list[Transition]:
+    """Distillation-only transitions over positions rows.start..rows.stop-1 of `path` (each predicting
+    the next token), rows.step positions each. Nothing was drafted or judged there, so they carry no
+    reward (on_path all False): only the KL term learns from them. Serves two sources of extra
+    positions: the prompt's own (the verifier's distribution there comes with prefill, at the price of
+    the output projection over the prompt) and sampled responses, whose tokens greedy verification
     would not have produced, so an accept/reject along them would be made up."""
-    if end <= start:
+    if rows.stop <= rows.start:
         return []
-    hidden = torch.from_numpy(path.hidden[:end]).to(next(head.parameters()).dtype)
-    logp = torch.log_softmax(head.path_logits(hidden, start, end).float(), -1)
-    drafts = head.to_full_ids(logp.argmax(-1)).numpy()
-    return [_transition(path, logp[p - start:p - start + span], drafts[p - start:p - start + span], p,
-                        min(span, end - p), -1, head, topk, run_id, request_id, i, policy_version)
-            for i, p in enumerate(range(start, end, span))]
+    logp = _head_logp(path, head, rows.start, rows.stop)
+    return [_path_transition(path, head, logp[p - rows.start:min(p + rows.step, rows.stop) - rows.start],
+                             _Span(p, -1, _meta(path, emit, request_id, i)), emit.topk)
+            for i, p in enumerate(rows)]
 
 
-def prompt_transitions(path: GreedyPath, head, span: int, topk: int = 16, policy_version: int = 0) -> list[Transition]:
+def prompt_transitions(path: GreedyPath, head, span: int, emit: PathEmit) -> list[Transition]:
     """Distillation-only transitions over the prompt's positions, the last one predicting the first
     generated token."""
-    return distill_transitions(path, head, span, 0, path.prompt_len, f"{path.prompt_id}:prompt", topk,
-                               policy_version=policy_version)
+    return distill_transitions(path, head, range(0, path.prompt_len, span), f"{path.prompt_id}:prompt", emit)
 
 
-def response_transitions(path: GreedyPath, head, span: int, tag: str, topk: int = 16,
-                         policy_version: int = 0) -> list[Transition]:
+def response_transitions(path: GreedyPath, head, span: int, tag: str, emit: PathEmit) -> list[Transition]:
     """Distillation-only transitions over a (sampled) response's positions."""
-    return distill_transitions(path, head, span, path.prompt_len, len(path.tokens) - 1, f"{path.prompt_id}:{tag}",
-                               topk, policy_version=policy_version)
+    return distill_transitions(path, head, range(path.prompt_len, len(path.tokens) - 1, span),
+                               f"{path.prompt_id}:{tag}", emit)
 
 
-def _transition(path, logp, drafts, pos, n, n_acc, head, topk, run_id, request_id, round_no, version) -> Transition:
-    """n_acc = -1: no reward anywhere (nothing was judged)."""
-    k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
-    positions = np.arange(n)
-    window = head.config.context_window
+def _meta(path: GreedyPath, emit: PathEmit, request_id: str, round_no: int) -> RoundMeta:
     now = time.time()
-    return Transition(
-        run_id=run_id, actor_id=0, request_id=request_id, round=round_no, policy_version=version,
-        workload=path.category, t_start=now, t_end=now, temperature=0.0, hidden=path.hidden[pos:pos + n],
-        **head.draft_fields(logp, torch.as_tensor(drafts, dtype=torch.long), k),
-        target_topk_ids=path.target_topk_ids[pos:pos + n, :k], target_topk_logprobs=path.target_topk_logprobs[pos:pos + n, :k],
-        target_tokens=path.tokens[pos + 1:pos + n + 1].astype(np.int32),
-        accept_mask=positions < n_acc, on_path=positions <= n_acc,
-        context_hidden=path.hidden[max(0, pos - window):pos] if window else np.zeros((0, 0), np.float16))
+    return RoundMeta(emit.run_id, 0, request_id, round_no, emit.policy_version, path.category, now, now, 0.0)
+
+
+@dataclass
+class _Span:
+    pos: int  # the first position a transition covers
+    n_accepted: int  # -1: nothing judged
+    meta: RoundMeta
+
+
+def _path_transition(path: GreedyPath, head, logp: torch.Tensor, span: _Span, topk: int) -> Transition:
+    """The transition of positions span.pos.. (one row of `logp` each)."""
+    pos, n = span.pos, logp.shape[0]
+    k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
+    window = head.config.context_window
+    drafted = {"hidden": path.hidden[pos:pos + n],
+               "context_hidden": path.hidden[max(0, pos - window):pos] if window else np.zeros((0, 0), np.float16),
+               **head.draft_fields(logp, head.to_full_ids(logp.argmax(-1)), k)}
+    verified = {"target_topk_ids": path.target_topk_ids[pos:pos + n, :k],
+                "target_topk_logprobs": path.target_topk_logprobs[pos:pos + n, :k],
+                "target_tokens": path.tokens[pos + 1:pos + n + 1].astype(np.int32)}
+    return make_transition(span.meta, drafted, verified, span.n_accepted)
 
 
 def mean_accepted_length(paths: list[GreedyPath], head, gamma: int) -> float:
     """Mean accepted drafts + 1 per verification round over these paths, γ fixed."""
-    rounds = [a for path in paths for a in simulate_rounds(path, head, gamma)[0]]
-    return float(np.mean(rounds) + 1) if rounds else 1.0
+    return rounds_mal(a for path in paths for a in simulate_rounds(path, head, gamma)[0])

@@ -42,6 +42,13 @@ class KVCache:
     def length(self, layer_idx: int) -> int:
         return self.lengths[layer_idx]
 
+    def seek(self, length: int) -> None:
+        """Set every layer's length: backward forgets, forward leaves a hole of stale entries that only
+        a caller who never attends there may leave (a windowed head jumping over positions it skipped)."""
+        if not 0 <= length <= self.capacity:
+            raise RuntimeError(f"KV cache seek to {length} outside [0, {self.capacity}]")
+        self.lengths = [length] * len(self.lengths)
+
     def crop(self, length: int) -> None:
         """Forget every position >= length in every layer (rejected drafts)."""
         self.lengths = [min(n, length) for n in self.lengths]

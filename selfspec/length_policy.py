@@ -1,16 +1,35 @@
 """How many tokens to draft each round.
 
 The engine asks `start_round()` before calling the head at all, then `keep(i, top_prob, entropy)` for
-each candidate draft (after the head produced it, before it is committed to verification), and
-reports the outcome with `update(top_probs, n_accepted)`. For copied n-gram drafts it asks
-`ngram_drafts(match, available)` and learns from `update_ngram`.
+each candidate draft (after the head produced it, before it is committed to verification). For
+copied n-gram drafts it asks `ngram_drafts(match, available)`. After verification it reports the
+round once, `observe(RoundOutcome)`, which policies learn from through `update` (head drafts) and
+`update_ngram` (copies).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from selfspec.ngram import MAX_NGRAM
+from selfspec.ngram import MAX_NGRAM, Proposal
 from selfspec.step_costs import StepCosts
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """The head's greedy draft in a round where the policy drafted nothing: judged against the token the
+    verifier emits anyway, so calibrating costs one head call, never a longer verification."""
+    confidence: float
+    token: int
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    proposal: Proposal  # the n-gram proposal of the round, verified or not (empty when none matched)
+    confidences: list[float]  # top probability of each head draft verified
+    shadow: Shadow | None
+    n_accepted: int
+    emitted: list[int]  # accepted drafts and the verifier's own token
 
 
 class LengthPolicy:
@@ -28,6 +47,15 @@ class LengthPolicy:
 
     def keep(self, i: int, top_prob: float, entropy: float) -> bool:
         return True
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        """All feedback from one verified round."""
+        if outcome.proposal.tokens:  # judged also when not verified: against the tokens emitted anyway
+            self.update_ngram(outcome.proposal.ngram, outcome.proposal.tokens, outcome.emitted)
+        if outcome.confidences:
+            self.update(outcome.confidences, outcome.n_accepted)
+        elif outcome.shadow is not None:
+            self.update([outcome.shadow.confidence], int(outcome.shadow.token == outcome.emitted[0]))
 
     def update(self, top_probs: list[float], n_accepted: int) -> None:
         pass
@@ -61,8 +89,7 @@ class CostAware(LengthPolicy):
     value is expected tokens / expected time, with measured per-size verify costs, which are uneven
     here (verifying 3 tokens can cost more than 5). When no confidence the head shows would pay, the
     head is not called at all, except in a small `explore` fraction of rounds. A round that calls the
-    head but drafts nothing still learns: the engine checks that "shadow" draft against the token the
-    verifier emits anyway, so calibrating costs one head call, never a longer verification.
+    head but drafts nothing still learns from its `Shadow`.
     """
 
     name = "cost_aware"

@@ -29,8 +29,7 @@ def load_drafter(model_spec: str, exit_layer: int = 4, drafter_path: str | None 
     if drafter_path is not None:
         return Drafter(model, tokenizer, *load_head(model, drafter_path))
     split = SplitModel(model, exit_layer)
-    config = head_config or HeadConfig(exit_layer=exit_layer)
-    return Drafter(model, tokenizer, split, DrafterHead(split, config.model_copy(update={"exit_layer": exit_layer})), {})
+    return Drafter(model, tokenizer, split, DrafterHead(split, head_config or HeadConfig()), {})
 
 
 def make_policy(name: str, gamma: int, split: SplitModel | None = None, head: DrafterHead | None = None) -> LengthPolicy:

@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from selfspec.acceptance import mean_accepted_length
+
 
 MAX_NGRAM = 4  # longer matches barely change acceptance on Spec-Bench (docs/learning.md)
 
@@ -70,35 +72,9 @@ def ngram_rule(min_ngram: int = 1) -> Rule:
     return lambda prop, head, conf: prop.tokens if prop.ngram >= min_ngram else []
 
 
-def head_rule() -> Rule:
-    return lambda prop, head, conf: list(head)
-
-
 def switch_rule(min_ngram: int) -> Rule:
     """The n-gram's drafts when its match is long enough, else the head's."""
     return lambda prop, head, conf: prop.tokens if prop.ngram >= min_ngram else list(head)
-
-
-def fill_rule(min_ngram: int) -> Rule:
-    """The n-gram's drafts, then the head continues after them (from the trunk states of those drafts)."""
-    def rule(prop, head, conf):
-        follow = prop.tokens if prop.ngram >= min_ngram else []
-        return follow + list(head[len(follow):])
-    return rule
-
-
-def confidence_rule(min_ngram: int, max_conf: float) -> Rule:
-    """Token by token, the n-gram's draft unless the head is at least `max_conf` sure of its own;
-    once the drafts leave the n-gram's continuation, the head alone goes on."""
-    def rule(prop, head, conf):
-        follow = prop.tokens if prop.ngram >= min_ngram else []
-        drafts = []
-        for j, (h, c) in enumerate(zip(head, conf)):
-            drafts.append(follow[j] if j < len(follow) and c < max_conf else int(h))
-            if j < len(follow) and drafts[j] != follow[j]:
-                follow = []
-        return drafts
-    return rule
 
 
 def simulate_ngram_rounds(path, gamma: int, rule: Rule, head_drafts: np.ndarray | None = None,
@@ -141,6 +117,5 @@ def mean_accepted_length_with_ngram(paths, gamma: int, head=None, min_ngram: int
     """MAL along these paths with copied drafts when the suffix matches, else the head's (none without
     a head): what `SelfSpecDecoder(..., ngram=min_ngram)` with fixed γ decides."""
     rule = ngram_rule(min_ngram) if head is None else switch_rule(min_ngram)
-    rounds = [r.accepted + 1 for path in paths
-              for r in simulate_ngram_rounds(path, gamma, rule, *(head_predictions(path, head) if head else ()))]
-    return float(np.mean(rounds)) if rounds else 1.0
+    return mean_accepted_length(r.accepted for path in paths
+                                for r in simulate_ngram_rounds(path, gamma, rule, *(head_predictions(path, head) if head else ())))

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids
-from selfspec.greedy_paths import (GreedyPath, mean_accepted_length, prompt_transitions, response_transitions,
-                                   simulate_rounds)
+from selfspec.greedy_paths import (GreedyPath, PathEmit, mean_accepted_length, prompt_transitions,
+                                   response_transitions, simulate_rounds)
 from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
 from selfspec.objectives import LossConfig, ScheduleConfig, TrainState, train_step
@@ -42,6 +42,7 @@ class OnlineConfig(BaseModel):
     heldout_prompts: int = Field(7, ge=1, description="taken from the end of the workload, never trained on")
     max_new_tokens: int = Field(128, ge=2)
     gamma: int = Field(4, ge=1)
+    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
     head: HeadConfig = HeadConfig()
     schedule: str = "kl_rl"
     schedule_config: ScheduleConfig = ScheduleConfig()
@@ -63,12 +64,12 @@ class OnlineConfig(BaseModel):
 
 def cached_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
     """The prompts' greedy paths at cfg's model, length and exit layer, from the per-prompt cache."""
-    return cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer, cfg.collect_batch)
+    return cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.exit_layer, cfg.collect_batch)
 
 
 def sampled_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[list[GreedyPath]]:
     """cfg.sampled_responses sampled responses per prompt (seeds 0, 1, ...), from the same cache."""
-    per_seed = [cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.head.exit_layer,
+    per_seed = [cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.exit_layer,
                              cfg.collect_batch, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p,
                              sample_seed=seed) for seed in range(cfg.sampled_responses)]
     return [list(responses) for responses in zip(*per_seed)] if per_seed else [[] for _ in prompts]
@@ -138,7 +139,7 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, log: Log | None = 
     if model is None:
         model, tokenizer = load_model(cfg.model)
     paths = load_online_paths(cfg, model, tokenizer)
-    split = SplitModel(model, cfg.head.exit_layer)
+    split = SplitModel(model, cfg.exit_layer)
     head = DrafterHead(split, cfg.head, frequent_ids(paths.train, split, cfg.head.draft_vocab))
     start = time.time()
     result = train_on_paths(head, paths, cfg, log, progress)
@@ -149,7 +150,7 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, log: Log | None = 
                "mal_after_with_ngram": mean_accepted_length_with_ngram(paths.heldout, cfg.gamma, head),
                "train_prompts": len(paths.train), "heldout_prompts": len(paths.heldout), "steps": result.steps,
                "versions": result.versions, "sampled_responses": cfg.sampled_responses,
-               "schedule": cfg.schedule, "exit_layer": cfg.head.exit_layer, "workload": cfg.workload,
+               "schedule": cfg.schedule, "exit_layer": cfg.exit_layer, "workload": cfg.workload,
                "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
     return head, summary
 
@@ -160,15 +161,14 @@ def _chunk_transitions(head: DrafterHead, paths: OnlinePaths, chunk: range, cfg:
     transitions, accepted = [], []
     for i in chunk:
         path = paths.train[i]
-        acc, trs = simulate_rounds(path, head, cfg.gamma, make_transitions=True, policy_version=version,
-                                   topk=cfg.topk)
+        emit = PathEmit(policy_version=version, topk=cfg.topk)
+        acc, trs = simulate_rounds(path, head, cfg.gamma, emit)
         transitions += trs
         accepted += acc
         if cfg.prompt_positions:
-            transitions += prompt_transitions(path, head, cfg.gamma, cfg.topk, policy_version=version)
+            transitions += prompt_transitions(path, head, cfg.gamma, emit)
         for seed, response in enumerate(paths.sampled[i]):
-            transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", cfg.topk,
-                                                policy_version=version)
+            transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", emit)
     return transitions, accepted
 
 

@@ -6,7 +6,7 @@ it crosses Ray and Redis boundaries cheaply and without pickling.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -109,24 +109,28 @@ class Transition:
         return cls(**scalars, **arrays).validate()
 
 
-def random_transition(rng: np.random.Generator, *, n: int = 4, d: int = 576, k: int = 16, vocab: int = 49152,
-                      window: int = 0, run_id: str = "run", actor_id: int = 0, request_id: str = "r0",
-                      round: int = 0, policy_version: int = 0) -> Transition:
-    """A well-formed transition with random content, for tests and buffer benchmarks."""
-    n_acc = int(rng.integers(0, n + 1))
-    accept = np.arange(n) < n_acc
-    on_path = np.arange(n) <= n_acc
-    return Transition(
-        run_id=run_id, actor_id=actor_id, request_id=request_id, round=round,
-        policy_version=policy_version, workload="random", t_start=0.0, t_end=0.0, temperature=0.0,
-        hidden=rng.standard_normal((n, d)).astype(np.float16),
-        draft_tokens=rng.integers(0, vocab, n, dtype=np.int32),
-        draft_logprobs=-rng.random(n, dtype=np.float32),
-        draft_topk_ids=rng.integers(0, vocab, (n, k), dtype=np.int32),
-        draft_topk_logprobs=-rng.random((n, k), dtype=np.float32),
-        target_topk_ids=rng.integers(0, vocab, (n, k), dtype=np.int32),
-        target_topk_logprobs=-rng.random((n, k), dtype=np.float32),
-        target_tokens=rng.integers(0, vocab, n, dtype=np.int32),
-        accept_mask=accept, on_path=on_path,
-        context_hidden=rng.standard_normal((window, d)).astype(np.float16) if window else np.zeros((0, 0), np.float16),
-    )
+@dataclass
+class RoundMeta:
+    """The scalar fields of a Transition: who drafted, where, when."""
+    run_id: str
+    actor_id: int
+    request_id: str
+    round: int
+    policy_version: int
+    workload: str
+    t_start: float
+    t_end: float
+    temperature: float
+
+
+def make_transition(meta: RoundMeta, drafted: dict[str, np.ndarray], verified: dict[str, np.ndarray],
+                    n_accepted: int) -> Transition:
+    """The one way a round becomes a Transition, for the decoder and the greedy-path simulation alike.
+
+    `drafted`: what the head saw and proposed (`hidden`, `context_hidden`, `draft_*`); `verified`: the
+    verifier's side (`target_*`). The first `n_accepted` positions were accepted and position
+    `n_accepted` was the first reject; n_accepted = -1 marks rows nothing judged (no reward anywhere:
+    distillation targets only)."""
+    positions = np.arange(len(drafted["draft_tokens"]))
+    return Transition(**asdict(meta), **drafted, **verified, accept_mask=positions < n_accepted,
+                      on_path=positions <= n_accepted).validate()

@@ -12,7 +12,7 @@ from selfspec.split import SplitModel
 @pytest.fixture(scope="module")
 def decoder():
     split = SplitModel(tiny_llama(max_positions=32), 2)
-    return SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=2)), LengthPolicy(2))
+    return SelfSpecDecoder(split, DrafterHead(split, HeadConfig()), LengthPolicy(2))
 
 
 @pytest.mark.parametrize("kwargs,message", [

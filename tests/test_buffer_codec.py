@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from buffer.codec import CodecError, decode_transition, decode_weights, encode_transition, encode_weights
-from selfspec.transitions import ARRAY_FIELDS, random_transition
+from buffer.synthetic import random_transition
+from selfspec.transitions import ARRAY_FIELDS
 
 
 def _transition(**kw):

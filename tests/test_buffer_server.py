@@ -19,7 +19,7 @@ from buffer.server import RedisServer, free_port, redis_pid_alive
 from buffer.stream import TransitionReader, TransitionWriter
 from buffer.weights import WeightStore
 from dvi import cli
-from selfspec.transitions import random_transition
+from buffer.synthetic import random_transition
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from buffer.codec import encode_transition
 from buffer.config import StreamConfig
 from buffer.keys import GROUP, RunKeys
 from buffer.stream import BackpressureTimeout, TransitionReader, TransitionWriter, run_stats
-from selfspec.transitions import ARRAY_FIELDS, random_transition
+from buffer.synthetic import random_transition
+from selfspec.transitions import ARRAY_FIELDS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]

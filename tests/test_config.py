@@ -7,17 +7,17 @@ from selfspec.online import OnlineConfig
 
 def test_shipped_config_loads():
     cfg = load_config(OnlineConfig, "configs/online.yaml")
-    assert cfg.head.exit_layer == 4 and cfg.schedule_config.warmup_steps == 100
+    assert cfg.exit_layer == 4 and cfg.schedule_config.warmup_steps == 100
 
 
 def test_overrides_win_and_dotted_keys_reach_nested_configs(tmp_path):
-    cfg = load_config(OnlineConfig, "configs/online.yaml", {"gamma": 6, "head.exit_layer": 8, "lr": None})
-    assert cfg.gamma == 6 and cfg.head.exit_layer == 8 and cfg.lr == 0.001
+    cfg = load_config(OnlineConfig, "configs/online.yaml", {"gamma": 6, "exit_layer": 8, "lr": None})
+    assert cfg.gamma == 6 and cfg.exit_layer == 8 and cfg.lr == 0.001
 
 
 @pytest.mark.parametrize("text,message", [
     ("gamma: -1\n", r"gamma: Input should be greater than or equal to 1"),
-    ("head:\n  exit_layer: 0\n", r"head\.exit_layer: Input should be greater than or equal to 1"),
+    ("exit_layer: 0\n", r"exit_layer: Input should be greater than or equal to 1"),
     ("schedule_config:\n  warmpu_steps: 5\n", r"schedule_config\.warmpu_steps: Extra inputs are not permitted"),
     ("lr: fast\n", r"lr: Input should be a valid number"),
     ("gamma: [1\n", r"not valid YAML"),

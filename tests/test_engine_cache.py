@@ -6,7 +6,7 @@ import torch
 from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import SelfSpecDecoder
+from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -23,7 +23,7 @@ def count_tokens(module, counter):
 def test_trunk_never_runs_twice_for_a_drafted_token(model):
     k = 2
     split = SplitModel(model, k, lean=False)  # HF layers, whose forward hooks count the tokens they see
-    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
+    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)),
                               LengthPolicy(4))
     trunk_seen, verifier_seen = [], []
     hooks = [count_tokens(split.layers[0], trunk_seen), count_tokens(split.layers[k], verifier_seen)]
@@ -46,8 +46,8 @@ def test_verification_after_rejection_equals_fresh_forward(model):
     k = 2
     split = SplitModel(model, k)
     transitions = []
-    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=0, lora_rank=0)),
-                              LengthPolicy(4), sink=transitions.append, topk=8)
+    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)),
+                              LengthPolicy(4), emit=Emitter(transitions.append, topk=8))
     prompt = [3, 14, 15, 92, 65, 35]
     result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
     drafting_rounds = [r for r in result.rounds if r.drafted]  # a round with no budget left drafts nothing
@@ -72,11 +72,12 @@ def test_verification_after_rejection_equals_fresh_forward(model):
 def test_transition_fields(model):
     k = 2
     split = SplitModel(model, k)
-    head = DrafterHead(split, HeadConfig(exit_layer=k, adapter_hidden=8, lora_rank=2, context_window=4))
+    head = DrafterHead(split, HeadConfig(adapter_hidden=8, lora_rank=2, context_window=4))
     transitions = []
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), sink=transitions.append, topk=5, run_id="r",
-                              actor_id=2, policy_version=7, workload="w")
-    decoder.generate([1, 2, 3], max_new_tokens=20, eos_ids=set(), request_id="q")
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3),
+                              emit=Emitter(transitions.append, run_id="r", actor_id=2, topk=5))
+    decoder.set_head(head, version=7)  # as an actor swaps in a published head
+    decoder.generate([1, 2, 3], max_new_tokens=20, eos_ids=set(), request_id="q", workload="w")
     assert transitions
     for i, tr in enumerate(transitions):
         tr.validate()

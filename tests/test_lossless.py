@@ -20,7 +20,7 @@ def model():
 
 def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
     layers, window = attention or (0, 0)
-    head = DrafterHead(SplitModel(model, k), HeadConfig(exit_layer=k, adapter_hidden=32, lora_rank=4,
+    head = DrafterHead(SplitModel(model, k), HeadConfig(adapter_hidden=32, lora_rank=4,
                                                          draft_vocab=draft_vocab, attention_layers=layers,
                                                          context_window=window))
     gen = torch.Generator().manual_seed(seed)

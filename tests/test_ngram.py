@@ -8,8 +8,7 @@ from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.greedy_paths import annotate_path, simulate_rounds
-from selfspec.ngram import (NgramIndex, Proposal, Round, confidence_rule, fill_rule, head_predictions, head_rule,
-                            ngram_rule, simulate_ngram_rounds, switch_rule)
+from selfspec.ngram import NgramIndex, Proposal, Round, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
 from selfspec.split import SplitModel
 
 
@@ -85,28 +84,23 @@ def test_ngram_rounds_by_hand():
         Round(0, 0), Round(4, 1), Round(0, 0), Round(0, 0), Round(2, 2)]
 
 
+def head_only(prop, head, conf):
+    return list(head)
+
+
 def test_head_and_switch_rounds_by_hand():
     # The head misses its first draft, then drafts 1..4 from position 6 and the last one from 11.
-    assert simulate_ngram_rounds(PATH, 4, head_rule(), HEAD, CONF) == [Round(4, 0), Round(4, 4), Round(1, 1)]
+    assert simulate_ngram_rounds(PATH, 4, head_only, HEAD, CONF) == [Round(4, 0), Round(4, 4), Round(1, 1)]
     # The n-gram's round 1 as above, then the head where the n-gram has nothing (position 8): 4 accepted.
     assert simulate_ngram_rounds(PATH, 4, switch_rule(1), HEAD, CONF) == [Round(4, 2), Round(4, 4)]
 
 
-def test_combining_rules():
-    prop, head = Proposal([5, 6, 7], 1), np.array([5, 9, 9, 9])
-    assert fill_rule(1)(Proposal([5, 6], 1), head, CONF) == [5, 6, 9, 9]
-    assert fill_rule(2)(Proposal([5, 6], 1), head, CONF) == [5, 9, 9, 9]
-    assert confidence_rule(1, 0.8)(prop, head, np.array([0.1, 0.1, 0.1, 0.1])) == [5, 6, 7, 9]
-    # a sure head overrides the n-gram; after that the n-gram's continuation no longer applies
-    assert confidence_rule(1, 0.8)(prop, head, np.array([0.1, 0.9, 0.1, 0.1])) == [5, 9, 9, 9]
-
-
 def test_head_rule_replays_simulate_rounds():
     model = tiny_llama(seed=4)
-    head = DrafterHead(SplitModel(model, 2), HeadConfig(exit_layer=2, adapter_hidden=16, lora_rank=2))
+    head = DrafterHead(SplitModel(model, 2), HeadConfig(adapter_hidden=16, lora_rank=2))
     tokens = np.random.default_rng(1).integers(0, 256, 40).tolist()
     path = annotate_path(model, tokens, 6, 2, topk=8)
     drafts, conf = head_predictions(path, head)
     for gamma in (1, 3, 4):
-        rounds = simulate_ngram_rounds(path, gamma, head_rule(), drafts, conf)
+        rounds = simulate_ngram_rounds(path, gamma, head_only, drafts, conf)
         assert [r.accepted for r in rounds] == simulate_rounds(path, head, gamma)[0]

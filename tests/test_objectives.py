@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import SelfSpecDecoder
+from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import (EMABaseline, LossConfig, Schedule, ScheduleConfig, accepted_ce, collate,
                                  collate_for, distill_kl, make_schedule, policy_gradient, total_loss)
@@ -303,14 +303,14 @@ def real_transitions(draft_vocab, attention=False):
         head = DrafterHead(split, head_config(draft_vocab, attention))
         topk = model.config.vocab_size if draft_vocab is None else 8  # full vocab: the KL is exact
         out = []
-        SelfSpecDecoder(split, head, LengthPolicy(4), sink=out.append, topk=topk).generate(
+        SelfSpecDecoder(split, head, LengthPolicy(4), emit=Emitter(out.append, topk=topk)).generate(
             [5, 9, 2, 7, 11, 4], max_new_tokens=24, eos_ids=set())
         _decoded[draft_vocab, attention] = out
     return _decoded[draft_vocab, attention]
 
 
 def head_config(draft_vocab=None, attention=False):
-    return HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2, draft_vocab=draft_vocab,
+    return HeadConfig(adapter_hidden=8, lora_rank=2, draft_vocab=draft_vocab,
                       attention_layers=int(attention), context_window=4 * attention)
 
 
@@ -347,7 +347,7 @@ def test_gradients_reach_only_head_parameters(draft_vocab, attention):
 
 def test_real_transitions_fresh_ratio_is_one_and_kl_matches_full_kl(model):
     split = SplitModel(model, 2)
-    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2))
+    head = DrafterHead(split, HeadConfig(adapter_hidden=8, lora_rank=2))
     transitions = real_transitions(None)  # top-K = whole vocabulary: the KL is exact
     assert transitions[0].target_topk_ids.shape[1] == model.config.vocab_size
     batch = collate_for(head, transitions)
@@ -367,7 +367,7 @@ def test_real_transitions_fresh_ratio_is_one_and_kl_matches_full_kl(model):
 
 def test_total_loss_is_the_weighted_sum_and_updates_the_baseline_after_use(model):
     split = SplitModel(model, 2)
-    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=8, lora_rank=2, draft_vocab=64))
+    head = DrafterHead(split, HeadConfig(adapter_hidden=8, lora_rank=2, draft_vocab=64))
     batch = collate_for(head, real_transitions(64))
     assert batch.draft_in_vocab.all()  # the head drafted them: always in its own vocabulary
     schedule = Schedule(ScheduleConfig(warmup_steps=2, ramp_steps=4, kl_weight=1.0, kl_floor=0.2,

@@ -43,7 +43,7 @@ def paths(verifier):
 @pytest.fixture(scope="module")
 def trained(verifier, paths, tmp_path_factory):
     torch.manual_seed(0)
-    cfg = OnlineConfig(head=HeadConfig(exit_layer=K, adapter_hidden=128, lora_rank=8), gamma=4, lr=3e-3,
+    cfg = OnlineConfig(head=HeadConfig(adapter_hidden=128, lora_rank=8), gamma=4, lr=3e-3,
                        chunk_prompts=8, epochs=2, batch_size=16, topk=16,
                        schedule_config=dict(warmup_steps=40, ramp_steps=40))
     head = DrafterHead(SplitModel(verifier, K), cfg.head)
@@ -110,7 +110,7 @@ def test_sampled_responses_teach_what_few_greedy_paths_do_not(verifier, paths, t
         sampled.append([annotate_path(verifier, prompt + decoder.generate(prompt, max_new_tokens=32, temperature=1.0,
                                                                           seed=seed, eos_ids=set()).tokens,
                                       p.prompt_len, K, topk=16) for seed in range(3)])
-    cfg = OnlineConfig(head=HeadConfig(exit_layer=K, adapter_hidden=128, lora_rank=8), gamma=4, lr=3e-3,
+    cfg = OnlineConfig(head=HeadConfig(adapter_hidden=128, lora_rank=8), gamma=4, lr=3e-3,
                        chunk_prompts=4, epochs=4, batch_size=16, topk=16, schedule="kl_only")
 
     def trained_mal(responses):

@@ -6,7 +6,7 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.acceptance import sampling_accept
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import SelfSpecDecoder
+from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -50,9 +50,10 @@ def test_acceptance_rule_on_synthetic_distributions():
 def test_decoder_samples_from_the_model_distribution(drafts):
     model = tiny_llama(seed=2, vocab=32)
     split = SplitModel(model, 2)
-    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=0, lora_rank=0)) if drafts == "head" else None
+    head = DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)) if drafts == "head" else None
     transitions = []
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), sink=transitions.append, ngram=int(drafts == "ngram"))
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=int(drafts == "ngram"),
+                              emit=Emitter(transitions.append))
     prompt, temperature, samples = [5, 9, 2, 30], 0.8, 3000
     if head is None:  # copied drafts (q one-hot): the prompt repeats, with the model's own continuation between
         prompt = [*prompt, *plain_greedy(model, prompt, 4), *prompt]

@@ -69,7 +69,7 @@ def test_the_measured_kernel_choice_reaches_every_linear_of_the_split_and_its_he
     assert rows <= ALL_ROWS
     # above the measured row counts the choice made at the largest one holds
     assert (CALIBRATED_ROWS + 1 in rows) == (CALIBRATED_ROWS in rows) == (SMALL_BATCH in rows)
-    head = DrafterHead(split, HeadConfig(exit_layer=2, adapter_hidden=16, lora_rank=2, attention_layers=1,
+    head = DrafterHead(split, HeadConfig(adapter_hidden=16, lora_rank=2, attention_layers=1,
                                          context_window=4, draft_vocab=64))
     linears = [m for part in (split.layers, split.lm_head, head) for m in part.modules()
                if isinstance(m, SmallBatchLinear)]

@@ -25,7 +25,7 @@ from torch import nn
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.model import load_model
-from selfspec.online import OnlineConfig, cached_paths_for, _frequent_ids, split_prompts
+from selfspec.online import OnlineConfig, cached_paths_for, frequent_ids, split_prompts
 from selfspec.split import SplitModel
 
 torch.manual_seed(0)
@@ -38,8 +38,8 @@ model, tok = load_model(cfg.model)
 train, _, held = split_prompts(cfg)
 tp = cached_paths_for(model, tok, cfg, train); hp = cached_paths_for(model, tok, cfg, held)
 split = SplitModel(model, 4)
-hc = HeadConfig(exit_layer=4, adapter_hidden=0 if mode == "attn" else 1024, draft_vocab=8192)
-vocab = _frequent_ids(tp, split, 8192)
+hc = HeadConfig(adapter_hidden=0 if mode == "attn" else 1024, draft_vocab=8192)
+vocab = frequent_ids(tp, split, 8192)
 head = DrafterHead(split, hc, vocab)
 layer = None
 if mode == "attn":

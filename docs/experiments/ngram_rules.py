@@ -17,9 +17,35 @@ from dvi.config import load_config
 from selfspec.drafter import load_head
 from selfspec.greedy_paths import mean_accepted_length
 from selfspec.model import load_model
-from selfspec.ngram import (NgramIndex, Proposal, confidence_rule, fill_rule, head_predictions, head_rule, ngram_rule,
-                            simulate_ngram_rounds, switch_rule)
+from selfspec.ngram import NgramIndex, Proposal, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
 from selfspec.online import OnlineConfig, cached_paths_for, split_prompts
+
+
+def head_rule():
+    return lambda prop, head, conf: list(head)
+
+
+def fill_rule(min_ngram):
+    """The n-gram's drafts, then the head continues after them (from the trunk states of those drafts)."""
+    def rule(prop, head, conf):
+        follow = prop.tokens if prop.ngram >= min_ngram else []
+        return follow + list(head[len(follow):])
+    return rule
+
+
+def confidence_rule(min_ngram, max_conf):
+    """Token by token, the n-gram's draft unless the head is at least `max_conf` sure of its own;
+    once the drafts leave the n-gram's continuation, the head alone goes on."""
+    def rule(prop, head, conf):
+        follow = prop.tokens if prop.ngram >= min_ngram else []
+        drafts = []
+        for j, (h, c) in enumerate(zip(head, conf)):
+            drafts.append(follow[j] if j < len(follow) and c < max_conf else int(h))
+            if j < len(follow) and drafts[j] != follow[j]:
+                follow = []
+        return drafts
+    return rule
+
 
 cfg = load_config(OnlineConfig, "configs/online.yaml")
 model, tok = load_model(cfg.model)

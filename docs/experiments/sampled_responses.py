@@ -22,7 +22,8 @@ import torch
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead
 from selfspec.model import load_model
-from selfspec.online import (OnlineConfig, _frequent_ids, cached_paths_for, plot_curve, sampled_paths_for, split_prompts,
+from dvi.plots import plot_mal_curves
+from selfspec.online import (OnlineConfig, OnlinePaths, cached_paths_for, frequent_ids, sampled_paths_for, split_prompts,
                              train_on_paths)
 from selfspec.split import SplitModel
 
@@ -39,11 +40,12 @@ greedy, heldout = cached_paths_for(model, tok, cfg, train), cached_paths_for(mod
 sampled = [path for per_seed in zip(*sampled_paths_for(model, tok, cfg, train)) for path in per_seed]
 
 torch.manual_seed(cfg.seed)
-split = SplitModel(model, cfg.head.exit_layer)
-head = DrafterHead(split, cfg.head, _frequent_ids(greedy, split, cfg.head.draft_vocab))
+split = SplitModel(model, cfg.exit_layer)
+head = DrafterHead(split, cfg.head, frequent_ids(greedy, split, cfg.head.draft_vocab))
 out.mkdir(parents=True, exist_ok=True)
-curve, steps, _ = train_on_paths(head, greedy + sampled, heldout, cfg, out)
+result = train_on_paths(head, OnlinePaths(greedy + sampled, heldout), cfg)
+curve, steps = result.curve, result.steps
 (out / "summary.json").write_text(json.dumps({"samples": samples, "steps": steps, "curve": curve}, indent=2))
-plot_curve([(f"440 greedy, then {samples}x440 sampled", curve)], out / "mal.png", cfg.gamma)
+plot_mal_curves([(f"440 greedy, then {samples}x440 sampled", curve)], out / "mal.png", cfg.gamma)
 at = {c["prompts"]: c["mal_heldout"] for c in curve}
 print({n: round(np.mean([at[m] for m in at if n - 40 < m <= n]), 3) for n in (440, 880, 1320, 1760) if n <= max(at)})

@@ -21,7 +21,7 @@ from torch import nn
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.model import cache_dir, load_model
-from selfspec.online import OnlineConfig, cached_paths_for, _frequent_ids, split_prompts
+from selfspec.online import OnlineConfig, cached_paths_for, frequent_ids, split_prompts
 from selfspec.split import SplitModel
 
 torch.manual_seed(0)
@@ -44,7 +44,7 @@ finals = [data[f"arr_{i}"] for i in range(len(tp) + len(hp))]
 tf, hf = finals[:len(tp)], finals[len(tp):]
 
 split = SplitModel(model, 4)
-head = DrafterHead(split, HeadConfig(exit_layer=4, adapter_hidden=1024, draft_vocab=8192), _frequent_ids(tp, split, 8192))
+head = DrafterHead(split, HeadConfig(adapter_hidden=1024, draft_vocab=8192), frequent_ids(tp, split, 8192))
 d = split.config.hidden_size
 fuse = nn.Linear(d, d)
 nn.init.zeros_(fuse.weight); nn.init.zeros_(fuse.bias)
