@@ -12,7 +12,7 @@ from selfspec.engine import SelfSpecDecoder
 from selfspec.loading import load_drafter, make_policy
 from selfspec.prompts import chat_ids, load_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # slow on busy cores: see pyproject.toml
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
