@@ -5,10 +5,18 @@ and/or a local Ray) with a module-level `pytestmark`; every other test is marked
 """
 from __future__ import annotations
 
-import pytest
+import os
 
-from buffer.config import RedisConfig
-from buffer.server import RedisServer
+# Before anything imports selfspec: SplitModel takes its thin-GEMM kernel choice from here instead of
+# timing both kernels on this machine (selfspec/split.py), so no test depends on a timing-dependent
+# choice or pays for the measurement. Tests that measure call measure_thin_rows themselves; a value
+# already in the environment wins.
+os.environ.setdefault("DVI_THIN_GEMM_ROWS", "none")
+
+import pytest  # noqa: E402
+
+from buffer.config import RedisConfig  # noqa: E402
+from buffer.server import RedisServer  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
