@@ -28,14 +28,15 @@ def add_parser(sub, name):
 def run(args) -> int:
     from selfspec.model import load_model
     from selfspec.prompts import load_prompts
-    from selfspec.synthetic_prompts import synthesize_prompts, write_spec_bench_jsonl
+    from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts, write_spec_bench_jsonl
 
     if args.n < 1 or args.seed_prompts < 1:
         raise ValueError("--n and --seed-prompts must be at least 1")
     quiet_transformers()
     seeds = load_prompts(args.workload, args.seed_prompts)
     model, tokenizer = load_model(args.model)
-    prompts = synthesize_prompts(model, tokenizer, seeds, args.n, args.batch_size, args.max_new_tokens, seed=args.seed)
+    options = SynthOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    prompts = synthesize_prompts(model, tokenizer, seeds, args.n, options)
     write_spec_bench_jsonl(prompts, args.out)
     print(f"{len(prompts)} prompts from {len(seeds)} seeds written to {args.out}")
     return 0

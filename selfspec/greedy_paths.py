@@ -35,26 +35,45 @@ class GreedyPath:
     target_topk_logprobs: np.ndarray  # [T, K] float32
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled rather than greedy continuations: more varied training text."""
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0  # seeds torch's global RNG before a batch of samples is drawn (selfspec.path_cache)
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """What a path is: the model (a spec, also the cache key), its length, where it is annotated."""
+    model: str
+    max_new_tokens: int
+    exit_layer: int
+    batch_size: int = 8  # of generation
+    sampling: Sampling | None = None  # None: greedy
+
+
 @torch.inference_mode()
-def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
-                   progress: bool = True, temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[list[int], int]]:
+def generate_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec,
+                   progress: bool = True) -> list[tuple[list[int], int]]:
     """(prompt + continuation, prompt length) per prompt, generated in left-padded batches: greedy, or
-    sampled at `temperature` > 0 (from torch's global RNG) for more varied training text."""
+    sampled (from torch's global RNG) when the spec says so."""
     encoded = [chat_ids(tokenizer, p.text) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     results: dict[int, tuple[list[int], int]] = {}
     pad = pad_id(tokenizer)
     eos = eos_ids(model.generation_config)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
-        {"do_sample": False}
-    desc = "sampled paths" if temperature > 0 else "greedy paths"
+    s = spec.sampling
+    sampling = ({"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s
+                else {"do_sample": False})
+    desc = "sampled paths" if s else "greedy paths"
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for start in range(0, len(order), spec.batch_size):
+            idx = order[start:start + spec.batch_size]
             input_ids, mask = left_padded([encoded[i] for i in idx], pad)
             width = input_ids.shape[1]
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 **sampling)
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
+                                 pad_token_id=pad, **sampling)
             for row, i in enumerate(idx):
                 gen = out[row, width:].tolist()
                 cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
@@ -64,12 +83,12 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
 
 
 @torch.inference_mode()
-def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, topk: int, prompt_id: str = "",
-                  category: str = "") -> GreedyPath:
-    """One forward over a finished sequence: layer-k hidden states and verifier top-K at every position."""
+def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, topk: int) -> GreedyPath:
+    """One forward over a finished sequence: layer-k hidden states and verifier top-K at every position
+    (prompt id and category left empty: `dataclasses.replace` them in)."""
     out = model(torch.tensor([tokens]), output_hidden_states=True)
     logp = torch.log_softmax(out.logits[0].float(), -1).topk(topk, -1)
-    return GreedyPath(prompt_id, category, np.asarray(tokens, np.int32), prompt_len,
+    return GreedyPath("", "", np.asarray(tokens, np.int32), prompt_len,
                       out.hidden_states[exit_layer][0].half().numpy(), logp.indices.int().numpy(),
                       logp.values.numpy())
 

@@ -81,6 +81,16 @@ class ConfidenceThreshold(LengthPolicy):
         return top_prob >= self.min_top_prob and entropy <= self.max_entropy
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How CostAware learns what the head's confidence is worth."""
+    explore: float = 0.03  # fraction of rounds that call a head not expected to pay
+    prior_weight: float = 4.0  # observations the raw confidence is worth as a prior
+    bins: int = 10  # confidence bins
+    seed: int = 0  # of the exploration coin
+    ngram_prior: float = 0.3  # acceptance of copied drafts before any is judged
+
+
 class CostAware(LengthPolicy):
     """Draft only as much as the head's calibrated confidence pays for, down to zero.
 
@@ -94,16 +104,16 @@ class CostAware(LengthPolicy):
 
     name = "cost_aware"
 
-    def __init__(self, costs: StepCosts, max_drafts: int, explore: float = 0.03, prior_weight: float = 4.0,
-                 bins: int = 10, seed: int = 0, ngram_prior: float = 0.3):
+    def __init__(self, costs: StepCosts, max_drafts: int, calibration: Calibration = Calibration()):
         super().__init__(min(max_drafts, len(costs.verify) - 2))
+        c = calibration
         # copied drafts: per matched suffix length, accepted / judged positions, prior `ngram_prior`
-        self.ngram_stats = {m: [ngram_prior * prior_weight, prior_weight] for m in range(1, MAX_NGRAM + 1)}
-        self.costs, self.explore, self.prior_weight, self.bins = costs, explore, prior_weight, bins
-        self.accepted = [0.0] * bins
-        self.trials = [0.0] * bins
-        self.seen = [1.0] * bins  # how often the head shows each confidence (uniform prior)
-        self.rng = random.Random(seed)
+        self.ngram_stats = {m: [c.ngram_prior * c.prior_weight, c.prior_weight] for m in range(1, MAX_NGRAM + 1)}
+        self.costs, self.explore, self.prior_weight, self.bins = costs, c.explore, c.prior_weight, c.bins
+        self.accepted = [0.0] * c.bins
+        self.trials = [0.0] * c.bins
+        self.seen = [1.0] * c.bins  # how often the head shows each confidence (uniform prior)
+        self.rng = random.Random(c.seed)
         self._head_pays = True
 
     def _bin(self, top_prob: float) -> int:

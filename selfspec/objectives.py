@@ -293,12 +293,12 @@ def make_schedule(name: str, config: ScheduleConfig | dict | None = None) -> Sch
     return Schedule(ScheduleConfig(**{**config.model_dump(), **overrides[name]}), name)
 
 
-def total_loss(head, batch: PositionBatch, schedule: Schedule, baseline: EMABaseline,
-               config: LossConfig | None = None, *, update_baseline: bool = True) -> tuple[torch.Tensor, dict]:
+def total_loss(head, batch: PositionBatch, state: TrainState, config: LossConfig | None = None, *,
+               update_baseline: bool = True) -> tuple[torch.Tensor, dict]:
     """Weighted KL + CE + PG at the schedule's current step (one head forward), and cleanRL-style
     metrics. Updates the baseline with this batch's on-path acceptance after using it (pass
     update_baseline=False to evaluate); does not advance the schedule."""
-    config = config or LossConfig()
+    config, schedule, baseline = config or LossConfig(), state.schedule, state.baseline
     w = schedule.weights()
     logits = head.batch_logits(batch.hidden, batch.context, batch.context_len, batch.rows)
     kl, m_kl = distill_kl(logits, batch, config.distill_temperature)
@@ -346,7 +346,7 @@ def train_step(head, optimizer, transitions: Sequence[Transition], state: TrainS
     the schedule and returns the step's metrics. `optimizer` is a torch optimizer over the head's
     trainable parameters, or a DeepSpeed engine wrapping the head (it owns backward, so that gradients
     are averaged across ranks). The one training step of every loop: in-process and distributed."""
-    loss, metrics = total_loss(head, collate_for(head, transitions), state.schedule, state.baseline, config)
+    loss, metrics = total_loss(head, collate_for(head, transitions), state, config)
     if hasattr(optimizer, "backward"):  # a DeepSpeed engine
         optimizer.backward(loss)
         optimizer.step()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids
-from selfspec.greedy_paths import (GreedyPath, PathEmit, mean_accepted_length, prompt_transitions,
+from selfspec.greedy_paths import (GreedyPath, PathEmit, PathSpec, Sampling, mean_accepted_length, prompt_transitions,
                                    response_transitions, simulate_rounds)
 from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
@@ -62,16 +62,20 @@ class OnlineConfig(BaseModel):
     seed: int = 0
 
 
+def path_spec(cfg: OnlineConfig) -> PathSpec:
+    return PathSpec(cfg.model, cfg.max_new_tokens, cfg.exit_layer, cfg.collect_batch)
+
+
 def cached_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[GreedyPath]:
     """The prompts' greedy paths at cfg's model, length and exit layer, from the per-prompt cache."""
-    return cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.exit_layer, cfg.collect_batch)
+    return cached_paths(model, tokenizer, prompts, path_spec(cfg))
 
 
 def sampled_paths_for(model, tokenizer, cfg: OnlineConfig, prompts) -> list[list[GreedyPath]]:
     """cfg.sampled_responses sampled responses per prompt (seeds 0, 1, ...), from the same cache."""
-    per_seed = [cached_paths(model, tokenizer, prompts, cfg.model, cfg.max_new_tokens, cfg.exit_layer,
-                             cfg.collect_batch, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p,
-                             sample_seed=seed) for seed in range(cfg.sampled_responses)]
+    sampled = [replace(path_spec(cfg), sampling=Sampling(cfg.sample_temperature, cfg.sample_top_p, seed))
+               for seed in range(cfg.sampled_responses)]
+    per_seed = [cached_paths(model, tokenizer, prompts, spec) for spec in sampled]
     return [list(responses) for responses in zip(*per_seed)] if per_seed else [[] for _ in prompts]
 
 

@@ -16,29 +16,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from selfspec.greedy_paths import GreedyPath, annotate_path, generate_paths
+from selfspec.greedy_paths import GreedyPath, PathSpec, annotate_path, generate_paths
 from selfspec.model import cache_dir, model_name
 from selfspec.prompts import Prompt
 
 TOPK_STORED = 32
 
 
-def cached_paths(model, tokenizer, prompts: list[Prompt], model_spec: str, max_new_tokens: int, exit_layer: int,
-                 batch_size: int = 8, folder: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 sample_seed: int = 0) -> list[GreedyPath]:
+def cached_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec, folder: Path | None = None
+                 ) -> list[GreedyPath]:
+    """The prompts' paths as `spec` says, generated and annotated only where the cache has none."""
     folder = folder or cache_dir() / "paths"
     folder.mkdir(parents=True, exist_ok=True)
-    key = [model_name(model_spec), max_new_tokens] + ([temperature, top_p, sample_seed] if temperature > 0 else [])
+    s, exit_layer = spec.sampling, spec.exit_layer
+    key = [model_name(spec.model), spec.max_new_tokens] + ([s.temperature, s.top_p, s.seed] if s else [])
     stems = [folder / hashlib.sha256(json.dumps([*key, p.text]).encode()).hexdigest()[:24] for p in prompts]
     annotated = [stem.with_name(f"{stem.name}.k{exit_layer}.npz") for stem in stems]
     todo = [i for i, file in enumerate(annotated) if not file.exists()]
     sequences = [stem.with_name(f"{stem.name}.tokens.npz") for stem in stems]
     to_generate = [i for i in todo if not sequences[i].exists()]
     if to_generate:
-        if temperature > 0:
-            torch.manual_seed(sample_seed)
-        generated = generate_paths(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size,
-                                   temperature=temperature, top_p=top_p)
+        if s:
+            torch.manual_seed(s.seed)
+        generated = generate_paths(model, tokenizer, [prompts[i] for i in to_generate], spec)
         for i, (tokens, prompt_len) in zip(to_generate, generated):
             _save_npz(sequences[i], tokens=np.asarray(tokens, np.int32), prompt_len=np.int64(prompt_len))
     for i in tqdm(todo, desc=f"annotate k={exit_layer}", unit="prompt", disable=not todo):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,15 +41,27 @@ def _first_request(continuation: str) -> str:
     return continuation.split("\n\nRequest")[0].split("\nRequest ")[0].strip()
 
 
+@dataclass(frozen=True)
+class SynthOptions:
+    batch_size: int = 16
+    max_new_tokens: int = 80  # length cap of one written prompt
+    temperature: float = 0.9
+    top_p: float = 0.95
+    seed: int = 0
+    max_barren_batches: int = 20  # batches in a row that add nothing before giving up
+    progress: bool = True
+
+
 @torch.inference_mode()
-def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size: int = 16, max_new_tokens: int = 80,
-                       temperature: float = 0.9, top_p: float = 0.95, seed: int = 0, max_barren_batches: int = 20,
-                       progress: bool = True) -> list[Prompt]:
+def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int,
+                       options: SynthOptions = SynthOptions()) -> list[Prompt]:
     """n new prompts, each in the category of the seeds it imitates (categories keep the seeds' mix)."""
+    o = options
+    batch_size, max_barren_batches = o.batch_size, o.max_barren_batches
     if not seeds:
         raise ValueError("synthesize_prompts needs at least one seed prompt")
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    rng = random.Random(o.seed)
+    torch.manual_seed(o.seed)
     by_category: dict[str, list[Prompt]] = {}
     for p in seeds:
         by_category.setdefault(p.category, []).append(p)
@@ -56,7 +69,7 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
     made: list[Prompt] = []
     seen = {p.text for p in seeds}
     barren = 0  # batches in a row that added nothing: a model that only repeats or stops at once
-    with tqdm(total=n, desc="synthetic prompts", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=n, desc="synthetic prompts", unit="prompt", disable=not o.progress) as bar:
         while len(made) < n:
             if barren == max_barren_batches:
                 raise RuntimeError(f"{barren} batches in a row wrote no new prompt ({len(made)}/{n} written): the "
@@ -66,8 +79,8 @@ def synthesize_prompts(model, tokenizer, seeds: list[Prompt], n: int, batch_size
             encoded = [tokenizer(text)["input_ids"] for text, _ in jobs]
             input_ids, mask = left_padded(encoded, pad)
             width = input_ids.shape[1]
-            out = model.generate(input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+            out = model.generate(input_ids, attention_mask=mask, do_sample=True, temperature=o.temperature,
+                                 top_p=o.top_p, max_new_tokens=o.max_new_tokens, pad_token_id=pad)
             before = len(made)
             for category, (_, prefix), row in zip(categories, jobs, out):
                 body = _first_request(tokenizer.decode(row[width:], skip_special_tokens=True))

@@ -1,4 +1,6 @@
 """Simulated drafting along the greedy path decides exactly what the real decoder decides."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -118,7 +120,7 @@ def test_response_transitions_cover_a_sampled_response_without_reward():
     head = perturbed_head(split, attention_layers=1, window=4)
     prompt = [3, 1, 4, 1, 5, 9, 2]
     tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=7, temperature=1.0, seed=0, eos_ids=set()).tokens
-    path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=8, prompt_id="p")
+    path = replace(annotate_path(model, prompt + tokens, len(prompt), 2, topk=8), prompt_id="p")
     transitions = response_transitions(path, head, 4, "sampled0", PathEmit(topk=8))
     assert [t.n for t in transitions] == [4, 2]  # positions 7..12 predict the response's tokens 2..7
     np.testing.assert_array_equal(np.concatenate([t.target_tokens for t in transitions]), tokens[1:])

@@ -1,6 +1,6 @@
 """The cost-aware policy drafts only what pays: nothing for a useless head, long drafts for a good one,
 and never a round length whose verification shape is too slow."""
-from selfspec.length_policy import ConfidenceThreshold, CostAware
+from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware
 from selfspec.step_costs import StepCosts
 
 # Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
@@ -23,14 +23,14 @@ def run_rounds(policy, accept: bool, confidence: float, rounds: int = 2000) -> t
 
 
 def test_useless_head_is_soon_not_called():
-    policy = CostAware(COSTS, 4, explore=0.03, seed=1)
+    policy = CostAware(COSTS, 4, Calibration(explore=0.03, seed=1))
     head_calls, lengths = run_rounds(policy, accept=False, confidence=0.95)
     assert head_calls < 0.06 * 2000  # the exploring fraction plus the first rounds that calibrate
     assert sum(lengths[-1000:]) == 0
 
 
 def test_good_head_drafts_to_the_cap():
-    policy = CostAware(COSTS, 4, seed=1)
+    policy = CostAware(COSTS, 4, Calibration(seed=1))
     _, lengths = run_rounds(policy, accept=True, confidence=0.95)
     assert lengths[-100:] == [4] * 100
 
@@ -40,7 +40,7 @@ def test_slow_verify_shapes_are_skipped():
     # n=0 0.862, n=1 0.851, n=2 0.834, n=3 0.980, n=4 0.926. A myopic rule would not even start
     # (n=1 < n=0); looking past the slow shapes the policy goes on to 3, and once the head has been
     # called for a 4th candidate that cost is sunk: 4 drafts (0.926) beat stopping at 3 (0.914).
-    policy = CostAware(COSTS, 4, prior_weight=1e9)  # trust the confidence as the acceptance estimate
+    policy = CostAware(COSTS, 4, Calibration(prior_weight=1e9))  # trust the confidence as the acceptance estimate
     assert policy.start_round()
     kept = 0
     while kept < 4 and policy.keep(kept, 0.6, 0.5):

@@ -6,7 +6,7 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy
+from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.step_costs import StepCosts
 from selfspec.split import SplitModel
 
@@ -38,7 +38,7 @@ def make_policy(kind, gamma):
     if kind == "threshold":
         return ConfidenceThreshold(gamma, min_top_prob=0.2, max_entropy=4.0)
     # Made-up costs where drafting pays, so the cost-aware policy really drafts (and varies lengths).
-    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, explore=0.2)
+    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, Calibration(explore=0.2))
 
 
 SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab, (attention layers, window))

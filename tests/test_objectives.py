@@ -11,7 +11,7 @@ from tiny_model import tiny_llama
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
-from selfspec.objectives import (EMABaseline, LossConfig, Schedule, ScheduleConfig, accepted_ce, collate,
+from selfspec.objectives import (EMABaseline, LossConfig, Schedule, ScheduleConfig, TrainState, accepted_ce, collate,
                                  collate_for, distill_kl, make_schedule, policy_gradient, total_loss)
 from selfspec.split import SplitModel
 from selfspec.transitions import Transition
@@ -331,7 +331,7 @@ def test_gradients_reach_only_head_parameters(draft_vocab, attention):
     transitions = real_transitions(draft_vocab, attention)
     perturb_trainable(head)
     schedule = Schedule(ScheduleConfig(warmup_steps=0, ramp_steps=0, kl_floor=0.5))  # all three losses on
-    loss, m = total_loss(head, collate_for(head, transitions), schedule, EMABaseline(init=0.5))
+    loss, m = total_loss(head, collate_for(head, transitions), TrainState(schedule, EMABaseline(init=0.5)))
     assert m["charts/kl_weight"] > 0 and m["charts/ce_weight"] > 0 and m["charts/pg_weight"] > 0
     loss.backward()
     trainable = {n: p for n, p in head.named_parameters() if p.requires_grad}
@@ -373,7 +373,7 @@ def test_total_loss_is_the_weighted_sum_and_updates_the_baseline_after_use(model
     schedule = Schedule(ScheduleConfig(warmup_steps=2, ramp_steps=4, kl_weight=1.0, kl_floor=0.2,
                                        ce_weight=0.5, pg_weight=2.0), step=4)
     baseline, cfg = EMABaseline(decay=0.9, init=0.3), LossConfig(distill_temperature=1.5, clip_eps=0.1)
-    loss, m = total_loss(head, batch, schedule, baseline, cfg)
+    loss, m = total_loss(head, batch, TrainState(schedule, baseline), cfg)
     with torch.no_grad():
         logits = head(batch.hidden)
         kl, _ = distill_kl(logits, batch, 1.5)
@@ -388,7 +388,7 @@ def test_total_loss_is_the_weighted_sum_and_updates_the_baseline_after_use(model
     assert 0 < rate < 1 and baseline.value == pytest.approx(rate)  # first update: the batch's own rate
     assert schedule.step == 4  # total_loss never advances the schedule
     before = baseline.state_dict()
-    total_loss(head, batch, schedule, baseline, cfg, update_baseline=False)
+    total_loss(head, batch, TrainState(schedule, baseline), cfg, update_baseline=False)
     assert baseline.state_dict() == before
     for key in ("losses/kl", "losses/ce", "losses/pg", "charts/importance_ratio_mean", "charts/clip_fraction",
                 "charts/agreement", "charts/accepted_per_round"):

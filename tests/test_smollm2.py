@@ -2,6 +2,7 @@
 greedy generate, and one-line errors from the CLI."""
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -83,11 +84,11 @@ def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
 
 
 def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
-    from selfspec.synthetic_prompts import synthesize_prompts, write_spec_bench_jsonl
+    from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts, write_spec_bench_jsonl
 
     seeds = [p for p in load_prompts("builtin") if p.category == "translation"]
-    made = synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 4, batch_size=4, max_new_tokens=24,
-                              progress=False)
+    made = synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 4,
+                              SynthOptions(batch_size=4, max_new_tokens=24, progress=False))
     assert len(made) == 4 and len({p.id for p in made}) == 4
     assert all(p.category == "synthetic-translation" for p in made)
     assert all(p.text.startswith("Translate to ") and p.text not in {s.text for s in seeds} for p in made)
@@ -96,24 +97,27 @@ def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
 
 
 def test_synthesis_that_only_repeats_stops_with_a_clear_error(drafter):
-    from selfspec.synthetic_prompts import synthesize_prompts
+    from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts
 
     seeds = [p for p in load_prompts("builtin") if p.category == "qa"][:3]  # 6 shot orders at most
     with pytest.raises(RuntimeError, match="wrote no new prompt .* try a higher temperature"):
-        synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 50, batch_size=8, max_new_tokens=12,
-                           temperature=1e-4, max_barren_batches=2, progress=False)
+        synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 50,
+                           SynthOptions(batch_size=8, max_new_tokens=12, temperature=1e-4, max_barren_batches=2,
+                                        progress=False))
 
 
 def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
-    from selfspec.greedy_paths import generate_paths
+    from selfspec.greedy_paths import PathSpec, Sampling, generate_paths
     from selfspec.path_cache import cached_paths
 
     a, b, c = load_prompts("builtin", 3)
-    first = cached_paths(drafter.model, drafter.tokenizer, [a, b], "smollm2-135m", 8, 4, folder=tmp_path)
+    k4, k2 = PathSpec("smollm2-135m", 8, 4), PathSpec("smollm2-135m", 8, 2)
+    sampling = Sampling(0.8, 0.95, seed=3)
+    first = cached_paths(drafter.model, drafter.tokenizer, [a, b], k4, folder=tmp_path)
     files = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
     assert len(files) == 4  # per prompt: its greedy tokens, and their layer-4 annotation
 
-    second = cached_paths(drafter.model, drafter.tokenizer, [b, c], "smollm2-135m", 8, 4, folder=tmp_path)
+    second = cached_paths(drafter.model, drafter.tokenizer, [b, c], k4, folder=tmp_path)
     new = {f.name for f in tmp_path.iterdir()} - set(files)
     assert len(new) == 2 and all(f.stat().st_mtime_ns == files[f.name] for f in tmp_path.iterdir() if f.name in files)
     assert second[0].prompt_id == b.id and np.array_equal(second[0].tokens, first[1].tokens)
@@ -121,7 +125,7 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
     assert second[1].prompt_len < len(second[1].tokens) <= second[1].prompt_len + 8
 
     # another exit layer annotates the cached tokens again without generating them again
-    at_k2 = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 2, folder=tmp_path)
+    at_k2 = cached_paths(drafter.model, drafter.tokenizer, [a], k2, folder=tmp_path)
     added = {f.name for f in tmp_path.iterdir()} - set(files) - new
     assert len(added) == 1 and added.pop().endswith(".k2.npz")
     assert np.array_equal(at_k2[0].tokens, first[0].tokens)
@@ -129,29 +133,28 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
 
     # sampled continuations are cached apart from greedy ones, per seed, drawn as generate_paths draws them
     before = {f.name for f in tmp_path.iterdir()}
-    sampled = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path,
-                           temperature=0.8, top_p=0.95, sample_seed=3)
+    sampled = cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 2
     torch.manual_seed(3)
-    [(tokens, _)] = generate_paths(drafter.model, drafter.tokenizer, [a], 8, progress=False, temperature=0.8, top_p=0.95)
+    [(tokens, _)] = generate_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), progress=False)
     assert sampled[0].tokens.tolist() == tokens
-    again = cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path,
-                         temperature=0.8, top_p=0.95, sample_seed=3)
+    again = cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 2 and np.array_equal(again[0].tokens, sampled[0].tokens)
-    cached_paths(drafter.model, drafter.tokenizer, [a], "smollm2-135m", 8, 4, folder=tmp_path, temperature=0.8,
-                 top_p=0.95, sample_seed=4)
+    cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=replace(sampling, seed=4)),
+                 folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 4
 
 
 def test_sampled_paths_vary_and_repeat_with_the_seed(drafter):
-    from selfspec.greedy_paths import generate_paths
+    from selfspec.greedy_paths import PathSpec, Sampling, generate_paths
 
     prompts = load_prompts("builtin", 2)
-    greedy = generate_paths(drafter.model, drafter.tokenizer, prompts, 12, progress=False)
+    spec = PathSpec("smollm2-135m", 12, 4)
+    greedy = generate_paths(drafter.model, drafter.tokenizer, prompts, spec, progress=False)
     runs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        runs.append(generate_paths(drafter.model, drafter.tokenizer, prompts, 12, progress=False, temperature=0.8,
-                                   top_p=0.95))
+        runs.append(generate_paths(drafter.model, drafter.tokenizer, prompts, replace(spec, sampling=Sampling(0.8, 0.95)),
+                                   progress=False))
     assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0] != greedy
     assert [n for _, n in runs[0]] == [n for _, n in greedy]  # the same prompts, only the continuations differ
