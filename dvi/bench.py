@@ -14,13 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dvi.bench_cmd import METHODS
 from selfspec.acceptance import mean_accepted_length
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
 
-METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
-           "dvi_spec_ngram_dynamic")
 
 
 @dataclass

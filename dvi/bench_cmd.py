@@ -6,8 +6,7 @@ from pathlib import Path
 
 from dvi.common_args import add_model_args, quiet_transformers
 
-# dvi.bench.METHODS, spelled out here because importing dvi.bench loads torch and `dvi --help` must not
-# (tests/test_cli.py checks that the two agree).
+# Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
 METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
            "dvi_spec_ngram_dynamic")
 

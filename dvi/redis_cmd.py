@@ -60,9 +60,8 @@ def _start(args, state_dir: Path) -> int:
 def _status(args, state_dir: Path) -> int:
     from buffer.connection import connect
 
-    state = _running(state_dir)
+    state = _running_or_say(state_dir, ": run `dvi redis start`")
     if not state:
-        print(f"redis: not running (no live server recorded in {state_dir}): run `dvi redis start`")
         return 1
     client = connect(state["url"], os.environ.get(state["password_env"]), password_env=state["password_env"])
     info = client.info()
@@ -75,14 +74,20 @@ def _status(args, state_dir: Path) -> int:
 def _stop(args, state_dir: Path) -> int:
     from buffer.server import stop_pid
 
-    state = _running(state_dir)
+    state = _running_or_say(state_dir)
     if not state:
-        print(f"redis: not running (no live server recorded in {state_dir})")
         return 0
     stop_pid(state["pid"])
     (state_dir / STATE_FILE).unlink()
     print(f"redis: stopped pid {state['pid']} ({state['url']})")
     return 0
+
+
+def _running_or_say(state_dir: Path, hint: str = "") -> dict | None:
+    state = _running(state_dir)
+    if not state:
+        print(f"redis: not running (no live server recorded in {state_dir}){hint}")
+    return state
 
 
 def _running(state_dir: Path) -> dict | None:

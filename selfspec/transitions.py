@@ -25,16 +25,13 @@ ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "on_path": (np.dtype(np.bool_), ("n",)),
     "context_hidden": (np.dtype(np.float16), ("W", "d")),
 }
-SCALAR_FIELDS = ("run_id", "actor_id", "request_id", "round", "policy_version", "workload",
-                 "t_start", "t_end", "temperature")
-
-
 class TransitionError(ValueError):
     """A transition whose arrays do not agree with each other or with the contract."""
 
 
 @dataclass
-class Transition:
+class RoundMeta:
+    """The scalar fields of a Transition: who drafted, where, when."""
     run_id: str
     actor_id: int
     request_id: str
@@ -44,6 +41,14 @@ class Transition:
     t_start: float  # wall-clock seconds (time.time()) when the round began drafting
     t_end: float  # ... and when verification finished
     temperature: float  # 0.0 = greedy
+
+
+SCALAR_FIELDS = tuple(f.name for f in fields(RoundMeta))
+
+
+@dataclass
+class Transition(RoundMeta):
+    """One verified round: its RoundMeta, then the arrays."""
     hidden: np.ndarray  # [n, d] float16: the layer-k hidden state the head saw at each drafted position
     draft_tokens: np.ndarray  # [n] int32: full-vocabulary ids
     draft_logprobs: np.ndarray  # [n] float32: behaviour log-prob of each drafted token
@@ -107,20 +112,6 @@ class Transition:
         if unknown:
             raise TransitionError(f"unknown fields {sorted(unknown)}")
         return cls(**scalars, **arrays).validate()
-
-
-@dataclass
-class RoundMeta:
-    """The scalar fields of a Transition: who drafted, where, when."""
-    run_id: str
-    actor_id: int
-    request_id: str
-    round: int
-    policy_version: int
-    workload: str
-    t_start: float
-    t_end: float
-    temperature: float
 
 
 def make_transition(meta: RoundMeta, drafted: dict[str, np.ndarray], verified: dict[str, np.ndarray],

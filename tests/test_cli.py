@@ -12,9 +12,3 @@ def test_building_the_parser_imports_neither_torch_nor_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "none", f"imported while building the parser: {done.stdout.strip()}"
-
-
-def test_bench_lists_the_methods_the_benchmark_runs():
-    from dvi import bench, bench_cmd
-
-    assert bench_cmd.METHODS == bench.METHODS

@@ -49,7 +49,7 @@ def test_split_logits_match_the_model_forward(lean, thin):
     model = tiny_llama(seed=4)
     split = SplitModel(model, 2, lean=lean)
     assert (split.lean is not None) == lean  # the tiny Llama is a plain Llama: lean layers serve it
-    split.use_thin_gemm_for(ALL_ROWS if thin else ())  # either kernel, whatever this machine measured
+    split.use_thin_gemm_for(ALL_ROWS if thin else ())  # either kernel, whatever the split chose
     ids = torch.arange(3, 15)
     with torch.no_grad():
         want = model(ids[None]).logits[0]
@@ -86,7 +86,7 @@ def test_measuring_on_the_machine_leaves_the_global_random_state_alone():
     model = tiny_llama(seed=7, layers=3)
     torch.manual_seed(1)
     state = torch.get_rng_state()
-    split = SplitModel(model, 1)  # a model shape not seen before in this process: measured here
+    split = SplitModel(model, 1)
     measure_thin_rows(split)
     measure_step_costs(split, None, max_drafts=2, context=16, reps=1)
     assert torch.equal(torch.get_rng_state(), state)
