@@ -168,6 +168,7 @@ class TransitionReader:
         self._inflight_entries: set[bytes] = set()
         self._inflight_ids: set[str] = set()
         self._claim_cursor = "0-0"
+        self._pending_cursor = "0-0"
         ensure_group(client, self.keys)
 
     def read(self, count: int | None = None, block_ms: int | None = None) -> ReadBatch:
@@ -191,6 +192,41 @@ class TransitionReader:
             self._take_entry(batch, entry_id, fields)
         self._inflight_entries.update(batch.entry_ids)
         return batch
+
+    def read_pending(self, count: int | None = None) -> ReadBatch:
+        """Entries this consumer was given and never acknowledged (its own pending list, oldest first):
+        what a learner restarted under the same consumer name read before it died. Without this they
+        would come back only after `claim_idle_ms`, to whichever reader claims them. Successive calls
+        walk the list; once one comes back empty the next starts again from the oldest."""
+        want = math.ceil((count or self.cfg.batch_size) / self.cfg.frame_size)
+        batch = ReadBatch()
+        while not batch.entry_ids:  # a page of entries this reader already holds is skipped, not an end
+            reply = self.client.xreadgroup(GROUP, self.consumer, {self.keys.transitions: self._pending_cursor},
+                                           count=want)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                self._pending_cursor = "0-0"
+                break
+            self._pending_cursor = entries[-1][0]
+            for entry_id, fields in entries:
+                if entry_id in self._inflight_entries:
+                    continue
+                batch.entry_ids.append(entry_id)  # acknowledged with the batch, even if deleted meanwhile
+                if fields:  # a pending entry deleted from the stream reads as None: nothing left to count
+                    self._take_entry(batch, entry_id, fields)
+        self._inflight_entries.update(batch.entry_ids)
+        return batch
+
+    def seen_ids(self) -> list[str]:
+        """The de-duplication window (acknowledged ids, oldest first), for a learner's checkpoint."""
+        return list(self._seen)
+
+    def remember(self, ids) -> None:
+        """Restore ids into the de-duplication window (from a checkpoint), as if acknowledged here."""
+        for tid in ids:
+            self._seen[tid] = None
+        while len(self._seen) > self.cfg.dedup_window:
+            del self._seen[next(iter(self._seen))]
 
     def ack(self, batch: ReadBatch) -> None:
         """The batch was used: dead letters, acknowledgements and counters commit together (MULTI)."""

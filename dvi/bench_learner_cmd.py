@@ -1,0 +1,180 @@
+"""`dvi bench-learner`: learner throughput (one rank and several), publish latency, and how many
+generation processes one learner rank keeps up with.
+
+The learner runs exactly as `dvi learner` does (DeepSpeed, the config's head, a fresh local
+redis-server) on a stream filled beforehand with random transitions shaped like real ones (the
+config's hidden size, `--positions` verified positions per round, top-16), so it never waits for
+data: what is measured is how fast it consumes. The generation rate is one SmolLM2 decoding process
+(`dvi generate`'s defaults: cost-aware γ<=4, copied n-gram drafts, the untrained head) emitting a
+transition per round into a counting sink.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="benchmark the DeepSpeed learner (1 and 2 ranks) against the generation rate",
+                       description=__doc__)
+    p.add_argument("--config", default="configs/learner.yaml", help="learner config whose head and batch to measure")
+    p.add_argument("--ranks", default="1,2", help="rank counts to measure, comma-separated (>1 uses a local Ray)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rates")
+    p.add_argument("--positions", type=int, default=4, help="verified positions per transition (γ=4: up to 5)")
+    p.add_argument("--generation-prompts", type=int, default=4, help="builtin prompts decoded for the generation "
+                                                                     "rate (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a learner config key")
+    p.add_argument("--out", default="runs/bench_learner.json", help="JSON report")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import yaml
+
+    from buffer.config import RedisConfig
+    from buffer.server import RedisServer
+    from dvi.config import load_config
+    from learner.config import LearnerConfig
+
+    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    sets = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    cpus = os.cpu_count() or 1
+    report = {"command": "dvi bench-learner", "config": args.config, "steps": args.steps, "warmup": args.warmup,
+              "positions_per_transition": args.positions, "cpus": cpus,
+              "load_avg_1m_before": round(os.getloadavg()[0], 2), "learner": {}}
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=False), Path(tmp) / "redis") as srv:
+        for n in ranks:
+            run_id = f"bench{n}"
+            cfg = load_config(LearnerConfig, args.config, {
+                **sets, "run_id": run_id, "redis.url": srv.url, "draft_vocab_from": "lowest", "heldout.prompts": 0,
+                "out_dir": str(Path(tmp) / run_id), "max_steps": args.steps, "idle_exit_s": 30,
+                "publish_every_steps": 5, "publish_every_s": 3600, "checkpoint.every_steps": 10**6,
+                "placement.ranks": n, "placement.num_cpus": max(1, cpus // n)})
+            report["model"], report["head"] = cfg.model, cfg.head.model_dump()
+            report["batch_size"], report["deepspeed"] = cfg.batch_size, cfg.deepspeed
+            _fill(srv.client(), cfg, args)
+            started = time.perf_counter()
+            _learn(cfg)
+            report["learner"][f"{n}_rank{'s' if n > 1 else ''}"] = {
+                **_rates(Path(cfg.out_dir), args.warmup), "wall_s_with_setup": round(time.perf_counter() - started, 1),
+                "threads_per_rank": max(1, cpus // n)}
+        if args.generation_prompts:
+            report["generation"] = _generation(cfg, args)
+            gen = report["generation"]
+            for name, r in report["learner"].items():
+                r["generation_processes_kept_up_with"] = round(r["positions_per_s"] / gen["positions_per_s"], 1)
+    _print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _fill(client, cfg, args) -> None:
+    """Enough transitions for every step, written before the learner starts (it never waits for data)."""
+    import numpy as np
+
+    from buffer.stream import TransitionWriter
+    from buffer.synthetic import random_transition
+    from selfspec.model import resolve_model_dir
+
+    hidden = json.loads((resolve_model_dir(cfg.model) / "config.json").read_text())["hidden_size"]
+    rng = np.random.default_rng(0)
+    pool = [random_transition(rng, n=args.positions, d=hidden, k=16, run_id=cfg.run_id, request_id=f"q{i}")
+            for i in range(64)]
+    with TransitionWriter(client, cfg.run_id, cfg.stream) as writer:
+        for i in range(cfg.batch_size * (args.steps + 2)):
+            t = pool[i % len(pool)]
+            t.round = i  # distinct ids: de-duplication keeps all
+            writer.write(t)
+
+
+def _learn(cfg) -> None:
+    if cfg.placement.ranks == 1:
+        from learner.setup import run_rank
+
+        run_rank(cfg)
+        return
+    import ray
+
+    from learner.launch import LearnerGroup
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        group = LearnerGroup(cfg)
+        group.run()
+        group.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _rates(out: Path, warmup: int) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "losses/total" in r][warmup:]
+    seconds = sum(1 / r["charts/steps_per_s"] for r in steps)
+    train_s = sum(r["charts/train_s"] for r in steps)
+    transitions = sum(r["charts/batch_transitions"] for r in steps)
+    positions = sum(r["charts/batch_positions"] for r in steps)
+    versions = [json.loads(line) for line in (out / "versions.jsonl").read_text().splitlines()]
+    return {"steps_per_s": round(len(steps) / seconds, 2), "transitions_per_s": round(transitions / seconds),
+            "positions_per_s": round(positions / seconds), "train_share": round(train_s / seconds, 2),
+            "publish_ms_median": round(statistics.median(v["latency_ms"] for v in versions), 1),
+            "publish_ms_max": round(max(v["latency_ms"] for v in versions), 1),
+            "blob_mb": round(versions[-1]["bytes"] / 1e6, 2), "versions": len(versions)}
+
+
+def _generation(cfg, args) -> dict:
+    """One decoding process with the config's (untrained) head, dvi generate's defaults."""
+    import torch
+
+    from dvi.common_args import quiet_transformers
+    from selfspec.engine import Emitter, SelfSpecDecoder
+    from selfspec.loading import load_drafter, make_policy
+    from selfspec.prompts import chat_ids, load_prompts
+
+    quiet_transformers()
+    torch.set_num_threads(os.cpu_count() or 1)
+    drafter = load_drafter(cfg.model, cfg.exit_layer, head_config=cfg.head)
+    counts = {"transitions": 0, "positions": 0}
+
+    def sink(t):
+        counts["transitions"] += 1
+        counts["positions"] += t.n
+
+    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy("cost_aware", 4, drafter.split, drafter.head),
+                              ngram=1, emit=Emitter(sink))
+    prompts = load_prompts("builtin")[:args.generation_prompts]
+    tokens, seconds = 0, 0.0
+    for p in prompts:
+        result = decoder.generate(chat_ids(drafter.tokenizer, p.text), max_new_tokens=args.max_new_tokens)
+        tokens, seconds = tokens + len(result.tokens), seconds + result.t_total
+    return {"prompts": len(prompts), "tokens_per_s": round(tokens / seconds, 1),
+            "transitions_per_s": round(counts["transitions"] / seconds, 1),
+            "positions_per_s": round(counts["positions"] / seconds, 1),
+            "positions_per_transition": round(counts["positions"] / max(counts["transitions"], 1), 2),
+            "policy": "cost_aware gamma<=4, ngram 1, untrained head"}
+
+
+def _print(report: dict) -> None:
+    print(f"learner on {report['cpus']} CPUs, {report['model']} head {report['head']}, batch {report['batch_size']} "
+          f"transitions x {report['positions_per_transition']} positions, {report['deepspeed']}")
+    print(f"{'ranks':<8}{'steps/s':>9}{'trans/s':>9}{'pos/s':>9}{'train':>7}{'publish ms':>12}{'blob MB':>9}"
+          f"{'gen procs':>10}")
+    for name, r in report["learner"].items():
+        print(f"{name:<8}{r['steps_per_s']:>9}{r['transitions_per_s']:>9}{r['positions_per_s']:>9}"
+              f"{r['train_share']:>7}{r['publish_ms_median']:>12}{r['blob_mb']:>9}"
+              f"{r.get('generation_processes_kept_up_with', '-'):>10}")
+    if "generation" in report:
+        g = report["generation"]
+        print(f"one generation process: {g['tokens_per_s']} tokens/s, {g['transitions_per_s']} transitions/s, "
+              f"{g['positions_per_s']} positions/s ({g['positions_per_transition']} per transition; {g['policy']})")

@@ -1,0 +1,156 @@
+"""Typed settings of the learner, and the DeepSpeed JSON it references.
+
+The learner YAML holds what the learner decides (head, schedule, losses, optimizer, batch, publishing,
+checkpoints, placement) and reuses the buffer's sections (`redis`, `stream`, `weights`). The DeepSpeed
+JSON holds only what DeepSpeed decides (ZeRO stage, clipping, bucket sizes): the optimizer is the
+learner's (torch AdamW, so nothing compiles), and so is the precision (`precision`), because fp32 vs
+bf16 depends on the machine the rank lands on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from buffer.config import RedisConfig, StreamConfig, WeightsConfig
+from selfspec.defaults import DEFAULT_MODEL
+from selfspec.drafter import HeadConfig
+from selfspec.objectives import LossConfig, ScheduleConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeldoutConfig(_Strict):
+    """Prompts no actor serves: each published version's MAL on their greedy paths is the learning curve."""
+    workload: str = Field("builtin", description="builtin, humaneval, or a Spec-Bench JSONL path")
+    prompts: int = Field(7, ge=0, description="taken from the end of the workload; 0: no held-out score")
+    max_new_tokens: int = Field(128, ge=2)
+    collect_batch: int = Field(8, ge=1, description="batch size of greedy generation (paths are cached)")
+
+
+class CheckpointConfig(_Strict):
+    dir: str | None = Field(None, description="DeepSpeed checkpoints; default: {out_dir}/checkpoints")
+    every_steps: int = Field(100, ge=1)
+    every_s: float = Field(20.0, gt=0, description="also checkpoint this often: acknowledgements wait for it")
+
+
+class PlacementConfig(_Strict):
+    ranks: int = Field(1, ge=1, description="data-parallel ranks; more than 1 runs them as Ray actors")
+    num_cpus: float = Field(1, gt=0, description="Ray CPUs per rank (and torch threads)")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per rank")
+
+
+class LearnerConfig(_Strict):
+    run_id: str = Field("default", description="the run's Redis keys live under dvi:{run_id}:")
+    model: str = DEFAULT_MODEL
+    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
+    head: HeadConfig = HeadConfig()
+    draft_vocab_from: Literal["lowest", "prompts"] = Field(
+        "lowest", description="with head.draft_vocab: the lowest ids (BPE merge order), or the ids the model "
+                              "emits most on the greedy paths of `vocab_prompts` prompts")
+    vocab_workload: str = "builtin"
+    vocab_prompts: int = Field(28, ge=1, description="from the start of vocab_workload")
+    schedule: Literal["kl_rl", "kl_only", "ce_only", "pg_only"] = "kl_rl"
+    schedule_config: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON (ZeRO stage 0, 1 or 2)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
+    batch_size: int = Field(64, ge=1, description="transitions per optimizer step, over all ranks")
+    min_fill: float = Field(0.25, gt=0, le=1, description="after fill_timeout_s, step with this fraction of a batch")
+    fill_timeout_s: float = Field(2.0, ge=0)
+    reuse: int = Field(1, ge=1, description="optimizer steps on each batch (1: every transition used once)")
+    max_steps: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0, description="stop after this long without a transition")
+    publish_every_steps: int = Field(10, ge=1)
+    publish_every_s: float = Field(30.0, gt=0)
+    gamma: int = Field(4, ge=1, description="draft length of the held-out MAL")
+    heldout: HeldoutConfig = HeldoutConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    out_dir: str = Field("runs/learner", description="metrics.jsonl, tb/, versions.jsonl, checkpoints/")
+    placement: PlacementConfig = PlacementConfig()
+    redis: RedisConfig = RedisConfig()
+    stream: StreamConfig = StreamConfig()
+    weights: WeightsConfig = WeightsConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _acks_wait_less_than_a_claim(self):
+        # Trained entries stay pending until the next checkpoint; another rank would claim (and train
+        # again) what stayed pending longer than claim_idle_ms.
+        if self.checkpoint.every_s * 1000 * 2 > self.stream.claim_idle_ms:
+            raise ValueError(f"checkpoint.every_s {self.checkpoint.every_s:g} must be under half of "
+                             f"stream.claim_idle_ms ({self.stream.claim_idle_ms} ms): batches stay unacknowledged "
+                             "until the checkpoint that holds them")
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.out_dir) / "checkpoints"
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+# Keys the learner owns: DeepSpeed would otherwise build a second optimizer or change the batch meaning.
+_OWNED = {"optimizer": "the optimizer is torch AdamW from the learner config (lr, weight_decay)",
+          "train_batch_size": "one optimizer step per learner batch (batch_size in the learner config)",
+          "gradient_accumulation_steps": "one optimizer step per learner batch (batch_size in the learner config)",
+          "train_micro_batch_size_per_gpu": "one optimizer step per learner batch (batch_size in the learner config)",
+          "fp16": "precision is the learner config's `precision` (fp32 or bf16)",
+          "bf16": "precision is the learner config's `precision` (fp32 or bf16)"}
+
+
+def deepspeed_config(path: str | Path, bf16: bool) -> dict:
+    """The DeepSpeed config dict for the engine: the JSON file plus what the learner owns. Any problem
+    is a DeepSpeedConfigError of one line naming the file and the key."""
+    path = Path(path)
+    where = f"deepspeed config {path}"
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"{where} not found (learner key `deepspeed`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise DeepSpeedConfigError(f"{where}: expected a JSON object at the top level")
+    for key, why in _OWNED.items():
+        if key in data:
+            raise DeepSpeedConfigError(f"{where}: remove `{key}`: {why}")
+    stage = data.get("zero_optimization", {}).get("stage", 0) if isinstance(data.get("zero_optimization"), dict) else 0
+    if stage not in (0, 1, 2):
+        raise DeepSpeedConfigError(f"{where}: zero_optimization.stage must be 0, 1 or 2 (got {stage!r}): stage 3 "
+                                   "partitions the parameters, which scoring and publishing read whole")
+    clip = data.get("gradient_clipping", 1.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise DeepSpeedConfigError(f"{where}: gradient_clipping must be a number >= 0 (got {clip!r})")
+    full = {**data, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "bf16": {"enabled": bf16}, "steps_per_print": data.get("steps_per_print", 10**9)}
+    _validate_with_deepspeed(full, where)
+    return full
+
+
+def _validate_with_deepspeed(config: dict, where: str) -> None:
+    """DeepSpeed's own checks (pydantic sections such as zero_optimization), as one line."""
+    from pydantic import ValidationError
+
+    from learner.dist import env_defaults
+
+    env_defaults()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        section = {"DeepSpeedZeroConfig": "zero_optimization"}.get(err.title, err.title)
+        key = ".".join([section, *(str(p) for p in first["loc"])])
+        raise DeepSpeedConfigError(f"{where}: {key}: {first['msg']}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:
+        raise DeepSpeedConfigError(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None

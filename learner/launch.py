@@ -1,0 +1,84 @@
+"""Several learner ranks as Ray actors forming one DeepSpeed group.
+
+Each rank is an actor placed by `placement` (num_cpus / num_gpus per rank). Rank 0's actor picks the
+rendezvous address (its node's IP and a free port); every actor then sets MASTER_ADDR/PORT, RANK,
+WORLD_SIZE, LOCAL_RANK and joins (gloo on CPU, nccl on GPU; Ray gives each GPU actor its own device,
+so LOCAL_RANK is 0). Every rank reads its share of the stream through the `learners` consumer group
+under its own consumer name; rank 0 publishes and scores. Only numpy arrays and plain data cross the
+actor boundary.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+
+from learner.config import LearnerConfig
+
+
+@ray.remote
+class LearnerRank:
+    def __init__(self, cfg_json: str):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self.cfg = LearnerConfig.model_validate_json(cfg_json)
+        self.learner = self.log = None
+
+    def address(self) -> tuple[str, int]:
+        from learner.dist import free_port
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, resume: bool,
+              record_ids: bool) -> int:
+        from learner.setup import build_rank
+
+        self.learner, self.log = build_rank(self.cfg, resume=resume, rank=rank, world_size=world_size,
+                                            master_addr=master_addr, master_port=master_port, record_ids=record_ids)
+        return os.getpid()
+
+    def run(self, steps: int | None = None) -> dict:
+        from learner.setup import summary
+
+        self.learner.run(steps)
+        return summary(self.learner)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self.learner.parameters()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+class LearnerGroup:
+    """`placement.ranks` learner ranks; `run()` trains until the config's stop conditions, `stop()`
+    asks every rank to finish (publish, checkpoint, acknowledge) at its next step."""
+
+    def __init__(self, cfg: LearnerConfig, *, resume: bool = False, record_ids: bool = False):
+        self.cfg = cfg
+        p = cfg.placement
+        self.actors = [LearnerRank.options(num_cpus=p.num_cpus, num_gpus=p.num_gpus).remote(cfg.model_dump_json())
+                       for _ in range(p.ranks)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        # All ranks join at once: joining the group blocks until the last one arrives.
+        self.pids = ray.get([a.setup.remote(r, p.ranks, addr, port, resume, record_ids)
+                             for r, a in enumerate(self.actors)])
+
+    def run(self, steps: int | None = None) -> list[dict]:
+        return ray.get([a.run.remote(steps) for a in self.actors])
+
+    def parameters(self) -> list[dict[str, np.ndarray]]:
+        return ray.get([a.parameters.remote() for a in self.actors])
+
+    def stop(self) -> None:
+        from learner.setup import connect_redis
+        from learner.trainer import stop_key
+
+        connect_redis(self.cfg).set(stop_key(self.cfg.run_id), 1)
+
+    def shutdown(self) -> None:
+        ray.get([a.close.remote() for a in self.actors])
+        for actor in self.actors:
+            ray.kill(actor)

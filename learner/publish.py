@@ -1,0 +1,85 @@
+"""Versioned head weights as the learner publishes them, and how anyone turns a blob back into a head.
+
+A blob holds the head's trainable parameters plus `vocab_ids` (its draft vocabulary, when reduced),
+and its meta holds the head config: that is all a fresh DrafterHead on the same base model needs, so
+an actor that joins late builds exactly the learner's head from whichever version is current (versions
+are pruned, so the vocabulary travels in every one). Each version's held-out MAL goes to the hash
+`dvi:{run_id}:learner:heldout_mal` (version -> MAL), kept for the whole run, and to versions.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+
+from buffer.keys import RunKeys
+from buffer.weights import WeightStore
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.split import SplitModel
+
+
+def head_arrays(head: DrafterHead) -> dict[str, np.ndarray]:
+    """What a version carries: trainable parameters (float32 when trained in bf16, which numpy lacks)
+    and the draft vocabulary."""
+    arrays = {}
+    for name, p in head.named_parameters():
+        if p.requires_grad:
+            value = p.detach()
+            arrays[name] = (value if value.dtype in (torch.float32, torch.float64) else value.float()).cpu().numpy().copy()
+    if head.vocab_ids is not None:
+        arrays["vocab_ids"] = head.vocab_ids.cpu().numpy().astype(np.int64)
+    return arrays
+
+
+def head_from_weights(split: SplitModel, arrays: dict[str, np.ndarray], meta: dict) -> DrafterHead:
+    """A fresh DrafterHead equal to the published one (meta["head"] is its config) on `split`."""
+    if meta.get("exit_layer", split.exit_layer) != split.exit_layer:
+        raise ValueError(f"weights are for a head at exit layer {meta['exit_layer']}, the split is at {split.exit_layer}")
+    arrays = {name: np.array(value) for name, value in arrays.items()}  # decoded blobs are read-only views
+    vocab_ids = arrays.pop("vocab_ids", None)
+    head = DrafterHead(split, HeadConfig(**meta["head"]), vocab_ids)
+    head.load_trainable_state(arrays)
+    return head
+
+
+def heldout_key(run_id: str) -> str:
+    return RunKeys(run_id).prefix + "learner:heldout_mal"
+
+
+def heldout_scores(client: redis.Redis, run_id: str) -> dict[int, float]:
+    """version -> held-out MAL of every version the run's learner scored."""
+    return {int(v): float(m) for v, m in client.hgetall(heldout_key(run_id)).items()}
+
+
+class Publisher:
+    """Rank 0's side of the weight store: versions only increase, each one is scored and recorded."""
+
+    def __init__(self, client: redis.Redis, run_id: str, base_model: str, keep_last: int, out_dir: Path):
+        self.client, self.run_id, self.base_model = client, run_id, base_model
+        self.store = WeightStore(client, run_id, keep_last=keep_last)
+        self.log_path = Path(out_dir) / "versions.jsonl"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def latest(self) -> int | None:
+        return self.store.latest_version()
+
+    def publish(self, head: DrafterHead, version: int, step: int) -> dict:
+        """Publish `head` as `version`; returns {version, step, bytes, latency_ms}."""
+        start = time.perf_counter()
+        meta = {"base_model": self.base_model, "head": head.config.model_dump(), "exit_layer": head.exit_layer,
+                "step": step,
+                "run_id": self.run_id, "published_at": time.time()}
+        size = self.store.publish(version, head_arrays(head), meta)
+        return {"version": version, "step": step, "bytes": size,
+                "latency_ms": (time.perf_counter() - start) * 1e3, "published_at": meta["published_at"]}
+
+    def record(self, entry: dict) -> None:
+        """After scoring: the MAL into the run's hash, the whole entry into versions.jsonl."""
+        if entry.get("heldout_mal") is not None:
+            self.client.hset(heldout_key(self.run_id), entry["version"], entry["heldout_mal"])
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
