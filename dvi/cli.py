@@ -14,6 +14,7 @@ COMMANDS = {
     "synth-prompts": "dvi.synth_prompts_cmd",
     "redis": "dvi.redis_cmd",
     "bench-buffer": "dvi.bench_buffer_cmd",
+    "trace": "dvi.trace_cmd",
     "learner": "dvi.learner_cmd", "bench-learner": "dvi.bench_learner_cmd",  # learner/ (DeepSpeed ranks)
 }
 

@@ -14,7 +14,12 @@ from pathlib import Path
 class Prompt:
     id: str
     category: str
-    text: str
+    text: str  # the first (or only) user turn
+    later_turns: tuple[str, ...] = ()  # a multi-turn question's follow-ups (Spec-Bench), for traffic replay
+
+    @property
+    def turns(self) -> tuple[str, ...]:
+        return (self.text, *self.later_turns)
 
 
 BUILTIN: dict[str, list[str]] = {
@@ -105,7 +110,7 @@ def humaneval_prompts() -> list[Prompt]:
 
 
 def spec_bench_prompts(path: str | Path) -> list[Prompt]:
-    """Spec-Bench question.jsonl format: question_id, category, turns (the first turn is used)."""
+    """Spec-Bench question.jsonl format: question_id, category, turns (`text` is the first; the rest in `later_turns`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} not found (Spec-Bench questions live in ../shared/data/spec_bench/question.jsonl)")
@@ -115,7 +120,10 @@ def spec_bench_prompts(path: str | Path) -> list[Prompt]:
             continue
         try:
             row = json.loads(line)
-            prompt = Prompt(str(row["question_id"]), row.get("category", "unknown"), row["turns"][0])
+            turns = row["turns"]
+            if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+                raise TypeError("turns must be a list of strings")
+            prompt = Prompt(str(row["question_id"]), row.get("category", "unknown"), turns[0], tuple(turns[1:]))
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
             raise ValueError(f"{path}:{line_no}: not a Spec-Bench question ({err.__class__.__name__}: {err}); "
                              f"expected question_id, category, turns") from None

@@ -1,0 +1,135 @@
+"""Where a trace's text comes from: Spec-Bench-format files, HumanEval, the built-in prompts, or a plain
+prompt list. Each source yields conversations tagged by workload; `WorkloadStream` turns one workload's
+conversations into successive requests, turn by turn.
+
+The files are read by `selfspec.prompts` (one Spec-Bench parser for the whole project).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Conversation:
+    source_id: str  # e.g. "spec_bench:81", "humaneval:HumanEval/3", "prompts:mine.txt:12"
+    turns: tuple[str, ...]  # user turns; the answers come from the served model at replay time
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpecBenchSource(_Strict):
+    """A Spec-Bench-format JSONL file; the workload is each question's category unless `workload` is set."""
+    kind: Literal["spec_bench"]
+    path: str
+    workload: str | None = None
+    categories: list[str] | None = None  # keep only these categories
+
+    def load(self) -> dict[str, list[Conversation]]:
+        from selfspec.prompts import spec_bench_prompts
+
+        prompts = spec_bench_prompts(self.path)
+        if self.categories is not None:
+            missing = set(self.categories) - {p.category for p in prompts}
+            if missing:
+                raise ValueError(f"{self.path} has no questions in categories {sorted(missing)}")
+            prompts = [p for p in prompts if p.category in self.categories]
+        return _group([(self.workload or p.category, Conversation(f"spec_bench:{p.id}", p.turns)) for p in prompts])
+
+
+class HumanEvalSource(_Strict):
+    kind: Literal["humaneval"]
+    workload: str = "code"
+
+    def load(self) -> dict[str, list[Conversation]]:
+        from selfspec.prompts import humaneval_prompts
+
+        return {self.workload: [Conversation(f"humaneval:{p.id}", p.turns) for p in humaneval_prompts()]}
+
+
+class BuiltinSource(_Strict):
+    """The project's built-in prompts (`selfspec.prompts.BUILTIN`), one workload per category."""
+    kind: Literal["builtin"]
+    workload: str | None = None
+
+    def load(self) -> dict[str, list[Conversation]]:
+        from selfspec.prompts import builtin_prompts
+
+        return _group([(self.workload or p.category, Conversation(f"builtin:{p.id}", p.turns)) for p in builtin_prompts()])
+
+
+class PromptsSource(_Strict):
+    """A text file with one prompt per line (blank lines skipped); the workload defaults to the file's stem."""
+    kind: Literal["prompts"]
+    path: str
+    workload: str | None = None
+
+    def load(self) -> dict[str, list[Conversation]]:
+        path = Path(self.path)
+        if not path.exists():
+            raise FileNotFoundError(f"prompt list {path} not found")
+        conversations = [Conversation(f"prompts:{path.name}:{no}", (line.strip(),))
+                         for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        if not conversations:
+            raise ValueError(f"prompt list {path} has no prompts")
+        return {self.workload or path.stem: conversations}
+
+
+SourceSpec = Annotated[Union[SpecBenchSource, HumanEvalSource, BuiltinSource, PromptsSource], Field(discriminator="kind")]
+
+
+def _group(tagged: list[tuple[str, Conversation]]) -> dict[str, list[Conversation]]:
+    groups: dict[str, list[Conversation]] = {}
+    for workload, conversation in tagged:
+        groups.setdefault(workload, []).append(conversation)
+    return groups
+
+
+def load_workloads(sources: list) -> dict[str, list[Conversation]]:
+    """workload -> its conversations in source order; sources sharing a workload tag are concatenated."""
+    workloads: dict[str, list[Conversation]] = {}
+    for source in sources:
+        for workload, conversations in source.load().items():
+            workloads.setdefault(workload, []).extend(conversations)
+    return workloads
+
+
+@dataclass(frozen=True)
+class RequestText:
+    """One request's text before it has a time and an id."""
+    messages: list[dict]
+    conversation_id: str | None
+    source: str
+
+
+class WorkloadStream:
+    """A workload's requests in order: every turn of a conversation, then the next conversation; after the
+    last conversation it starts over (a repeat gets a new conversation_id, `#1`, `#2`, ...)."""
+
+    def __init__(self, conversations: list[Conversation]):
+        if not conversations:
+            raise ValueError("a workload needs at least one conversation")
+        self.conversations = conversations
+        self._conversation, self._turn, self.repeats = 0, 0, 0
+
+    def next(self) -> RequestText:
+        conversation = self.conversations[self._conversation]
+        turn = self._turn
+        messages = []
+        for earlier in conversation.turns[:turn]:
+            messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": None}]
+        messages.append({"role": "user", "content": conversation.turns[turn]})
+        multi_turn = len(conversation.turns) > 1
+        text = RequestText(messages, f"{conversation.source_id}#{self.repeats}" if multi_turn else None,
+                           conversation.source_id)
+        self._turn += 1
+        if self._turn == len(conversation.turns):
+            self._conversation, self._turn = self._conversation + 1, 0
+            if self._conversation == len(self.conversations):
+                self._conversation, self.repeats = 0, self.repeats + 1
+        return text
