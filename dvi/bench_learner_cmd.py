@@ -5,8 +5,8 @@ The learner runs exactly as `dvi learner` does (DeepSpeed, the config's head, a 
 redis-server) on a stream filled beforehand with random transitions shaped like real ones (the
 config's hidden size, `--positions` verified positions per round, top-16), so it never waits for
 data: what is measured is how fast it consumes. The generation rate is one SmolLM2 decoding process
-(`dvi generate`'s defaults: cost-aware γ<=4, copied n-gram drafts, the untrained head) emitting a
-transition per round into a counting sink.
+(`dvi generate`'s defaults: cost-aware γ<=4, copied n-gram drafts, the untrained head; one thread,
+as a generation actor with num_cpus=1) emitting a transition per round into a counting sink.
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ def add_parser(sub, name):
     p = sub.add_parser(name, help="benchmark the DeepSpeed learner (1 and 2 ranks) against the generation rate",
                        description=__doc__)
     p.add_argument("--config", default="configs/learner.yaml", help="learner config whose head and batch to measure")
-    p.add_argument("--ranks", default="1,2", help="rank counts to measure, comma-separated (>1 uses a local Ray)")
+    p.add_argument("--layouts", default="1x1,1x2,2x1",
+                   help="RANKSxTHREADS per rank to measure, comma-separated (more than 1 rank uses a local Ray)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rates")
     p.add_argument("--positions", type=int, default=4, help="verified positions per transition (γ=4: up to 5)")
     p.add_argument("--generation-prompts", type=int, default=4, help="builtin prompts decoded for the generation "
                                                                      "rate (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--generation-threads", type=int, default=1,
+                   help="torch threads of the generation process (1: a generation actor with num_cpus=1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a learner config key")
     p.add_argument("--out", default="runs/bench_learner.json", help="JSON report")
     p.set_defaults(func=run)
@@ -42,7 +45,7 @@ def run(args) -> int:
     from dvi.config import load_config
     from learner.config import LearnerConfig
 
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",") if item.strip()]
     if args.steps <= args.warmup:
         raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     sets = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
@@ -51,21 +54,22 @@ def run(args) -> int:
               "positions_per_transition": args.positions, "cpus": cpus,
               "load_avg_1m_before": round(os.getloadavg()[0], 2), "learner": {}}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=False), Path(tmp) / "redis") as srv:
-        for n in ranks:
-            run_id = f"bench{n}"
+        for n, threads in layouts:
+            run_id = f"bench{n}x{threads}"
             cfg = load_config(LearnerConfig, args.config, {
                 **sets, "run_id": run_id, "redis.url": srv.url, "draft_vocab_from": "lowest", "heldout.prompts": 0,
                 "out_dir": str(Path(tmp) / run_id), "max_steps": args.steps, "idle_exit_s": 30,
                 "publish_every_steps": 5, "publish_every_s": 3600, "checkpoint.every_steps": 10**6,
-                "placement.ranks": n, "placement.num_cpus": max(1, cpus // n)})
+                "placement.ranks": n, "placement.num_cpus": threads,
+                "stream.max_policy_lag": 10**9})  # the pre-filled transitions must not go stale as versions move
             report["model"], report["head"] = cfg.model, cfg.head.model_dump()
             report["batch_size"], report["deepspeed"] = cfg.batch_size, cfg.deepspeed
             _fill(srv.client(), cfg, args)
             started = time.perf_counter()
             _learn(cfg)
-            report["learner"][f"{n}_rank{'s' if n > 1 else ''}"] = {
-                **_rates(Path(cfg.out_dir), args.warmup), "wall_s_with_setup": round(time.perf_counter() - started, 1),
-                "threads_per_rank": max(1, cpus // n)}
+            report["learner"][f"{n}x{threads}"] = {
+                **_rates(Path(cfg.out_dir), args.warmup), "ranks": n, "threads_per_rank": threads,
+                "wall_s_with_setup": round(time.perf_counter() - started, 1)}
         if args.generation_prompts:
             report["generation"] = _generation(cfg, args)
             gen = report["generation"]
@@ -143,7 +147,7 @@ def _generation(cfg, args) -> dict:
     from selfspec.prompts import chat_ids, load_prompts
 
     quiet_transformers()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.generation_threads)
     drafter = load_drafter(cfg.model, cfg.exit_layer, head_config=cfg.head)
     counts = {"transitions": 0, "positions": 0}
 
@@ -162,16 +166,16 @@ def _generation(cfg, args) -> dict:
             "transitions_per_s": round(counts["transitions"] / seconds, 1),
             "positions_per_s": round(counts["positions"] / seconds, 1),
             "positions_per_transition": round(counts["positions"] / max(counts["transitions"], 1), 2),
-            "policy": "cost_aware gamma<=4, ngram 1, untrained head"}
+            "threads": args.generation_threads, "policy": "cost_aware gamma<=4, ngram 1, untrained head"}
 
 
 def _print(report: dict) -> None:
     print(f"learner on {report['cpus']} CPUs, {report['model']} head {report['head']}, batch {report['batch_size']} "
           f"transitions x {report['positions_per_transition']} positions, {report['deepspeed']}")
-    print(f"{'ranks':<8}{'steps/s':>9}{'trans/s':>9}{'pos/s':>9}{'train':>7}{'publish ms':>12}{'blob MB':>9}"
+    print(f"{'ranks x threads':<16}{'steps/s':>9}{'trans/s':>9}{'pos/s':>9}{'train':>7}{'publish ms':>12}{'blob MB':>9}"
           f"{'gen procs':>10}")
     for name, r in report["learner"].items():
-        print(f"{name:<8}{r['steps_per_s']:>9}{r['transitions_per_s']:>9}{r['positions_per_s']:>9}"
+        print(f"{name:<16}{r['steps_per_s']:>9}{r['transitions_per_s']:>9}{r['positions_per_s']:>9}"
               f"{r['train_share']:>7}{r['publish_ms_median']:>12}{r['blob_mb']:>9}"
               f"{r.get('generation_processes_kept_up_with', '-'):>10}")
     if "generation" in report:

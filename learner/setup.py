@@ -1,6 +1,6 @@
 """What one learner rank needs before its loop: the Redis client, the model, the held-out paths and the
-draft vocabulary; and `run_rank`, which puts them together (the one-process `dvi learner` and each Ray
-rank both run it).
+draft vocabulary. `build_rank` puts them together (each Ray rank runs it), `run_rank` also runs the
+loop (the one-process `dvi learner`).
 """
 from __future__ import annotations
 

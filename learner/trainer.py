@@ -16,10 +16,12 @@ so a thin stream never stalls the group; its share of the average is then zero.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +29,7 @@ import numpy as np
 import redis
 import torch
 
+from buffer.keys import RunKeys
 from buffer.stream import ReadBatch, TransitionReader
 from learner.checkpoint import Checkpoints, commit_record, merge, recover_commit
 from learner.config import LearnerConfig, deepspeed_config
@@ -47,8 +50,6 @@ COUNTERS = ("steps", "zero_steps", "trained_transitions", "trained_positions", "
 
 def stop_key(run_id: str) -> str:
     """Setting this key stops every rank of the run's learner at its next step (LearnerGroup.stop)."""
-    from buffer.keys import RunKeys
-
     return RunKeys(run_id).prefix + "learner:stop"
 
 
@@ -104,7 +105,8 @@ class Learner:
         """Every rank builds the head with rank 0's draft vocabulary (DeepSpeed then broadcasts rank 0's
         parameters, the frozen projection rows included)."""
         torch.manual_seed(self.cfg.seed)
-        split = SplitModel(model, self.cfg.exit_layer)
+        with fixed_kernels():
+            split = SplitModel(model, self.cfg.exit_layer)
         head = DrafterHead(split, self.cfg.head, vocab_ids) if self.rank == 0 else None
         ids = broadcast_ids(head.vocab_ids if head is not None else None, self.cfg.head.draft_vocab)
         if head is None:
@@ -138,7 +140,7 @@ class Learner:
                   "recovered_acks": acked})
 
     def _latest_version(self) -> int | None:
-        latest = self.client.get(f"dvi:{self.cfg.run_id}:weights:latest")
+        latest = self.client.get(RunKeys(self.cfg.run_id).weights_latest)
         torch.distributed.barrier()  # every rank reads it before rank 0 publishes the next
         return None if latest is None else int(latest)
 
@@ -229,34 +231,37 @@ class Learner:
     # ------------------------------------------------------------------ steps
 
     def _train_held(self) -> None:
+        """`reuse` optimizer steps on what this rank holds (a zero gradient if it holds nothing), one
+        metrics record per step; the batches then wait for the next commit to be acknowledged."""
         transitions = [t for b in self.held for t in b.transitions]
-        started = time.perf_counter()
+        positions = sum(t.n for t in transitions)
+        lags = [self.version - t.policy_version for t in transitions]
+        total_t, total_p, lag_sum = sync_sum([len(transitions), positions, sum(lags)])
+        (neg_lag_max,) = sync_min([-max(lags, default=0)])
+        batch = {"charts/batch_transitions": total_t, "charts/batch_positions": total_p,
+                 "charts/policy_lag_mean": lag_sum / max(total_t, 1), "charts/policy_lag_max": -neg_lag_max,
+                 **composition(transitions)}
         for _ in range(self.cfg.reuse):
+            started = time.perf_counter()
             metrics = (train_step(self.head, self.engine, transitions, self.state, self.cfg.loss) if transitions
                        else self._zero_step())
             self.step += 1
             self.counters["steps"] += 1
-        train_s = time.perf_counter() - started
+            now = time.monotonic()
+            train_s = time.perf_counter() - started
+            # since the previous step: reading and waiting included, what the stream actually sees
+            interval = max(now - self._last_step_at, 1e-9) if self._last_step_at is not None else train_s
+            self._last_step_at = now
+            self.log({"step": self.step, "version": self.version, **metrics, **batch, "charts/train_s": train_s,
+                      "charts/steps_per_s": 1 / interval, "charts/transitions_per_s": total_t / interval,
+                      "charts/positions_per_s": total_p / interval})
         self.done += self.held
         self.held = []
-        positions = sum(t.n for t in transitions)
         self.counters["trained_transitions"] += len(transitions)
         self.counters["trained_positions"] += positions
         self.counters["zero_steps"] += 0 if transitions else self.cfg.reuse
         if self.trained_ids is not None:
             self.trained_ids += [t.transition_id for t in transitions]
-        lags = [self.version - t.policy_version for t in transitions]
-        total_t, total_p, lag_sum = sync_sum([len(transitions), positions, sum(lags)])
-        (neg_lag_max,) = sync_min([-max(lags, default=0)])
-        now = time.monotonic()
-        interval = max(now - self._last_step_at, 1e-9) if self._last_step_at is not None else train_s
-        self._last_step_at = now
-        self.log({"step": self.step, "version": self.version, **metrics,
-                  "charts/batch_transitions": total_t, "charts/batch_positions": total_p,
-                  "charts/policy_lag_mean": lag_sum / max(total_t, 1), "charts/policy_lag_max": -neg_lag_max,
-                  "charts/steps_per_s": self.cfg.reuse / interval, "charts/transitions_per_s": total_t / interval,
-                  "charts/positions_per_s": total_p / interval, "charts/train_s": train_s,
-                  **composition(transitions)})
 
     def _zero_step(self) -> dict:
         """This rank has no data while the others step: a zero gradient keeps the collectives matched."""
@@ -321,6 +326,20 @@ class Learner:
         """The trainable parameters as numpy (what Ray hands back: arrays, never tensors)."""
         return {n: p.detach().float().cpu().numpy() if p.dtype == torch.bfloat16 else p.detach().cpu().numpy()
                 for n, p in self.head.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def fixed_kernels():
+    """The split times two matmul kernels for few-row passes when built (minutes on a busy CPU). The
+    learner never runs a few-row pass: its batches and held-out paths are hundreds of rows, where the
+    plain kernel is the one either way, so it skips the timing (DVI_THIN_GEMM_ROWS=none, unless set)."""
+    before = os.environ.get("DVI_THIN_GEMM_ROWS")
+    os.environ["DVI_THIN_GEMM_ROWS"] = before if before is not None else "none"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DVI_THIN_GEMM_ROWS"]
 
 
 def composition(transitions: list[Transition]) -> dict[str, float]:
