@@ -1,0 +1,39 @@
+"""Typed settings of a generation actor (`actors/generation.py`).
+
+Unknown keys are errors naming the key, like every other config section of the project. The actor's
+Redis connection and run id are not here: the run owns them (one server and one run for every actor).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from buffer.config import StreamConfig
+from selfspec.defaults import DEFAULT_MODEL
+from selfspec.drafter import HeadConfig
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="model name or HF model directory")
+    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
+    drafter: str | None = Field(None, description="a saved head (dvi online/train output) to start from; its own "
+                                                  "exit layer wins. None: an untrained head of config `head`")
+    head: HeadConfig = HeadConfig()
+    gamma: int = Field(4, ge=0, description="most drafts per round (0: plain decoding)")
+    policy: Literal["fixed", "threshold", "cost_aware"] = "cost_aware"
+    ngram: int = Field(1, ge=0, description="shortest suffix match to copy drafts from the request's own text (0: off)")
+    topk: int = Field(16, ge=1, description="K of the top-K draft and target distributions a transition carries")
+    weights_check_every_rounds: int = Field(
+        64, ge=1, description="read weights:latest once this many rounds went by (checked, and swapped, "
+                              "between requests)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads (CPU); None: num_cpus when set, "
+                                                           "else torch's default")
+    num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor (1 on a GPU cluster: one actor per GPU)")
+    max_restarts: int = Field(3, ge=-1, description="Ray restarts a crashed actor this often (-1: always)")
+    max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once; it decodes one at a "
+                                                       "time in arrival order, the rest are its queue depth")
+    stream: StreamConfig = StreamConfig()

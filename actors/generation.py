@@ -1,0 +1,318 @@
+"""The generation actor: serves requests with self-speculative decoding and feeds the learner.
+
+`Generator` holds the logic and runs without Ray (tests, a notebook); `GenerationActor` is the thin Ray
+actor around it, created by `start_actor(cfg, ...)` with the config's resources (`num_gpus=1` on a GPU
+cluster: one actor per GPU; `num_cpus` and torch threads on CPU) and `max_restarts`.
+
+A request is the trace line's dict (`actors/trace.py`): `messages` (rendered with the tokenizer's chat
+template, assistant placeholders filled from this actor's own earlier answers), `prompt` (plain text),
+or `prompt_ids` (token ids as they are: pre-tokenised traces, and tests with a tiny model that has no
+tokenizer). The result is the dict the dispatcher reads (`actors/dispatch.py`):
+{request_id, tokens, t_first_token_s, t_total_s, mean_accepted_length, error} plus the actor's extras
+(rounds, drafted, accepted, head_version, ...). A request that cannot run (a prompt longer than the
+model's context, malformed messages) comes back with `error` set and the actor serves the next one.
+
+Per request: check for a newer head -> encode the prompt -> decode (every round's Transition goes to
+the Redis stream through TransitionWriter) -> flush the stream -> result.
+
+Weights: `weights:latest` is read (one GET) once `weights_check_every_rounds` rounds went by since the
+last read, at the next request boundary; a newer blob is fetched, validated (WeightStore) and swapped in
+before that request starts. Swaps happen between requests only, never inside one: output never depends
+on the head (lossless), and a swap inside a request would also have to rebuild an attention head's own
+KV cache, for a speed-up of a few rounds at most. A refused blob is counted (`weights_refused`) and the
+actor keeps its head.
+
+Concurrency: the actor accepts up to `max_concurrency` requests at once but decodes one at a time, in
+arrival order; the ones waiting are its queue depth, and `metrics()` answers while it decodes.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+
+import numpy as np
+import ray
+import redis
+import torch
+
+from actors.config import GenerationConfig
+from actors.trace import ConversationMemory
+from buffer.stream import BackpressureTimeout, TransitionWriter
+from buffer.weights import WeightSpec, WeightsRefused, WeightStore
+from learner.publish import head_arrays, head_from_weights
+from selfspec.engine import DecodeOptions, Emitter, SelfSpecDecoder
+from selfspec.loading import Drafter, make_policy
+from selfspec.transitions import Transition
+
+STREAM_ERRORS = (redis.RedisError, BackpressureTimeout, OSError)
+
+
+def load_for_actor(cfg: GenerationConfig, device: str) -> Drafter:
+    """`selfspec.loading.load_drafter`, on `device` (one GPU per actor on a cluster)."""
+    from selfspec.drafter import DrafterHead, load_head
+    from selfspec.model import load_model
+    from selfspec.split import SplitModel
+
+    model, tokenizer = load_model(cfg.model, device=device)
+    if cfg.drafter is not None:
+        return Drafter(model, tokenizer, *load_head(model, cfg.drafter))
+    split = SplitModel(model, cfg.exit_layer)
+    return Drafter(model, tokenizer, split, DrafterHead(split, cfg.head), {})
+
+
+class Generator:
+    """One model, one decoder, one stream writer; requests decoded one at a time.
+
+    `redis_client`: where transitions and weights go (None: no streaming and no weight pulls, e.g. a
+    baseline without learning). `drafter`: an already built model + head (tests pass a tiny model);
+    None loads `cfg.model` on this process's device. `base_model`: the name the learner publishes
+    weights under (`selfspec.model.model_name(cfg.model)` by default).
+    """
+
+    def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *,
+                 redis_client: redis.Redis | None = None, drafter: Drafter | None = None,
+                 base_model: str | None = None):
+        self.cfg, self.run_id, self.actor_id = cfg, run_id, actor_id
+        threads = cfg.num_threads or (max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None)
+        if threads:
+            torch.set_num_threads(threads)
+        if drafter is None:
+            device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            drafter = load_for_actor(cfg, device)
+        self.drafter, self.tokenizer = drafter, drafter.tokenizer
+        self.split, self.head = drafter.split, drafter.head
+        policy = make_policy(cfg.policy, cfg.gamma, self.split, self.head)
+        self.writer = self.store = None
+        if redis_client is not None:
+            from selfspec.model import model_name
+
+            self.writer = TransitionWriter(redis_client, run_id, cfg.stream)
+            spec = WeightSpec.of(base_model or model_name(cfg.model), head_arrays(self.head))
+            self.store = WeightStore(redis_client, run_id, expected=spec)
+        emit = Emitter(self._sink, run_id, actor_id, cfg.topk) if self.writer is not None else None
+        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit)
+        self.memory = ConversationMemory()
+        # None: the actor's own starting head, not a published one (its transitions carry version 0)
+        self.version: int | None = None
+        self.latest_published: int | None = None
+        self._rounds_since_check = cfg.weights_check_every_rounds  # the first request checks
+        self._turn = threading.Condition()
+        self._next_ticket = self._serving = 0
+        self.in_flight = 0
+        self.counts = {"requests_done": 0, "requests_failed": 0, "tokens": 0, "rounds": 0, "drafted": 0,
+                       "accepted": 0, "transitions_emitted": 0, "stream_errors": 0, "weights_swaps": 0,
+                       "weights_refused": 0, "weights_errors": 0}
+        self.decode_s = 0.0  # summed t_total_s of completed requests: what tokens/s divides by
+        self.last_weights_problem: str | None = None
+        self.last_stream_problem: str | None = None
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def generate(self, request: dict) -> dict:
+        """Serve one request (thread-safe: concurrent callers are served one at a time, in call order)."""
+        with self._turn:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            self.in_flight += 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+        try:
+            return self._serve(request)
+        finally:
+            with self._turn:
+                self.in_flight -= 1
+                self._serving += 1
+                self._turn.notify_all()
+
+    def _serve(self, request: dict) -> dict:
+        start = time.perf_counter()
+        request_id = str(request.get("request_id", "")) if isinstance(request, dict) else ""
+        result = {"request_id": request_id, "tokens": 0, "t_first_token_s": 0.0, "t_total_s": 0.0,
+                  "mean_accepted_length": None, "error": None, "actor_id": self.actor_id, "pid": os.getpid()}
+        try:
+            if not isinstance(request, dict) or not request_id:
+                raise ValueError("a request is a dict with a request_id")
+            self._maybe_swap_head()
+            prompt_ids = self._prompt_ids(request)
+            temperature = float(request.get("temperature", 0.0))
+            t_prep = time.perf_counter() - start
+            out = self.decoder.generate(
+                prompt_ids, max_new_tokens=int(request.get("max_new_tokens", 128)), temperature=temperature,
+                # seeded by the request id: a replayed trace samples the same tokens
+                seed=zlib.crc32(request_id.encode()), request_id=request_id,
+                workload=str(request.get("workload", "")))
+            self._flush()
+            if self.tokenizer is not None and request.get("messages") is not None:
+                self.memory.remember(request, self.tokenizer.decode(out.tokens, skip_special_tokens=True))
+        except Exception as err:  # a bad request, reported in its result; the actor serves the next one
+            self._flush()
+            self.counts["requests_failed"] += 1
+            lines = str(err).strip().splitlines()
+            result.update(error=f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "),
+                          t_total_s=time.perf_counter() - start, head_version=self.version)
+            return result
+        t_total = time.perf_counter() - start
+        drafted = sum(r.drafted for r in out.rounds)
+        accepted = sum(r.accepted for r in out.rounds)
+        c = self.counts
+        c["requests_done"] += 1
+        c["tokens"] += len(out.tokens)
+        c["rounds"] += len(out.rounds)
+        c["drafted"] += drafted
+        c["accepted"] += accepted
+        self._rounds_since_check += len(out.rounds)
+        self.decode_s += t_total
+        result.update(tokens=len(out.tokens), t_first_token_s=t_prep + out.t_prefill, t_total_s=t_total,
+                      mean_accepted_length=out.mean_accepted_length, rounds=len(out.rounds), drafted=drafted,
+                      accepted=accepted, stop_reason=out.stop_reason, prompt_tokens=len(prompt_ids),
+                      head_version=self.version, output_ids=list(out.tokens))
+        return result
+
+    def _prompt_ids(self, request: dict) -> list[int]:
+        """Token ids of the request: `prompt_ids` as given, `messages` through the chat template (earlier
+        answers filled in), or `prompt` as plain text."""
+        given = [key for key in ("prompt_ids", "messages", "prompt") if request.get(key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt_ids, messages or prompt, got {given or 'none'}")
+        if given[0] == "prompt_ids":
+            ids = request["prompt_ids"]
+            if not isinstance(ids, (list, tuple)) or any(type(i) is not int for i in ids):
+                raise ValueError("prompt_ids must be a list of token ids")
+            vocab = self.split.config.vocab_size
+            if any(not 0 <= i < vocab for i in ids):
+                raise ValueError(f"prompt_ids must be in [0, {vocab})")
+            return list(ids)
+        if self.tokenizer is None:
+            raise ValueError("this actor has no tokenizer: send prompt_ids")
+        if given[0] == "prompt":
+            if not isinstance(request["prompt"], str):
+                raise ValueError("prompt must be a string")
+            return list(self.tokenizer(request["prompt"])["input_ids"])
+        messages = self.memory.messages_for(request)
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"malformed message {m!r}: expected {{role: system|user|assistant, content: str}}")
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        else:  # a base model without a template: the turns as plain text
+            ids = self.tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+        return list(ids)
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def _sink(self, t: Transition) -> None:
+        self.counts["transitions_emitted"] += 1
+        try:
+            self.writer.write(t)
+        except STREAM_ERRORS as err:
+            # Serving goes on without Redis: the writer keeps the batch and the next flush retries it.
+            self._stream_failed(err)
+
+    def _flush(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.flush()
+        except STREAM_ERRORS as err:
+            self._stream_failed(err)
+
+    def _stream_failed(self, err: Exception) -> None:
+        self.counts["stream_errors"] += 1
+        self.last_stream_problem = f"{type(err).__name__}: {err}"
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def _maybe_swap_head(self) -> None:
+        """Between requests: once enough rounds went by, read weights:latest and swap a newer head in."""
+        if self.store is None or self._rounds_since_check < self.cfg.weights_check_every_rounds:
+            return
+        self._rounds_since_check = 0
+        try:
+            self.latest_published = self.store.latest_version()
+            if self.latest_published is None or (self.version is not None and self.latest_published <= self.version):
+                return
+            pulled = self.store.pull_if_newer(self.version)
+            if pulled is None:
+                return  # the latest is a version refused before: not fetched (nor counted) again
+            version, arrays, meta = pulled
+            self._swap(version, arrays, meta)
+        except WeightsRefused as err:
+            self.counts["weights_refused"] += 1
+            self.last_weights_problem = str(err)
+        except redis.RedisError as err:  # Redis away: keep serving with the current head, try again later
+            self.counts["weights_errors"] += 1
+            self.last_weights_problem = f"{type(err).__name__}: {err}"
+
+    def _swap(self, version: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        vocab = arrays.get("vocab_ids")
+        same_vocab = (vocab is None) == (self.head.vocab_ids is None) and (
+            vocab is None or np.array_equal(vocab, self.head.vocab_ids.cpu().numpy()))
+        same_config = meta.get("head", self.head.config.model_dump()) == self.head.config.model_dump()
+        try:
+            if same_vocab and same_config:  # the usual case: new values for the same parameters, in place
+                self.head.load_trainable_state({k: np.array(v) for k, v in arrays.items() if k != "vocab_ids"})
+            else:  # another draft vocabulary or head config: build the learner's head
+                self.head = head_from_weights(self.split, arrays, meta)
+        except (ValueError, TypeError, KeyError) as err:
+            raise WeightsRefused(f"weights v{version} refused: {err}") from None
+        self.decoder.set_head(self.head, version)
+        self.version = version
+        self.counts["weights_swaps"] += 1
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        c = self.counts
+        rounds = max(c["rounds"], 1)
+        lag = None
+        if self.latest_published is not None:
+            lag = self.latest_published - (self.version if self.version is not None else -1)
+        writer = self.writer.counts if self.writer is not None else {}
+        return {"actor_id": self.actor_id, "pid": os.getpid(), **c,
+                "tokens_per_s": c["tokens"] / self.decode_s if self.decode_s > 0 else None,
+                "mean_accepted_length": (c["accepted"] / c["rounds"] + 1) if c["rounds"] else None,
+                "drafted_per_round": c["drafted"] / rounds, "accepted_per_round": c["accepted"] / rounds,
+                "head_version": self.version, "latest_published": self.latest_published, "head_lag": lag,
+                "transitions_written": writer.get("written", 0), "transitions_dropped": writer.get("dropped_oldest", 0),
+                "queue_depth": self.in_flight, "last_weights_problem": self.last_weights_problem,
+                "last_stream_problem": self.last_stream_problem}
+
+    def close(self) -> None:
+        """Send what the stream still buffers (after a failed flush)."""
+        self._flush()
+
+
+class GenerationActor:
+    """The Ray face of a Generator. `metrics`/`close` run in their own concurrency group, so they answer
+    while a request decodes."""
+
+    def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *, redis_url: str | None = None,
+                 redis_password: str | None = None, drafter: Drafter | None = None, base_model: str | None = None):
+        from buffer.connection import connect
+
+        client = connect(redis_url, redis_password) if redis_url else None
+        self.generator = Generator(cfg, run_id, actor_id, redis_client=client, drafter=drafter,
+                                   base_model=base_model)
+
+    def generate(self, request: dict) -> dict:
+        return self.generator.generate(request)
+
+    @ray.method(concurrency_group="control")
+    def metrics(self) -> dict:
+        return self.generator.metrics()
+
+    @ray.method(concurrency_group="control")
+    def close(self) -> None:
+        self.generator.close()
+
+    def __ray_shutdown__(self) -> None:  # Ray calls this when the actor is terminated gracefully
+        self.generator.close()
+
+
+def start_actor(cfg: GenerationConfig, run_id: str, actor_id: int = 0, **kwargs):
+    """A GenerationActor with the config's resources and restart policy (call after ray.init)."""
+    actor_class = ray.remote(concurrency_groups={"control": 1})(GenerationActor)
+    return actor_class.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
+                               max_concurrency=cfg.max_concurrency).remote(cfg, run_id, actor_id, **kwargs)
