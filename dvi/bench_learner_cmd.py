@@ -91,10 +91,13 @@ def _fill(client, cfg, args) -> None:
     from buffer.synthetic import random_transition
     from selfspec.model import resolve_model_dir
 
-    hidden = json.loads((resolve_model_dir(cfg.model) / "config.json").read_text())["hidden_size"]
+    model_config = json.loads((resolve_model_dir(cfg.model) / "config.json").read_text())
     rng = np.random.default_rng(0)
-    pool = [random_transition(rng, n=args.positions, d=hidden, k=16, run_id=cfg.run_id, request_id=f"q{i}")
-            for i in range(64)]
+    pool = [random_transition(rng, n=args.positions, d=model_config["hidden_size"], k=16, run_id=cfg.run_id,
+                              request_id=f"q{i}") for i in range(64)]
+    for t in pool:  # token ids within this model's vocabulary
+        for name in ("draft_tokens", "draft_topk_ids", "target_topk_ids", "target_tokens"):
+            setattr(t, name, getattr(t, name) % model_config["vocab_size"])
     with TransitionWriter(client, cfg.run_id, cfg.stream) as writer:
         for i in range(cfg.batch_size * (args.steps + 2)):
             t = pool[i % len(pool)]
@@ -130,11 +133,13 @@ def _rates(out: Path, warmup: int) -> dict:
     transitions = sum(r["charts/batch_transitions"] for r in steps)
     positions = sum(r["charts/batch_positions"] for r in steps)
     versions = [json.loads(line) for line in (out / "versions.jsonl").read_text().splitlines()]
+    commits = [r["charts/checkpoint_s"] for r in records if "charts/checkpoint_s" in r]
     return {"steps_per_s": round(len(steps) / seconds, 2), "transitions_per_s": round(transitions / seconds),
             "positions_per_s": round(positions / seconds), "train_share": round(train_s / seconds, 2),
             "publish_ms_median": round(statistics.median(v["latency_ms"] for v in versions), 1),
             "publish_ms_max": round(max(v["latency_ms"] for v in versions), 1),
-            "blob_mb": round(versions[-1]["bytes"] / 1e6, 2), "versions": len(versions)}
+            "blob_mb": round(versions[-1]["bytes"] / 1e6, 2), "versions": len(versions),
+            "commit_s": round(commits[-1], 2) if commits else None}  # DeepSpeed checkpoint + acknowledgement
 
 
 def _generation(cfg, args) -> dict:
@@ -173,10 +178,10 @@ def _print(report: dict) -> None:
     print(f"learner on {report['cpus']} CPUs, {report['model']} head {report['head']}, batch {report['batch_size']} "
           f"transitions x {report['positions_per_transition']} positions, {report['deepspeed']}")
     print(f"{'ranks x threads':<16}{'steps/s':>9}{'trans/s':>9}{'pos/s':>9}{'train':>7}{'publish ms':>12}{'blob MB':>9}"
-          f"{'gen procs':>10}")
+          f"{'commit s':>10}{'gen procs':>10}")
     for name, r in report["learner"].items():
         print(f"{name:<16}{r['steps_per_s']:>9}{r['transitions_per_s']:>9}{r['positions_per_s']:>9}"
-              f"{r['train_share']:>7}{r['publish_ms_median']:>12}{r['blob_mb']:>9}"
+              f"{r['train_share']:>7}{r['publish_ms_median']:>12}{r['blob_mb']:>9}{r['commit_s']:>10}"
               f"{r.get('generation_processes_kept_up_with', '-'):>10}")
     if "generation" in report:
         g = report["generation"]

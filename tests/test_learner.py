@@ -234,3 +234,19 @@ def test_resume_after_a_crash_between_checkpoint_and_acknowledgement(server, mod
     counters = second.run()
     assert counters["trained_transitions"] == counters["consumed"] == len(sent)
     assert run_stats(server.client(), cfg.run_id) == {"written": len(sent), "consumed": len(sent)}
+
+
+def test_bench_command_reports_rates(model, tmp_path, capsys):
+    """`dvi bench-learner` end to end on the tiny model (its numbers are for SmolLM2; here only the report)."""
+    from dvi.cli import main
+
+    model.save_pretrained(tmp_path / "model")
+    cfg = config(tmp_path, "redis://unused:1")
+    (tmp_path / "learner.yaml").write_text(json.dumps(cfg.model_dump(mode="json", exclude={"redis"})))
+    assert main(["bench-learner", "--config", str(tmp_path / "learner.yaml"), "--layouts", "1x1", "--steps", "6",
+                 "--warmup", "1", "--generation-prompts", "0", "--out", str(tmp_path / "bench.json")]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rates = report["learner"]["1x1"]
+    assert rates["steps_per_s"] > 0 and rates["positions_per_s"] == pytest.approx(4 * rates["transitions_per_s"], rel=0.01)
+    assert rates["versions"] >= 2 and rates["blob_mb"] > 0 and rates["commit_s"] is not None
+    assert "1x1" in capsys.readouterr().out
