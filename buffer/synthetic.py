@@ -21,7 +21,8 @@ def random_transition(rng: np.random.Generator, n: int = 4, d: int = 576, k: int
                "draft_tokens": rng.integers(0, VOCAB, n, dtype=np.int32),
                "draft_logprobs": -rng.random(n, dtype=np.float32),
                "draft_topk_ids": rng.integers(0, VOCAB, (n, k), dtype=np.int32),
-               "draft_topk_logprobs": -rng.random((n, k), dtype=np.float32)}
+               "draft_topk_logprobs": -rng.random((n, k), dtype=np.float32),
+               "kind": np.zeros(n, np.int8)}  # all drafted
     verified = {"target_topk_ids": rng.integers(0, VOCAB, (n, k), dtype=np.int32),
                 "target_topk_logprobs": -rng.random((n, k), dtype=np.float32),
                 "target_tokens": rng.integers(0, VOCAB, n, dtype=np.int32)}

@@ -23,7 +23,8 @@ from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
 from selfspec.split import SplitModel
-from selfspec.transitions import RoundMeta, Transition, make_transition
+from selfspec.transitions import (COPIED, DRAFTED, PLAIN, RoundMeta, Transition, make_transition,
+                                  undrafted_fields)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DecodeOptions:
 
 @dataclass
 class Emitter:
-    """Where a decoder sends a Transition for each round its head drafted, and what it holds."""
+    """Where a decoder sends each round's Transition, and what the record holds."""
     sink: Callable[[Transition], None]
     run_id: str = "local"
     actor_id: int = 0
@@ -191,7 +192,7 @@ class SelfSpecDecoder:
         t3 = time.perf_counter()
         emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
         self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
-        if self.emit is not None and draft.logits:
+        if self.emit is not None:
             self.emit.sink(self._transition(req, draft, target_logits, emitted))
         self._commit(req, draft.hidden, n_acc, emitted)
         return RoundStats(len(draft.tokens), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
@@ -267,17 +268,24 @@ class SelfSpecDecoder:
 
     def _transition(self, req: _Request, draft: Draft, target_logits: torch.Tensor,
                     emitted: list[int]) -> Transition:
+        """Every position this round verified is a row (selfspec.transitions): the drafts' (head or
+        copied) and the last one, whose next token nothing drafted (plain)."""
         tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
-        n = len(draft.tokens)
-        draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
-        k = min(self.emit.topk, draft_logp.shape[-1])  # a small draft vocab bounds K for both sides
-        target_top = torch.log_softmax(target_logits[:n].float() / tau, -1).topk(k, -1)
+        rows, n = target_logits.shape[0], len(draft.tokens)
+        k = min(self.emit.topk, self._draft_vocab_size())  # a small draft vocab bounds K for both sides
+        target_top = torch.log_softmax(target_logits.float() / tau, -1).topk(k, -1)
         # the verifier's choice: what it emitted up to the first reject, its argmax after
-        target_tokens = (emitted[:n] + target_logits[len(emitted):n].argmax(-1).tolist())
+        target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
+        kind = np.full(rows, PLAIN, np.int8)
+        kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
+        drafted = undrafted_fields(rows, k)
+        if draft.logits:
+            draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
+            for name, value in self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), k).items():
+                drafted[name][:n] = value
         context = (torch.stack(req.history[-self.window:]).half().cpu().numpy() if self.window
                    else np.zeros((0, 0), np.float16))
-        drafted = {"hidden": draft.hidden[0, :n].half().cpu().numpy(), "context_hidden": context,
-                   **self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), k)}
+        drafted.update(hidden=draft.hidden[0].half().cpu().numpy(), context_hidden=context, kind=kind)
         verified = {"target_topk_ids": target_top.indices.int().cpu().numpy(),
                     "target_topk_logprobs": target_top.values.float().cpu().numpy(),
                     "target_tokens": np.asarray(target_tokens, np.int32)}
@@ -286,6 +294,11 @@ class SelfSpecDecoder:
                          self.policy_version, opts.workload, draft.t_start, time.time(),
                          float(opts.temperature))
         return make_transition(meta, drafted, verified, len(emitted) - 1)
+
+    def _draft_vocab_size(self) -> int:
+        if self.head is None or self.head.vocab_ids is None:
+            return self.split.config.vocab_size
+        return len(self.head.vocab_ids)
 
 
 def _accept(draft: Draft, target_logits: torch.Tensor, temperature: float, generator,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from selfspec.prompts import Prompt, chat_ids, left_padded, pad_id
 from selfspec.acceptance import mean_accepted_length as rounds_mal
 from selfspec.model import eos_ids
-from selfspec.transitions import RoundMeta, Transition, make_transition
+from selfspec.transitions import DISTILL, DRAFTED, RoundMeta, Transition, make_transition
 
 
 @dataclass
@@ -180,7 +180,8 @@ def _path_transition(path: GreedyPath, head, logp: torch.Tensor, span: _Span, to
     pos, n = span.pos, logp.shape[0]
     k = min(topk, logp.shape[-1], path.target_topk_ids.shape[1])  # same K on both sides, within what is stored
     window = head.config.context_window
-    drafted = {"hidden": path.hidden[pos:pos + n],
+    kind = DRAFTED if span.n_accepted >= 0 else DISTILL
+    drafted = {"hidden": path.hidden[pos:pos + n], "kind": np.full(n, kind, np.int8),
                "context_hidden": path.hidden[max(0, pos - window):pos] if window else np.zeros((0, 0), np.float16),
                **head.draft_fields(logp, head.to_full_ids(logp.argmax(-1)), k)}
     verified = {"target_topk_ids": path.target_topk_ids[pos:pos + n, :k],

@@ -60,12 +60,14 @@ class PositionBatch:
 
 
 def _to_draft(ids: np.ndarray, vocab_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary ids -> (draft indices, in the draft vocabulary?); -1 (no draft, padding) is not."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     if vocab_ids is None:
-        return ids, torch.ones_like(ids, dtype=torch.bool)
+        hit = ids >= 0
+        return torch.where(hit, ids, 0), hit
     vocab_ids = vocab_ids.cpu()
     idx = torch.searchsorted(vocab_ids, ids).clamp_max(len(vocab_ids) - 1)  # vocab_ids is sorted
-    hit = vocab_ids[idx] == ids
+    hit = (vocab_ids[idx] == ids) & (ids >= 0)
     return torch.where(hit, idx, 0), hit
 
 
@@ -93,7 +95,6 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
     draft_idx, draft_in = _to_draft(cat("draft_tokens"), vocab_ids)
     target_idx, target_in = _to_draft(cat("target_tokens"), vocab_ids)
     topk_idx, topk_valid = _to_draft(topk_ids, vocab_ids)
-    topk_valid &= torch.as_tensor(topk_ids >= 0)
     per_pos = lambda f: np.concatenate([np.full(tr.n, f(tr)) for tr in transitions])  # noqa: E731
     as_f = lambda a: torch.as_tensor(np.asarray(a, np.float64), dtype=dtype, device=device)  # noqa: E731
     on = lambda t: t.to(device)  # noqa: E731

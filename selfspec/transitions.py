@@ -1,5 +1,13 @@
 """The Transition record: one verification round, everything the learner needs, as numpy arrays.
 
+Every position a round verified is a row: the verifier computed the full model's distribution there
+and the trunk the layer-k hidden state, so each row is a distillation target whatever drafted it.
+Each row has a `kind`: `drafted` (the head proposed the next token: behaviour fields, and a reward
+up to the first reject), `copied` (an n-gram draft proposed it), `plain` (nothing did: the pending
+token of a round without drafts, or the last verified position), `distill` (a position of known text
+distilled on: a prompt or a sampled response). Rows of any kind but `drafted` carry KL targets only:
+`accept_mask` and `on_path` False, `draft_tokens` -1 and no behaviour log-prob.
+
 A transition is self-contained: because the trunk is frozen, the stored layer-k hidden states stay
 valid training inputs whatever head version reads them later. Only numpy (no torch tensors) so that
 it crosses Ray and Redis boundaries cheaply and without pickling.
@@ -10,7 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-# name -> (dtype, trailing shape spec). "n" = drafted positions, "K" = top-k, "d" = hidden size,
+KINDS = ("drafted", "copied", "plain", "distill")
+DRAFTED, COPIED, PLAIN, DISTILL = range(len(KINDS))
+
+# name -> (dtype, trailing shape spec). "n" = verified positions (rows), "K" = top-k, "d" = hidden size,
 # "W" = context window. Used by validation here and by the wire codec.
 ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "hidden": (np.dtype(np.float16), ("n", "d")),
@@ -23,6 +34,7 @@ ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "target_tokens": (np.dtype(np.int32), ("n",)),
     "accept_mask": (np.dtype(np.bool_), ("n",)),
     "on_path": (np.dtype(np.bool_), ("n",)),
+    "kind": (np.dtype(np.int8), ("n",)),
     "context_hidden": (np.dtype(np.float16), ("W", "d")),
 }
 class TransitionError(ValueError):
@@ -59,6 +71,7 @@ class Transition(RoundMeta):
     target_tokens: np.ndarray  # [n] int32: the verifier's choice at each position
     accept_mask: np.ndarray  # [n] bool: True on the accepted prefix
     on_path: np.ndarray  # [n] bool: positions before or at the first reject (these carry reward)
+    kind: np.ndarray  # [n] int8: index into KINDS (drafted, copied, plain, distill)
     # [w, d] float16, w <= W: trunk hidden of the last w committed positions before the draft (fewer
     # than the head's window W only at the start of a short request); [0, 0] for single-position heads.
     context_hidden: np.ndarray = field(
@@ -97,6 +110,10 @@ class Transition(RoundMeta):
             raise TransitionError("accept_mask: accepted positions must form a prefix")
         if np.any(self.accept_mask & ~self.on_path):
             raise TransitionError("accept_mask: an accepted position must be on_path")
+        if np.any((self.kind < 0) | (self.kind >= len(KINDS))):
+            raise TransitionError(f"kind: values must index {KINDS}")
+        if np.any(self.on_path & (self.kind != DRAFTED)):
+            raise TransitionError("on_path: only rows the head drafted carry a reward")
         return self
 
     def scalars(self) -> dict:
@@ -118,10 +135,17 @@ def make_transition(meta: RoundMeta, drafted: dict[str, np.ndarray], verified: d
                     n_accepted: int) -> Transition:
     """The one way a round becomes a Transition, for the decoder and the greedy-path simulation alike.
 
-    `drafted`: what the head saw and proposed (`hidden`, `context_hidden`, `draft_*`); `verified`: the
-    verifier's side (`target_*`). The first `n_accepted` positions were accepted and position
-    `n_accepted` was the first reject; n_accepted = -1 marks rows nothing judged (no reward anywhere:
-    distillation targets only)."""
+    `drafted`: what the head saw and proposed (`hidden`, `context_hidden`, `kind`, `draft_*`);
+    `verified`: the verifier's side (`target_*`). Of the `drafted` rows, the first `n_accepted` were
+    accepted and the next one was the first reject; n_accepted = -1: nothing was judged."""
     positions = np.arange(len(drafted["draft_tokens"]))
-    return Transition(**asdict(meta), **drafted, **verified, accept_mask=positions < n_accepted,
-                      on_path=positions <= n_accepted).validate()
+    judged = drafted["kind"] == DRAFTED
+    return Transition(**asdict(meta), **drafted, **verified, accept_mask=(positions < n_accepted) & judged,
+                      on_path=(positions <= n_accepted) & judged).validate()
+
+
+def undrafted_fields(rows: int, k: int) -> dict[str, np.ndarray]:
+    """The draft side of rows the head did not draft: no token, no behaviour distribution."""
+    return {"draft_tokens": np.full(rows, -1, np.int32), "draft_logprobs": np.zeros(rows, np.float32),
+            "draft_topk_ids": np.full((rows, k), -1, np.int32),
+            "draft_topk_logprobs": np.full((rows, k), -np.inf, np.float32)}

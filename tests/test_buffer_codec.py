@@ -7,7 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from buffer.codec import CodecError, decode_transition, decode_weights, encode_transition, encode_weights
+from buffer.codec import SCHEMA, CodecError, decode_transition, decode_weights, encode_transition, encode_weights
 from buffer.synthetic import random_transition
 from selfspec.transitions import ARRAY_FIELDS
 
@@ -21,7 +21,7 @@ def _transition(**kw):
 def _reseal(body: dict, kind: str = "transition") -> bytes:
     """A blob with a valid header and checksum around a body the test chose."""
     packed = msgpack.packb(body)
-    return msgpack.packb({"schema": 1, "kind": kind, "crc": zlib.crc32(packed), "size": len(packed)}) + packed
+    return msgpack.packb({"schema": SCHEMA, "kind": kind, "crc": zlib.crc32(packed), "size": len(packed)}) + packed
 
 
 def _body(blob: bytes) -> dict:
@@ -115,7 +115,7 @@ def _missing_field(blob: bytes) -> bytes:
     (lambda b: b[:3], "header"),
     (lambda b: b"\x00" * 40, "schema"),
     (lambda b: _reseal({"x": 1}, kind="weights"), "expected 'transition'"),
-    (lambda b: msgpack.packb({"schema": 2, "kind": "transition"}) + b, "schema 2"),
+    (lambda b: msgpack.packb({"schema": SCHEMA + 1, "kind": "transition"}) + b, f"schema {SCHEMA + 1}"),
     (_wrong_dtype, "dtype float64, expected float32"),
     (_wrong_shape, "do not fill shape"),
     (_inconsistent, "inconsistent transition"),

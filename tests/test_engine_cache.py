@@ -7,6 +7,7 @@ from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.transitions import DRAFTED, PLAIN
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -50,14 +51,12 @@ def test_verification_after_rejection_equals_fresh_forward(model):
                               LengthPolicy(4), emit=Emitter(transitions.append, topk=8))
     prompt = [3, 14, 15, 92, 65, 35]
     result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
-    drafting_rounds = [r for r in result.rounds if r.drafted]  # a round with no budget left drafts nothing
-    assert len(transitions) == len(drafting_rounds)
-    by_round = iter(transitions)
+    assert len(transitions) == len(result.rounds)  # every round's verified positions are data
     pending_index, checked = 0, 0
-    for i, r in enumerate(result.rounds):
-        tr = next(by_round) if r.drafted else None
-        if tr is not None and i > 0 and result.rounds[i - 1].accepted < result.rounds[i - 1].drafted:
-            seq = prompt + result.tokens[: pending_index + 1] + tr.draft_tokens.tolist()
+    for i, (r, tr) in enumerate(zip(result.rounds, transitions)):
+        assert tr.n == r.drafted + 1  # the pending token and each draft
+        if i > 0 and result.rounds[i - 1].accepted < result.rounds[i - 1].drafted:
+            seq = prompt + result.tokens[: pending_index + 1] + tr.draft_tokens[:r.drafted].tolist()
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
             start = len(prompt) + pending_index
@@ -86,12 +85,16 @@ def test_transition_fields(model):
         assert tr.hidden.shape == (tr.n, 64) and tr.context_hidden.shape == ((3 if i == 0 else 4), 64)
         assert tr.policy_version == 7 and tr.workload == "w"
         assert tr.draft_topk_ids.shape == (tr.n, 5)
+        drafted = tr.kind == DRAFTED
+        # the head drafted every row but the last, whose next token nothing proposed (plain, KL only)
+        assert drafted[:-1].all() and tr.kind[-1] == PLAIN and tr.draft_tokens[-1] == -1
+        assert not (tr.on_path[-1] or tr.accept_mask[-1])
         # greedy drafts are the head's argmax: the top-1 of its own distribution
-        np.testing.assert_array_equal(tr.draft_tokens, tr.draft_topk_ids[:, 0])
-        np.testing.assert_allclose(tr.draft_logprobs, tr.draft_topk_logprobs[:, 0], rtol=1e-6)
+        np.testing.assert_array_equal(tr.draft_tokens[drafted], tr.draft_topk_ids[drafted, 0])
+        np.testing.assert_allclose(tr.draft_logprobs[drafted], tr.draft_topk_logprobs[drafted, 0], rtol=1e-6)
         accepted = tr.accept_mask.sum()
         np.testing.assert_array_equal(tr.target_tokens[:accepted], tr.draft_tokens[:accepted])
-        if accepted < tr.n:
+        if accepted < drafted.sum():
             assert tr.target_tokens[accepted] != tr.draft_tokens[accepted]
     # the hidden state stored is the trunk's layer-k output at that position
     with torch.no_grad():

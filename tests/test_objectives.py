@@ -14,7 +14,7 @@ from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import (EMABaseline, LossConfig, Schedule, ScheduleConfig, TrainState, accepted_ce, collate,
                                  collate_for, distill_kl, make_schedule, policy_gradient, total_loss)
 from selfspec.split import SplitModel
-from selfspec.transitions import Transition
+from selfspec.transitions import DRAFTED, Transition
 
 F64 = torch.float64
 
@@ -31,7 +31,7 @@ def make_tr(draft, target, topk_ids, topk_lp, n_acc, draft_lp=None, temperature=
         draft_tokens=draft, draft_logprobs=np.asarray(draft_lp if draft_lp is not None else [-1.0] * n, np.float32),
         draft_topk_ids=np.repeat(draft[:, None], k, 1), draft_topk_logprobs=np.full((n, k), -1.0, np.float32),
         target_topk_ids=topk_ids, target_topk_logprobs=topk_lp, target_tokens=np.asarray(target, np.int32),
-        accept_mask=np.arange(n) < n_acc, on_path=np.arange(n) <= n_acc).validate()
+        accept_mask=np.arange(n) < n_acc, on_path=np.arange(n) <= n_acc, kind=np.zeros(n, np.int8)).validate()
 
 
 def softmax(z):
@@ -368,8 +368,11 @@ def test_real_transitions_fresh_ratio_is_one_and_kl_matches_full_kl(model):
 def test_total_loss_is_the_weighted_sum_and_updates_the_baseline_after_use(model):
     split = SplitModel(model, 2)
     head = DrafterHead(split, HeadConfig(adapter_hidden=8, lora_rank=2, draft_vocab=64))
-    batch = collate_for(head, real_transitions(64))
-    assert batch.draft_in_vocab.all()  # the head drafted them: always in its own vocabulary
+    transitions = real_transitions(64)
+    batch = collate_for(head, transitions)
+    # what the head drafted is always in its own vocabulary; the rows nothing drafted have no draft
+    drafted = np.concatenate([t.kind for t in transitions]) == DRAFTED
+    assert drafted.any() and (batch.draft_in_vocab.numpy() == drafted).all()
     schedule = Schedule(ScheduleConfig(warmup_steps=2, ramp_steps=4, kl_weight=1.0, kl_floor=0.2,
                                        ce_weight=0.5, pg_weight=2.0), step=4)
     baseline, cfg = EMABaseline(decay=0.9, init=0.3), LossConfig(distill_temperature=1.5, clip_eps=0.1)
