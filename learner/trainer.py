@@ -40,7 +40,7 @@ from selfspec.greedy_paths import GreedyPath, mean_accepted_length
 from selfspec.model import model_name
 from selfspec.objectives import TrainState, train_step
 from selfspec.split import SplitModel
-from selfspec.transitions import Transition
+from selfspec.transitions import KINDS, Transition
 
 Log = Callable[[dict], None]
 POLL_MS = 100  # longest a read blocks: the ranks meet at least this often
@@ -344,22 +344,11 @@ def fixed_kernels():
 
 def composition(transitions: list[Transition]) -> dict[str, float]:
     """This rank's batch by workload (fraction of transitions) and by kind of row (fraction of
-    positions): drafted / copied / plain / distill where the record carries a per-row `kind`;
-    otherwise rewarded (on the path) against distillation only."""
+    positions: drafted / copied / plain / distill)."""
     if not transitions:
         return {}
     workloads = Counter(t.workload or "unknown" for t in transitions)
-    positions = sum(t.n for t in transitions)
-    kinds: Counter = Counter()
-    try:
-        from selfspec.transitions import KINDS
-    except ImportError:  # records without a per-row kind
-        KINDS = None
-    for t in transitions:
-        if KINDS is not None and getattr(t, "kind", None) is not None:
-            kinds.update({KINDS[k]: int(n) for k, n in zip(*np.unique(t.kind, return_counts=True))})
-        else:
-            rewarded = int(t.on_path.sum())
-            kinds.update({"rewarded": rewarded, "distill_only": t.n - rewarded})
+    kinds = Counter(np.concatenate([t.kind for t in transitions]).tolist())
+    positions = sum(kinds.values())
     return {**{f"charts/workload/{w}": n / len(transitions) for w, n in workloads.items()},
-            **{f"charts/kind/{k}": n / positions for k, n in kinds.items()}}
+            **{f"charts/kind/{KINDS[k]}": n / positions for k, n in kinds.items()}}
