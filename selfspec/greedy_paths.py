@@ -103,7 +103,8 @@ class PathEmit:
 
 def _head_logp(path: GreedyPath, head, start: int, end: int) -> torch.Tensor:
     """The head's log-probs (draft vocabulary) at positions start..end-1 of the path, teacher-forced."""
-    hidden = torch.from_numpy(path.hidden[:end]).to(next(head.parameters()).dtype)
+    param = next(head.parameters())
+    hidden = torch.from_numpy(path.hidden[:end]).to(param.device, param.dtype)
     return torch.log_softmax(head.path_logits(hidden, start, end).float(), -1)
 
 
@@ -119,7 +120,7 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, emit: PathEmit | None = 
     if end <= start:
         return [], []
     logp = _head_logp(path, head, start, end)
-    match = head.to_full_ids(logp.argmax(-1)).numpy() == tokens[start + 1:end + 1]
+    match = head.to_full_ids(logp.argmax(-1)).cpu().numpy() == tokens[start + 1:end + 1]
     accepted, transitions, p = [], [], 0  # p: pending position, relative to start
     while p < end - start:
         n = min(gamma, end - start - p - 1)  # the bonus token needs one slot of what is left

@@ -107,10 +107,10 @@ def head_predictions(path, head) -> tuple[np.ndarray, np.ndarray]:
     """The head's argmax draft (full-vocabulary id) and its probability at positions prompt_len..len-2."""
     param = next(head.parameters())
     with torch.no_grad():
-        hidden = torch.from_numpy(path.hidden[:-1]).to(param.dtype)
+        hidden = torch.from_numpy(path.hidden[:-1]).to(param.device, param.dtype)
         probs = torch.softmax(head.path_logits(hidden, path.prompt_len, len(hidden)).float(), -1)
     conf, idx = probs.max(-1)
-    return head.to_full_ids(idx).numpy(), conf.numpy()
+    return head.to_full_ids(idx).cpu().numpy(), conf.cpu().numpy()
 
 
 def mean_accepted_length_with_ngram(paths, gamma: int, head=None, min_ngram: int = 1) -> float:
