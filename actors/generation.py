@@ -42,7 +42,7 @@ from actors.trace import ConversationMemory
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 from learner.publish import head_arrays, head_from_weights
-from selfspec.engine import DecodeOptions, Emitter, SelfSpecDecoder
+from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.transitions import Transition
 

@@ -6,12 +6,12 @@ an adapter of two 576x1152 float32 matrices plus a rank-32 LoRA on the 576x49152
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
+
+from dvi.report_file import write_report
 
 RECORDS = {"smollm2": 576, "7b": 4096}  # name -> hidden size
 POSITIONS, TOP_K, VOCAB, LORA_RANK = 4, 16, 49152, 32
@@ -51,10 +51,7 @@ def run(args) -> int:
                 report["records"][label] = _bench_stream(client, label, hidden, n, cfg)
         report["weights"] = _bench_weights(client)
     _print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out)
     return 0
 
 

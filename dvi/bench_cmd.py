@@ -1,10 +1,8 @@
 """`dvi bench`: Hugging Face generate vs dvi on the same prompts; prints a table, writes JSON."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from dvi.common_args import add_model_args, quiet_transformers
+from dvi.report_file import write_report
 
 # Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
 METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
@@ -43,11 +41,8 @@ def run(args) -> int:
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter
     report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
     print_table(report)
-    print(f"wrote {out}")
+    write_report(report, args.out)
     return 0
 
 

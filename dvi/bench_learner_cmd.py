@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dvi.report_file import write_report
+
 
 def add_parser(sub, name):
     p = sub.add_parser(name, help="benchmark the DeepSpeed learner (1 and 2 ranks) against the generation rate",
@@ -76,10 +78,7 @@ def run(args) -> int:
             for name, r in report["learner"].items():
                 r["generation_processes_kept_up_with"] = round(r["positions_per_s"] / gen["positions_per_s"], 1)
     _print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -19,7 +19,7 @@ from buffer.stream import run_stats
 from buffer.weights import WeightStore
 from learner.dist import init_distributed
 from learner.metrics_log import MetricsLog
-from learner.publish import head_arrays, head_from_weights, heldout_scores
+from learner.publish import head_from_weights, heldout_scores
 from learner.trainer import Learner
 from selfspec.drafter import DrafterHead
 from selfspec.greedy_paths import mean_accepted_length

@@ -3,7 +3,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
