@@ -24,7 +24,7 @@ from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.loading import Drafter
 from selfspec.split import SplitModel
 from selfspec.transitions import KINDS
-from tests.tiny_model import plain_greedy, tiny_llama
+from tiny_model import plain_greedy, tiny_llama
 
 pytestmark = pytest.mark.integration
 
