@@ -67,13 +67,12 @@ class Generator:
 
     `redis_client`: where transitions and weights go (None: no streaming and no weight pulls, e.g. a
     baseline without learning). `drafter`: an already built model + head (tests pass a tiny model);
-    None loads `cfg.model` on this process's device. `base_model`: the name the learner publishes
-    weights under (`selfspec.model.model_name(cfg.model)` by default).
+    None loads `cfg.model` on this process's device. The learner publishes weights under the name
+    `drafter.meta["base_model"]`, else `selfspec.model.model_name(cfg.model)`.
     """
 
     def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *,
-                 redis_client: redis.Redis | None = None, drafter: Drafter | None = None,
-                 base_model: str | None = None):
+                 redis_client: redis.Redis | None = None, drafter: Drafter | None = None):
         self.cfg, self.run_id, self.actor_id = cfg, run_id, actor_id
         threads = cfg.num_threads or (max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None)
         if threads:
@@ -89,7 +88,8 @@ class Generator:
             from selfspec.model import model_name
 
             self.writer = TransitionWriter(redis_client, run_id, cfg.stream)
-            spec = WeightSpec.of(base_model or model_name(cfg.model), head_arrays(self.head))
+            base_model = drafter.meta.get("base_model") or model_name(cfg.model)
+            spec = WeightSpec.of(base_model, head_arrays(self.head))
             self.store = WeightStore(redis_client, run_id, expected=spec)
         emit = Emitter(self._sink, run_id, actor_id, cfg.topk) if self.writer is not None else None
         self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit)
@@ -289,12 +289,11 @@ class GenerationActor:
     while a request decodes."""
 
     def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *, redis_url: str | None = None,
-                 redis_password: str | None = None, drafter: Drafter | None = None, base_model: str | None = None):
+                 redis_password: str | None = None, drafter: Drafter | None = None):
         from buffer.connection import connect
 
         client = connect(redis_url, redis_password) if redis_url else None
-        self.generator = Generator(cfg, run_id, actor_id, redis_client=client, drafter=drafter,
-                                   base_model=base_model)
+        self.generator = Generator(cfg, run_id, actor_id, redis_client=client, drafter=drafter)
 
     def generate(self, request: dict) -> dict:
         return self.generator.generate(request)

@@ -32,10 +32,10 @@ class LearnerRank:
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, resume: bool,
               record_ids: bool) -> int:
-        from learner.setup import build_rank
+        from learner.setup import RankPlace, build_rank
 
-        self.learner, self.log = build_rank(self.cfg, resume=resume, rank=rank, world_size=world_size,
-                                            master_addr=master_addr, master_port=master_port, record_ids=record_ids)
+        place = RankPlace(rank, world_size, master_addr, master_port)
+        self.learner, self.log = build_rank(self.cfg, place, resume=resume, record_ids=record_ids)
         return os.getpid()
 
     def run(self, steps: int | None = None) -> dict:

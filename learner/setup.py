@@ -5,12 +5,22 @@ loop (the one-process `dvi learner`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis
 
 from learner.config import LearnerConfig
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where a rank sits in the DeepSpeed process group."""
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (one process)
 
 
 def connect_redis(cfg: LearnerConfig) -> redis.Redis:
@@ -76,18 +86,19 @@ def vocab_from_prompts(cfg: LearnerConfig, model, tokenizer) -> np.ndarray:
     return frequent_ids(paths, SplitModel(model, cfg.exit_layer), cfg.head.draft_vocab)
 
 
-def build_rank(cfg: LearnerConfig, *, resume: bool = False, rank: int = 0, world_size: int = 1,
-               master_addr: str = "127.0.0.1", master_port: int | None = None, record_ids: bool = False):
+def build_rank(cfg: LearnerConfig, place: RankPlace = RankPlace(), *, resume: bool = False,
+               record_ids: bool = False):
     """Join the group and build this rank's Learner from the config; returns (learner, its metrics log or None)."""
     import torch
 
     from learner.dist import init_distributed
     from learner.metrics_log import MetricsLog
-    from learner.trainer import Learner
+    from learner.trainer import Learner, LearnerSetup
 
     client = connect_redis(cfg)  # first: an unreachable server fails in a second, not after loading a model
     torch.set_num_threads(max(1, int(cfg.placement.num_cpus)))  # more threads than cores: many times slower
-    init_distributed(rank, world_size, master_addr, master_port)
+    rank, world_size = place.rank, place.world_size
+    init_distributed(rank, world_size, place.master_addr, place.master_port)
     choose_vocab = rank == 0 and not resume and cfg.head.draft_vocab is not None and cfg.draft_vocab_from == "prompts"
     decode = rank == 0 and (cfg.heldout.prompts > 0 or choose_vocab)
     model, tokenizer = load_model(cfg.model, with_tokenizer=decode)
@@ -95,8 +106,8 @@ def build_rank(cfg: LearnerConfig, *, resume: bool = False, rank: int = 0, world
     vocab = vocab_from_prompts(cfg, model, tokenizer) if choose_vocab else None
     log = MetricsLog(Path(cfg.out_dir), append=resume) if rank == 0 else None
     try:
-        learner = Learner(cfg, client, model, heldout=heldout, vocab_ids=vocab, rank=rank, world_size=world_size,
-                          resume=resume, log=log, record_ids=record_ids)
+        setup = LearnerSetup(rank, world_size, resume, heldout, vocab, log, record_ids)
+        learner = Learner(cfg, client, model, setup)
     except BaseException:
         if log is not None:
             log.close()

@@ -23,7 +23,8 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import numpy as np
 import redis
@@ -43,6 +44,18 @@ from selfspec.split import SplitModel
 from selfspec.transitions import KINDS, Transition
 
 Log = Callable[[dict], None]
+
+
+@dataclass
+class LearnerSetup:
+    """What a rank starts from besides its config, Redis client and model."""
+    rank: int = 0
+    world_size: int = 1
+    resume: bool = False
+    heldout: Sequence[GreedyPath] = ()  # rank 0 scores every published version on these
+    vocab_ids: np.ndarray | None = None  # rank 0's draft vocabulary (None: chosen by the head config)
+    log: Log | None = None
+    record_ids: bool = False  # keep the ids of trained transitions (tests check exactly-once)
 POLL_MS = 100  # longest a read blocks: the ranks meet at least this often
 COUNTERS = ("steps", "zero_steps", "trained_transitions", "trained_positions", "consumed", "stale", "duplicates",
             "deadletter", "published", "commits")
@@ -56,21 +69,20 @@ def stop_key(run_id: str) -> str:
 class Learner:
     """One rank. The caller has joined the process group (learner.dist.init_distributed)."""
 
-    def __init__(self, cfg: LearnerConfig, client: redis.Redis, model, *, heldout: list[GreedyPath] = (),
-                 vocab_ids: np.ndarray | None = None, rank: int = 0, world_size: int = 1, resume: bool = False,
-                 log: Log | None = None, record_ids: bool = False):
+    def __init__(self, cfg: LearnerConfig, client: redis.Redis, model, setup: LearnerSetup = LearnerSetup()):
         import deepspeed
 
+        rank, world_size, resume, log = setup.rank, setup.world_size, setup.resume, setup.log
         self.cfg, self.client, self.rank, self.world_size = cfg, client, rank, world_size
-        self.heldout = list(heldout)
+        self.heldout = list(setup.heldout)
         self.log = log if rank == 0 and log is not None else (lambda record: None)
         self.ckpt = Checkpoints(cfg.checkpoint_dir, rank, world_size)
         if not resume and self.ckpt.latest_tag() is not None:
             raise ValueError(f"checkpoint.dir {cfg.checkpoint_dir} already holds a checkpoint: pass --resume to "
                              "continue it, or choose another checkpoint.dir / out_dir")
         if resume:
-            vocab_ids = self.ckpt.load_vocab()
-        self.head = self._build_head(model, vocab_ids)
+            setup = replace(setup, vocab_ids=self.ckpt.load_vocab())
+        self.head = self._build_head(model, setup.vocab_ids)
         on_gpu = device().type == "cuda"
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -83,7 +95,7 @@ class Learner:
         self.publisher = Publisher(client, cfg.run_id, model_name(cfg.model), cfg.weights.keep_last,
                                    Path(cfg.out_dir)) if rank == 0 else None
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.trained_ids: list[str] | None = [] if record_ids else None
+        self.trained_ids: list[str] | None = [] if setup.record_ids else None
         self.rank_batch = math.ceil(cfg.batch_size / world_size)
         self.min_batch = max(1, math.ceil(cfg.min_fill * self.rank_batch))
         self.held: list[ReadBatch] = []  # read, not trained yet

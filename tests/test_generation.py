@@ -59,7 +59,7 @@ def drafter(model, noise: float = 0.05) -> Drafter:
     torch.manual_seed(1)
     with torch.no_grad():  # an untrained LoRA is zero: perturb so drafts are sometimes right, sometimes wrong
         head.proj.lora_B.default.weight.copy_(torch.randn_like(head.proj.lora_B.default.weight) * noise)
-    return Drafter(model, ByteTokenizer(), split, head, {})
+    return Drafter(model, ByteTokenizer(), split, head, {"base_model": "tiny"})
 
 
 def config(**kw) -> GenerationConfig:
@@ -82,7 +82,7 @@ def read_all(client) -> list:
 
 
 def test_decodes_losslessly_and_streams_one_transition_per_round(model, redis_client):
-    gen = Generator(config(), RUN, actor_id=3, redis_client=redis_client, drafter=drafter(model), base_model="tiny")
+    gen = Generator(config(), RUN, actor_id=3, redis_client=redis_client, drafter=drafter(model))
     result = gen.generate(request(0))
     assert read_result(result, "r0") is None
     assert result["output_ids"] == plain_greedy(model, PROMPT, 24) and result["tokens"] == 24
@@ -99,7 +99,7 @@ def test_decodes_losslessly_and_streams_one_transition_per_round(model, redis_cl
 
 
 def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(model, redis_client):
-    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model), base_model="tiny")
+    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model))
     learner = WeightStore(redis_client, RUN)
     meta = {"base_model": "tiny", "head": HEAD.model_dump(), "exit_layer": 2}
 
@@ -130,7 +130,7 @@ def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(mo
 
 
 def test_bad_requests_are_reported_and_the_actor_carries_on(model, redis_client):
-    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model), base_model="tiny")
+    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model))
     too_long = gen.generate({"request_id": "long", "workload": "x", "prompt": "y" * 200, "max_new_tokens": 4})
     assert too_long["error"].startswith("ValueError: prompt has 200 tokens") and too_long["tokens"] == 0
     malformed = gen.generate({"request_id": "bad", "workload": "x", "max_new_tokens": 4,
@@ -180,7 +180,7 @@ def test_ray_actor_serves_a_request(model, redis_server):
         cfg = config(policy="cost_aware", num_cpus=1, max_restarts=1)
         tiny = drafter(model)
         tiny.tokenizer = None  # the test module's tokenizer class cannot be unpickled in a Ray worker
-        actor = start_actor(cfg, RUN, 0, redis_url=redis_server.url, drafter=tiny, base_model="tiny")
+        actor = start_actor(cfg, RUN, 0, redis_url=redis_server.url, drafter=tiny)
         result = ray.get(actor.generate.remote(request(0)), timeout=120)
         assert read_result(result, "r0") is None and result["tokens"] == 24
         assert result["output_ids"] == plain_greedy(model, PROMPT, 24)

@@ -20,7 +20,7 @@ from buffer.weights import WeightStore
 from learner.dist import init_distributed
 from learner.metrics_log import MetricsLog
 from learner.publish import head_from_weights, heldout_scores
-from learner.trainer import Learner
+from learner.trainer import Learner, LearnerSetup
 from selfspec.drafter import DrafterHead
 from selfspec.greedy_paths import mean_accepted_length
 from selfspec.objectives import TrainState, train_step
@@ -73,7 +73,7 @@ def trained(server, model, paths, tmp_path_factory):
     client = server.client()
     write(client, cfg.run_id, sent)
     with MetricsLog(cfg.out_dir) as log:
-        learner = Learner(cfg, client, model, heldout=paths[48:], vocab_ids=vocab, log=log)
+        learner = Learner(cfg, client, model, LearnerSetup(heldout=paths[48:], vocab_ids=vocab, log=log))
         learner.run()
     return learner, cfg, client, sent
 
@@ -154,7 +154,7 @@ def test_same_losses_as_the_in_process_loop(server, paths, tmp_path, stage):
     np.random.default_rng(0).shuffle(sent)
     write(server.client(), cfg.run_id, sent)
     records = []
-    Learner(cfg, server.client(), model32, log=records.append).run()
+    Learner(cfg, server.client(), model32, LearnerSetup(log=records.append)).run()
     learned = [r for r in records if "losses/total" in r]
 
     head = fresh_head(model32, cfg)
@@ -197,7 +197,7 @@ def test_importance_ratio_corrects_the_policy_gradient(server, model, paths, tmp
         t.draft_logprobs = (t.draft_logprobs - np.float32(math.log(2))).astype(np.float32)
     write(server.client(), cfg.run_id, sent)
     records = []
-    Learner(cfg, server.client(), model, log=records.append).run()
+    Learner(cfg, server.client(), model, LearnerSetup(log=records.append)).run()
     first = next(r for r in records if "losses/pg" in r)
     accepted = sum(int(t.accept_mask.sum()) for t in sent)
     rewarded = sum(int(t.on_path.sum()) for t in sent)
@@ -227,7 +227,7 @@ def test_resume_after_a_crash_between_checkpoint_and_acknowledgement(server, mod
     assert run_stats(server.client(), cfg.run_id)["consumed"] == committed and uncommitted > 0
 
     records = []
-    second = Learner(cfg, server.client(), model, resume=True, log=records.append)
+    second = Learner(cfg, server.client(), model, LearnerSetup(resume=True, log=records.append))
     assert records[0]["event"] == "resume" and records[0]["recovered_acks"] == uncommitted
     assert run_stats(server.client(), cfg.run_id)["consumed"] == committed + uncommitted
     assert second.step == 6 and second.version == first.version
