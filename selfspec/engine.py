@@ -179,14 +179,14 @@ class SelfSpecDecoder:
         room = min(self.policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
         proposal, copied = self._copies(req, room)
         # Copied drafts need no head: the pending token and they go through the trunk in one pass.
-        hidden = self.split.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+        trunk_out = self.split.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
         t1 = time.perf_counter()
-        draft = Draft("copied", [hidden], copied, t_start=wall_start)
+        draft = Draft("copied", [trunk_out], copied, t_start=wall_start)
         if not copied and room > 0 and self.head is not None and self.policy.start_round():
             draft = self._head_draft(req, draft, room)
         t2 = time.perf_counter()
-        # one pass over layers [k, L) verifies the pending token and every draft
-        target_logits = self.split.verify(draft.hidden, req.position, req.cache)
+        hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
+        target_logits = self.split.verify(hidden, req.position, req.cache)
         n_acc, bonus = _accept(draft, target_logits, req.options.temperature, req.generator,
                                self._full_probs)
         t3 = time.perf_counter()
@@ -194,7 +194,7 @@ class SelfSpecDecoder:
         self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
         if self.emit is not None:
             self.emit.sink(self._transition(req, draft, target_logits, emitted))
-        self._commit(req, draft.hidden, n_acc, emitted)
+        self._commit(req, hidden, n_acc, emitted)
         return RoundStats(len(draft.tokens), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
 
     def _copies(self, req: _Request, room: int) -> tuple[Proposal, list[int]]:
