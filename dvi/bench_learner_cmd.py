@@ -40,17 +40,15 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    import yaml
-
     from buffer.config import RedisConfig
     from buffer.server import RedisServer
-    from dvi.config import load_config
+    from dvi.config import cli_overrides, load_config
     from learner.config import LearnerConfig
 
     layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",") if item.strip()]
     if args.steps <= args.warmup:
         raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    sets = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    sets = cli_overrides(args.set, {}, "batch_size=128")
     cpus = os.cpu_count() or 1
     report = {"command": "dvi bench-learner", "config": args.config, "steps": args.steps, "warmup": args.warmup,
               "positions_per_transition": args.positions, "cpus": cpus,

@@ -14,6 +14,18 @@ class ConfigError(ValueError):
     pass
 
 
+def cli_overrides(sets: list[str], flags: dict, example: str) -> dict:
+    """`--set KEY=VALUE` items (YAML values, dotted keys), then the flags a user gave: a flag left
+    unset (None) does not clobber a `--set` of the same key."""
+    pairs = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. {example}")
+        pairs[key.strip()] = yaml.safe_load(value)
+    return {**pairs, **{key: value for key, value in flags.items() if value is not None}}
+
+
 def load_config(model: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
     """Read YAML (if given), apply CLI overrides (dotted keys allowed: `head.lora_rank`), validate."""
     data: dict = {}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-import yaml
-
 from selfspec.defaults import DEFAULT_MODEL
 
 
@@ -30,15 +28,11 @@ def add_parser(sub, name):
 
 
 def overrides(args) -> dict:
-    pairs = {}
-    for item in args.set:  # as `dvi online --set`
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. batch_size=128")
-        pairs[key.strip()] = yaml.safe_load(value)
+    from dvi.config import cli_overrides
+
     flags = {"redis.url": args.redis_url, "run_id": args.run_id, "model": args.model, "placement.ranks": args.ranks,
              "max_steps": args.max_steps, "out_dir": args.out_dir}
-    return {**pairs, **{key: value for key, value in flags.items() if value is not None}}
+    return cli_overrides(args.set, flags, "batch_size=128")
 
 
 def run(args) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from dvi.common_args import quiet_transformers
 
 
@@ -27,16 +25,12 @@ def add_online_args(p) -> None:
 
 
 def overrides(args) -> dict:
-    pairs = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. head.draft_vocab=8192")
-        pairs[key.strip()] = yaml.safe_load(value)
+    from dvi.config import cli_overrides
+
     flags = {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
              "heldout_prompts": args.heldout_prompts, "exit_layer": args.exit_layer, "gamma": args.gamma,
              "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
-    return {**pairs, **{key: value for key, value in flags.items() if value is not None}}  # unset flags keep --set
+    return cli_overrides(args.set, flags, "head.draft_vocab=8192")
 
 
 def add_parser(sub, name):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 
 def add_parser(sub, name):
     raw = argparse.RawDescriptionHelpFormatter  # keep the examples' lines
@@ -51,16 +49,12 @@ def source_spec(text: str) -> dict:
 
 
 def spec_overrides(args) -> dict:
-    pairs = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. arrival.rate=4")
-        pairs[key.strip()] = yaml.safe_load(value)
+    from dvi.config import cli_overrides
+
     flags = {"n": args.n, "seed": args.seed, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "sources": [source_spec(s) for s in args.source] if args.source else None,
              "arrival": {"kind": "poisson", "rate": args.rate} if args.rate is not None else None}
-    return {**pairs, **{key: value for key, value in flags.items() if value is not None}}
+    return cli_overrides(args.set, flags, "arrival.rate=4")
 
 
 def run_make(args) -> int:
