@@ -44,6 +44,7 @@ from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 from learner.publish import head_arrays, head_from_weights
 from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
+from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
 
 STREAM_ERRORS = (redis.RedisError, BackpressureTimeout, OSError)
@@ -193,12 +194,7 @@ class Generator:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"malformed message {m!r}: expected {{role: system|user|assistant, content: str}}")
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-        else:  # a base model without a template: the turns as plain text
-            ids = self.tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
-        return list(ids)
+        return messages_ids(self.tokenizer, messages)
 
     # -- streaming --------------------------------------------------------------------------------
 

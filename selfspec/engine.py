@@ -162,7 +162,7 @@ class SelfSpecDecoder:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
         hidden = self.split.trunk(prompt, 0, cache)
         logits = self.split.verify(hidden, 0, cache)[-1:]
-        _, first = _accept(Draft("copied", [hidden]), logits, opts.temperature, generator)
+        _, first = self._accept(Draft("copied", [hidden]), logits, opts.temperature, generator)
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
         if self.window:
@@ -187,13 +187,12 @@ class SelfSpecDecoder:
         t2 = time.perf_counter()
         hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
         target_logits = self.split.verify(hidden, req.position, req.cache)
-        n_acc, bonus = _accept(draft, target_logits, req.options.temperature, req.generator,
-                               self._full_probs)
+        n_acc, bonus = self._accept(draft, target_logits, req.options.temperature, req.generator)
         t3 = time.perf_counter()
         emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
         self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
         if self.emit is not None:
-            self.emit.sink(self._transition(req, draft, target_logits, emitted))
+            self.emit.sink(self._transition(req, draft, hidden, target_logits, emitted))
         self._commit(req, hidden, n_acc, emitted)
         return RoundStats(len(draft.tokens), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
 
@@ -258,6 +257,22 @@ class SelfSpecDecoder:
     def _ids(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor(tokens, dtype=torch.long, device=self.split.device)
 
+    def _accept(self, draft: Draft, target_logits: torch.Tensor, temperature: float,
+                generator: torch.Generator | None) -> tuple[int, int]:
+        """(accepted drafts, the verifier's next token): greedy, or speculative sampling against the
+        drafts' own distribution (one-hot for copied drafts, which are deterministic)."""
+        ids = torch.tensor(draft.tokens, dtype=torch.long)
+        if temperature == 0:
+            return greedy_accept(ids, target_logits)
+        p = torch.softmax(target_logits.double() / temperature, -1)
+        if not draft.tokens:
+            q = None
+        elif draft.kind == "copied":
+            q = torch.nn.functional.one_hot(ids.to(p.device), p.shape[-1]).double()
+        else:
+            q = self._full_probs(torch.stack(draft.logits), temperature)
+        return sampling_accept(ids, q, p, generator)
+
     def _full_probs(self, draft_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """Head draft distributions [n, V_draft] -> over the full vocabulary [n, V], 0 outside."""
         q = torch.softmax(draft_logits.double() / temperature, -1)
@@ -266,8 +281,8 @@ class SelfSpecDecoder:
         full = q.new_zeros(q.shape[0], self.split.config.vocab_size)
         return full.index_copy_(1, self.head.vocab_ids, q)
 
-    def _transition(self, req: _Request, draft: Draft, target_logits: torch.Tensor,
-                    emitted: list[int]) -> Transition:
+    def _transition(self, req: _Request, draft: Draft, hidden: torch.Tensor,
+                    target_logits: torch.Tensor, emitted: list[int]) -> Transition:
         """Every position this round verified is a row (selfspec.transitions): the drafts' (head or
         copied) and the last one, whose next token nothing drafted (plain)."""
         tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
@@ -285,7 +300,7 @@ class SelfSpecDecoder:
                 drafted[name][:n] = value
         context = (torch.stack(req.history[-self.window:]).half().cpu().numpy() if self.window
                    else np.zeros((0, 0), np.float16))
-        drafted.update(hidden=draft.hidden[0].half().cpu().numpy(), context_hidden=context, kind=kind)
+        drafted.update(hidden=hidden[0].half().cpu().numpy(), context_hidden=context, kind=kind)
         verified = {"target_topk_ids": target_top.indices.int().cpu().numpy(),
                     "target_topk_logprobs": target_top.values.float().cpu().numpy(),
                     "target_tokens": np.asarray(target_tokens, np.int32)}
@@ -299,20 +314,3 @@ class SelfSpecDecoder:
         if self.head is None or self.head.vocab_ids is None:
             return self.split.config.vocab_size
         return len(self.head.vocab_ids)
-
-
-def _accept(draft: Draft, target_logits: torch.Tensor, temperature: float, generator,
-            full_probs=None) -> tuple[int, int]:
-    """(accepted drafts, the verifier's next token): greedy, or speculative sampling against the
-    drafts' own distribution (one-hot for copied drafts, which are deterministic)."""
-    ids = torch.tensor(draft.tokens, dtype=torch.long)
-    if temperature == 0:
-        return greedy_accept(ids, target_logits)
-    p = torch.softmax(target_logits.double() / temperature, -1)
-    if not draft.tokens:
-        q = None
-    elif draft.kind == "copied":
-        q = torch.nn.functional.one_hot(ids.to(p.device), p.shape[-1]).double()
-    else:
-        q = full_probs(torch.stack(draft.logits), temperature)
-    return sampling_accept(ids, q, p, generator)

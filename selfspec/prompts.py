@@ -159,7 +159,13 @@ def left_padded(encoded: list[list[int]], pad: int):
 
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of one user message under the model's chat template (plain text if it has none)."""
+    return messages_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def messages_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation under the model's chat template, ready for the assistant's turn; a
+    model without a template gets the turns' text joined by blank lines."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    return tokenizer(text)["input_ids"]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
