@@ -9,6 +9,7 @@ import copy
 import platform
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,6 @@ from selfspec.acceptance import mean_accepted_length
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
-
 
 
 @dataclass
@@ -48,8 +48,9 @@ def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
     return run
 
 
-def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
-              methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
+def make_runners(drafter: Drafter, max_new_tokens: int, gamma: int, methods: tuple[str, ...] = METHODS,
+                 prompt_lookup_tokens: int = 10) -> dict[str, Callable[[list[int]], tuple[list[int], DecodeResult | None]]]:
+    """One runner per method, hf_ar first (the reference for speedup and identity): ids -> (new tokens, result)."""
     model, split, head = drafter.model, drafter.split, drafter.head
 
     def dvi(name: str, gamma: int, ngram: int = 0):  # built only when asked for: cost_aware measures costs at start-up
@@ -66,30 +67,57 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
         "dvi_spec_ngram": lambda: dvi("fixed", gamma, ngram=1),
         "dvi_spec_ngram_dynamic": lambda: dvi("cost_aware", gamma, ngram=1),
     }
-    names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]  # hf_ar is the reference for speedup and identity
-    runners = {name: makers[name]() for name in names}
+    names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]
+    return {name: makers[name]() for name in names}
+
+
+def warm_up(runners: dict, ids: list[int]) -> None:
+    """First calls allocate buffers and pick kernels: one short call per method, not timed."""
+    for run in runners.values():
+        run(ids[:16])
+
+
+def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: int, bar: tqdm | None = None) -> dict[str, list[int]]:
+    """Every method on prompt number i, the order rotated by i so that machine noise hits every method
+    alike; each run is appended to runs[name]. Returns each method's new tokens."""
+    names = list(runners)
+    out = {}
+    for name in names[i % len(names):] + names[: i % len(names)]:
+        start = time.perf_counter()
+        tokens, result = runners[name](ids)
+        runs[name].seconds.append(time.perf_counter() - start)
+        runs[name].tokens.append(tokens)
+        if result is not None:
+            runs[name].results.append(result)
+        out[name] = tokens
+        if bar is not None:
+            bar.set_postfix_str(f"{name} {len(tokens) / runs[name].seconds[-1]:.1f} tok/s")
+    return out
+
+
+def machine_info(drafter: Drafter) -> dict:
+    split = drafter.split
+    return {"device": str(split.device), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows)}  # the few-row kernel measured on it
+
+
+def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
+              methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
+    model, split = drafter.model, drafter.split
+    runners = make_runners(drafter, max_new_tokens, gamma, methods, prompt_lookup_tokens)
+    names = list(runners)
     encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
-    for name in names:  # warm-up: first calls allocate buffers and pick kernels
-        runners[name](encoded[0][:16])
+    warm_up(runners, encoded[0])
     runs = {name: MethodRuns(name) for name in names}
     with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
         for i, ids in enumerate(encoded):
-            order = names[i % len(names):] + names[: i % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                tokens, result = runners[name](ids)
-                runs[name].seconds.append(time.perf_counter() - start)
-                runs[name].tokens.append(tokens)
-                if result is not None:
-                    runs[name].results.append(result)
-                bar.set_postfix_str(f"{name} {len(tokens) / runs[name].seconds[-1]:.1f} tok/s")
-                bar.update()
+            run_prompt(runners, runs, ids, i, bar)
+            bar.update(len(names))
     reference = runs["hf_ar"]
     ref_tps = sum(map(len, reference.tokens)) / sum(reference.seconds)
     report = {
         "model": drafter.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
-        "device": str(split.device), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows),  # the few-row kernel measured on it
+        **machine_info(drafter),
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
         "gamma": gamma, "drafter": drafter.meta.get("path"),
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
@@ -106,7 +134,9 @@ def _cpu_name() -> str:
         return platform.processor()
 
 
-def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model, encoded) -> dict:
+def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=None, encoded=None) -> dict:
+    """A method's totals against the reference's; with `model` (and the prompts' ids), where each
+    output that differs from the reference first departs from it."""
     tps = sum(map(len, runs.tokens)) / sum(runs.seconds)
     same = [a == b for a, b in zip(runs.tokens, reference.tokens)]
     out = {"name": runs.name, "tokens_per_s": tps, "speedup": tps / ref_tps,
@@ -129,8 +159,9 @@ def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model, e
             time_split={"prefill": sum(res.t_prefill for res in runs.results) / total,
                         "draft": sum(r.t_draft for r in rounds) / total,
                         "verify": sum(r.t_verify for r in rounds) / total})
-        out["divergences"] = [_divergence(model, encoded[i], ref, got)
-                              for i, (ref, got) in enumerate(zip(reference.tokens, runs.tokens)) if ref != got]
+        if model is not None:
+            out["divergences"] = [_divergence(model, encoded[i], ref, got)
+                                  for i, (ref, got) in enumerate(zip(reference.tokens, runs.tokens)) if ref != got]
     return out
 
 

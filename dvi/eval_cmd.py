@@ -1,0 +1,62 @@
+"""`dvi eval`: a drafter on Spec-Bench questions, every turn (multi-turn questions with their history), against
+Hugging Face greedy decoding at batch 1: speedup, mean accepted length, acceptance rate and identity with
+hf_ar per category and overall. Prints a table, writes JSON."""
+from __future__ import annotations
+
+from dvi.bench_cmd import METHODS
+from dvi.cli import UserError
+from dvi.common_args import add_model_args, quiet_transformers
+from dvi.report_file import write_report
+
+DEFAULT_QUESTIONS = "../shared/data/spec_bench/question.jsonl"
+DVI_METHODS = tuple(m for m in METHODS if m.startswith("dvi_"))
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="evaluate a drafter on Spec-Bench questions (per category, multi-turn)",
+                       description=__doc__)
+    add_model_args(p)
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="take the drafter from a run directory's published heads (DIR/learner/heads/vNNNN)")
+    p.add_argument("--version", default="latest",
+                   help="with --run: the head version N to evaluate, or `latest` (default)")
+    p.add_argument("--questions", default=DEFAULT_QUESTIONS,
+                   help=f"a Spec-Bench question.jsonl (default: {DEFAULT_QUESTIONS})")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: all in the file)")
+    p.add_argument("--n-per-category", type=int, default=None, help="at most N questions of each category")
+    p.add_argument("--method", default="dvi_spec_ngram_dynamic", choices=DVI_METHODS,
+                   help="the dvi method to evaluate (default: dvi_spec_ngram_dynamic)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gamma", type=int, default=4, help="draft length (the cap for the dynamic methods)")
+    p.add_argument("--out", default="runs/eval.json", help="JSON report path (default: runs/eval.json)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from dvi.spec_eval import print_table, report, run_eval, run_head_dir, select_questions
+    from selfspec.loading import load_drafter
+    from selfspec.prompts import spec_bench_prompts
+
+    if args.run and args.drafter:
+        raise UserError("give --drafter DIR or --run DIR [--version N], not both")
+    if args.n_per_category is not None and args.n_per_category < 1:
+        raise UserError(f"--n-per-category must be >= 1, got {args.n_per_category}")
+    if not Path(args.questions).is_file():
+        raise UserError(f"question file {args.questions} not found (pass --questions PATH to a Spec-Bench question.jsonl)")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    questions = select_questions(spec_bench_prompts(args.questions), categories, args.n_per_category)
+    if not questions:
+        raise UserError(f"no questions in {args.questions}")
+    head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
+
+    quiet_transformers()
+    drafter = load_drafter(args.model, args.exit_layer, head_dir)
+    drafter.meta.setdefault("base_model", args.model)
+    drafter.meta["path"] = head_dir
+    turns, runs = run_eval(drafter, questions, args.method, args.max_new_tokens, args.gamma)
+    out = report(drafter, questions, turns, runs, args.method, args.max_new_tokens, args.gamma, args.questions)
+    print_table(out)
+    write_report(out, args.out)
+    return 0

@@ -1,0 +1,178 @@
+"""Spec-Bench evaluation: one dvi method against Hugging Face greedy decoding, per category and overall.
+
+Each question is answered turn by turn under the chat template, as Spec-Bench does; a later turn's
+history holds the reference's (hf_ar's) answers, so every method sees the same prompt (all methods are
+lossless: where they are token-identical to hf_ar, which `identical_to_ar` checks, the answers agree).
+The runs are dvi bench's: the same runners, interleaved prompt by prompt with the order rotated.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dvi.bench import MethodRuns, _summarise, machine_info, make_runners, run_prompt, warm_up
+from selfspec.loading import Drafter
+from selfspec.prompts import Prompt, messages_ids
+
+REFERENCE = "hf_ar"
+# the numbers reported per category and overall (`_summarise` computes more; these are what a table shows)
+STATS = ("turns", "tokens", "speedup", "mean_accepted_length", "acceptance_rate", "identical_to_ar",
+         "identical_turns", "tokens_per_s", "ar_tokens_per_s")
+
+
+def published_versions(run_dir: str | Path) -> dict[int, Path]:
+    """The heads a run has published: version -> DIR/learner/heads/v{N:04d} (only those with head.json,
+    so a version being written is not listed yet)."""
+    heads = Path(run_dir) / "learner" / "heads"
+    found = {}
+    for d in heads.glob("v*") if heads.is_dir() else ():
+        if re.fullmatch(r"v\d+", d.name) and (d / "head.json").exists():
+            found[int(d.name[1:])] = d
+    return dict(sorted(found.items()))
+
+
+def run_head_dir(run_dir: str | Path, version: str | int = "latest") -> Path:
+    """The head directory of version N (or the highest, `latest`) published in a run directory."""
+    versions = published_versions(run_dir)
+    if not versions:
+        raise FileNotFoundError(f"{run_dir}: no published heads (expected {Path(run_dir) / 'learner' / 'heads'}/v0001/head.json ...)")
+    if str(version) == "latest":
+        return versions[max(versions)]
+    try:
+        n = int(version)
+    except ValueError:
+        raise ValueError(f"--version {version!r}: give a number or `latest`") from None
+    if n not in versions:
+        raise FileNotFoundError(f"{run_dir}: no head version {n}; published: {', '.join(map(str, versions))}")
+    return versions[n]
+
+
+def select_questions(questions: list[Prompt], categories: list[str] | None = None,
+                     n_per_category: int | None = None) -> list[Prompt]:
+    """Questions of the given categories (all if None), at most n of each, in the file's interleaved order."""
+    known = list(dict.fromkeys(q.category for q in questions))
+    unknown = [c for c in categories or () if c not in known]
+    if unknown:
+        raise ValueError(f"--categories: unknown {', '.join(unknown)}; the file has {', '.join(known)}")
+    taken: dict[str, int] = {}
+    out = []
+    for q in questions:
+        if categories and q.category not in categories:
+            continue
+        if n_per_category is not None and taken.get(q.category, 0) >= n_per_category:
+            continue
+        taken[q.category] = taken.get(q.category, 0) + 1
+        out.append(q)
+    return out
+
+
+def conversation(turns: tuple[str, ...] | list[str], answers: list[str]) -> list[dict]:
+    """Chat messages for the last of `turns`: each earlier turn followed by its answer."""
+    assert len(answers) == len(turns) - 1
+    messages = []
+    for turn, answer in zip(turns, [*answers, None]):
+        messages.append({"role": "user", "content": turn})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+@dataclass
+class Turn:
+    question_id: str
+    category: str
+    index: int  # 0 for a question's first turn
+    ids: list[int]  # the rendered prompt, history included
+
+
+def run_eval(drafter: Drafter, questions: list[Prompt], method: str, max_new_tokens: int, gamma: int,
+             progress: bool = True) -> tuple[list[Turn], dict[str, MethodRuns]]:
+    """Every turn of every question through hf_ar and `method` (dvi bench's runners); each method's
+    runs are in turn order."""
+    from tqdm import tqdm
+
+    runners = make_runners(drafter, max_new_tokens, gamma, (method,))
+    runs = {name: MethodRuns(name) for name in runners}
+    turns: list[Turn] = []
+    tokenizer = drafter.tokenizer
+    with tqdm(total=sum(len(q.turns) for q in questions), desc="eval", unit="turn", disable=not progress) as bar:
+        for q in questions:
+            answers: list[str] = []
+            for j in range(len(q.turns)):
+                ids = messages_ids(tokenizer, conversation(q.turns[: j + 1], answers))
+                if not turns:
+                    warm_up(runners, ids)
+                out = run_prompt(runners, runs, ids, len(turns), bar)
+                turns.append(Turn(q.id, q.category, j, ids))
+                answers.append(tokenizer.decode(out[REFERENCE], skip_special_tokens=True).strip())
+                bar.update()
+    return turns, runs
+
+
+def _subset(runs: MethodRuns, keep: list[int]) -> MethodRuns:
+    return MethodRuns(runs.name, [runs.tokens[i] for i in keep], [runs.seconds[i] for i in keep],
+                      [runs.results[i] for i in keep] if runs.results else [])
+
+
+def summarise(turns: list[Turn], runs: dict[str, MethodRuns], method: str, model=None) -> dict:
+    """{"overall": stats, "categories": {name: stats}} of `method` against hf_ar (dvi bench's formulas);
+    with `model`, the overall stats also say where outputs that differ from hf_ar depart from it."""
+    def stats(keep: list[int], model=None) -> dict:
+        ref, got = _subset(runs[REFERENCE], keep), _subset(runs[method], keep)
+        ref_tps = sum(map(len, ref.tokens)) / sum(ref.seconds)
+        full = _summarise(got, ref, ref_tps, model, [turns[i].ids for i in keep])
+        full.update(turns=len(keep), ar_tokens_per_s=ref_tps,
+                    identical_turns=sum(a == b for a, b in zip(got.tokens, ref.tokens)))
+        out = {k: full[k] for k in STATS}
+        if "divergences" in full:
+            out["divergences"] = full["divergences"]
+        return out
+
+    categories = list(dict.fromkeys(t.category for t in turns))
+    return {"overall": stats(list(range(len(turns))), model),
+            "categories": {c: stats([i for i, t in enumerate(turns) if t.category == c]) for c in categories}}
+
+
+def report(drafter: Drafter, questions: list[Prompt], turns: list[Turn], runs: dict[str, MethodRuns], method: str,
+           max_new_tokens: int, gamma: int, source: str) -> dict:
+    """The JSON report: run metadata, then the stats overall and per category."""
+    return {
+        "model": drafter.meta.get("base_model") or getattr(drafter.model.config, "_name_or_path", "") or "unknown",
+        "drafter": drafter.meta.get("path"), "exit_layer": drafter.split.exit_layer,
+        "method": method, "methods": list(runs), **machine_info(drafter),
+        "questions_file": source, "max_new_tokens": max_new_tokens, "gamma": gamma,
+        "n": {"questions": len(questions), "turns": len(turns)},
+        **summarise(turns, runs, method, drafter.model),
+        "turns": [{"question_id": t.question_id, "category": t.category, "turn": t.index, "prompt_tokens": len(t.ids),
+                   "new_tokens": len(runs[method].tokens[i]),
+                   "seconds": {name: r.seconds[i] for name, r in runs.items()},
+                   "identical_to_ar": runs[method].tokens[i] == runs[REFERENCE].tokens[i]} for i, t in enumerate(turns)],
+    }
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """One row per category, then `overall`: category, turns, speedup, MAL, acceptance, identical turns."""
+    def row(name: str, s: dict) -> list[str]:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        return [name, str(s["turns"]), f"{s['speedup']:.2f}x", fmt(s["mean_accepted_length"]),
+                fmt(s["acceptance_rate"]), f"{s['identical_turns']}/{s['turns']}"]
+    return [row(c, s) for c, s in summary["categories"].items()] + [row("overall", summary["overall"])]
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    console.print(f"{report['method']} vs hf_ar: {report['model']} on {report['machine']}, "
+                  f"{report['n']['questions']} questions ({report['n']['turns']} turns) x "
+                  f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, "
+                  f"drafter {report.get('drafter') or 'untrained head'}", highlight=False)
+    table = Table()
+    for i, col in enumerate(("category", "turns", "speedup", "MAL", "accept", "identical")):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    rows = table_rows(report)
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=i == len(rows) - 2)
+    console.print(table)
