@@ -266,7 +266,7 @@ class Generator:
         if self.latest_published is not None:
             lag = self.latest_published - (self.version if self.version is not None else -1)
         writer = self.writer.counts if self.writer is not None else {}
-        return {"actor_id": self.actor_id, "pid": os.getpid(), **c,
+        return {"actor_id": self.actor_id, "pid": os.getpid(), **c, "decode_s": self.decode_s,
                 "tokens_per_s": c["tokens"] / self.decode_s if self.decode_s > 0 else None,
                 "mean_accepted_length": (c["accepted"] / c["rounds"] + 1) if c["rounds"] else None,
                 "drafted_per_round": c["drafted"] / rounds, "accepted_per_round": c["accepted"] / rounds,
@@ -307,7 +307,10 @@ class GenerationActor:
 
 
 def start_actor(cfg: GenerationConfig, run_id: str, actor_id: int = 0, **kwargs):
-    """A GenerationActor with the config's resources and restart policy (call after ray.init)."""
+    """A GenerationActor with the config's resources and restart policy (call after ray.init). Requests
+    in flight when the actor dies are sent again to its restarted self (`max_task_retries`): decoding
+    a request twice is harmless, losing one is not."""
     actor_class = ray.remote(concurrency_groups={"control": 1})(GenerationActor)
     return actor_class.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
+                               max_task_retries=cfg.max_restarts,
                                max_concurrency=cfg.max_concurrency).remote(cfg, run_id, actor_id, **kwargs)

@@ -29,11 +29,12 @@ class SpecBenchSource(_Strict):
     path: str
     workload: str | None = None
     categories: list[str] | None = None  # keep only these categories
+    limit: int | None = Field(None, ge=1)  # the first N questions of the file: the rest stay held out
 
     def load(self) -> dict[str, list[Conversation]]:
         from selfspec.prompts import spec_bench_prompts
 
-        prompts = spec_bench_prompts(self.path)
+        prompts = spec_bench_prompts(self.path)[:self.limit]
         if self.categories is not None:
             missing = set(self.categories) - {p.category for p in prompts}
             if missing:
@@ -56,11 +57,13 @@ class BuiltinSource(_Strict):
     """The project's built-in prompts (`selfspec.prompts.BUILTIN`), one workload per category."""
     kind: Literal["builtin"]
     workload: str | None = None
+    limit: int | None = Field(None, ge=1)  # the first N prompts: the rest stay held out
 
     def load(self) -> dict[str, list[Conversation]]:
         from selfspec.prompts import builtin_prompts
 
-        return _group([(self.workload or p.category, Conversation(f"builtin:{p.id}", p.turns)) for p in builtin_prompts()])
+        return _group([(self.workload or p.category, Conversation(f"builtin:{p.id}", p.turns))
+                       for p in builtin_prompts()[:self.limit]])
 
 
 class PromptsSource(_Strict):

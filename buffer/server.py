@@ -114,6 +114,16 @@ class RedisServer:
             atexit.register(self.stop)
         return self
 
+    def died(self) -> bool:
+        """True if this object started a server and its process has exited."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def restart(self) -> None:
+        """Relaunch a server that died, on the same port and data directory: its AOF brings the data back."""
+        self.proc = None
+        if not self._launch(find_binary(self.cfg.binary)):
+            raise ConnectionError(f"port {self.port} was taken while redis-server was down")
+
     def stop(self) -> None:
         """SIGTERM (redis then fsyncs its AOF), escalating to SIGKILL if it hangs."""
         if self.proc is None:

@@ -16,6 +16,9 @@ COMMANDS = {
     "bench-buffer": "dvi.bench_buffer_cmd",
     "trace": "dvi.trace_cmd",
     "learner": "dvi.learner_cmd", "bench-learner": "dvi.bench_learner_cmd",  # learner/ (DeepSpeed ranks)
+    "run": "dvi.run_cmd",  # actors + learner + Redis, replaying a trace
+    "eval": "dvi.eval_cmd",
+    "report": "dvi.report_cmd",
 }
 
 

@@ -69,6 +69,7 @@ class LearnerConfig(_Strict):
     idle_exit_s: float | None = Field(None, gt=0, description="stop after this long without a transition")
     publish_every_steps: int = Field(10, ge=1)
     publish_every_s: float = Field(30.0, gt=0)
+    save_heads: bool = Field(True, description="also save every published version to out_dir/heads/vNNNN")
     gamma: int = Field(4, ge=1, description="draft length of the held-out MAL")
     heldout: HeldoutConfig = HeldoutConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -67,7 +67,11 @@ class LearnerGroup:
                              for r, a in enumerate(self.actors)])
 
     def run(self, steps: int | None = None) -> list[dict]:
-        return ray.get([a.run.remote(steps) for a in self.actors])
+        return ray.get(self.start(steps))
+
+    def start(self, steps: int | None = None) -> list[ray.ObjectRef]:
+        """Every rank's `run`, without waiting: one ref per rank, each its summary when the loop ends."""
+        return [a.run.remote(steps) for a in self.actors]
 
     def parameters(self) -> list[dict[str, np.ndarray]]:
         return ray.get([a.parameters.remote() for a in self.actors])
@@ -79,6 +83,53 @@ class LearnerGroup:
         connect_redis(self.cfg).set(stop_key(self.cfg.run_id), 1)
 
     def shutdown(self) -> None:
-        ray.get([a.close.remote() for a in self.actors])
         for actor in self.actors:
+            try:
+                ray.get(actor.close.remote(), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):  # a dead rank has nothing to close
+                pass
             ray.kill(actor)
+
+
+class SupervisedLearner:
+    """A LearnerGroup that outlives its ranks: when a rank dies (killed, out of memory), the rest are
+    stopped and a new group resumes from the last checkpoint (fresh if none was written yet), so every
+    transition is still trained exactly once. `poll()` from a monitoring loop, `finish()` at the end."""
+
+    def __init__(self, cfg: LearnerConfig, max_restarts: int, on_restart=None):
+        self.cfg, self.max_restarts, self.on_restart = cfg, max_restarts, on_restart
+        self.restarts = 0
+        self.group = LearnerGroup(cfg)
+        self.refs = self.group.start()
+
+    def poll(self) -> None:
+        """Restart the group if a rank has died (blocks while the new ranks load)."""
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as err:
+                self._restart(err)
+                return
+
+    def finish(self, timeout_s: float = 300) -> list[dict]:
+        """Stop every rank at its next step (publish what is unpublished, checkpoint, acknowledge);
+        returns the ranks' summaries."""
+        self.group.stop()
+        try:
+            return ray.get(self.refs, timeout=timeout_s)
+        finally:
+            self.group.shutdown()
+
+    def _restart(self, err: Exception) -> None:
+        from learner.checkpoint import Checkpoints
+
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(f"the learner failed {self.restarts + 1} times; last: {err}") from err
+        self.restarts += 1
+        self.group.shutdown()
+        resume = Checkpoints(self.cfg.checkpoint_dir, 0, self.cfg.placement.ranks).latest_tag() is not None
+        if self.on_restart is not None:
+            self.on_restart({"restart": self.restarts, "resume": resume, "error": str(err).splitlines()[0]})
+        self.group = LearnerGroup(self.cfg, resume=resume)
+        self.refs = self.group.start()

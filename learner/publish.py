@@ -18,7 +18,7 @@ import torch
 
 from buffer.keys import RunKeys
 from buffer.weights import WeightStore
-from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.drafter import DrafterHead, HeadConfig, save_head
 from selfspec.split import SplitModel
 
 
@@ -46,6 +46,11 @@ def head_from_weights(split: SplitModel, arrays: dict[str, np.ndarray], meta: di
     return head
 
 
+def head_dir(heads_dir: Path, version: int) -> Path:
+    """Where a published version is saved (`selfspec.drafter.save_head` format): heads/v0007."""
+    return Path(heads_dir) / f"v{version:04d}"
+
+
 def heldout_key(run_id: str) -> str:
     return RunKeys(run_id).prefix + "learner:heldout_mal"
 
@@ -58,11 +63,14 @@ def heldout_scores(client: redis.Redis, run_id: str) -> dict[int, float]:
 class Publisher:
     """Rank 0's side of the weight store: versions only increase, each one is scored and recorded."""
 
-    def __init__(self, client: redis.Redis, run_id: str, base_model: str, keep_last: int, out_dir: Path):
+    def __init__(self, client: redis.Redis, run_id: str, base_model: str, keep_last: int, out_dir: Path,
+                 save_heads: bool = True):
         self.client, self.run_id, self.base_model = client, run_id, base_model
         self.store = WeightStore(client, run_id, keep_last=keep_last)
         self.log_path = Path(out_dir) / "versions.jsonl"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Redis keeps the last few versions for the actors; disk keeps every one, for eval and drift studies
+        self.heads_dir = Path(out_dir) / "heads" if save_heads else None
 
     def latest(self) -> int | None:
         return self.store.latest_version()
@@ -74,6 +82,9 @@ class Publisher:
                 "step": step,
                 "run_id": self.run_id, "published_at": time.time()}
         size = self.store.publish(version, head_arrays(head), meta)
+        if self.heads_dir is not None:
+            save_head(head, head_dir(self.heads_dir, version), {k: meta[k] for k in ("base_model", "step", "run_id")}
+                      | {"version": version})
         return {"version": version, "step": step, "bytes": size,
                 "latency_ms": (time.perf_counter() - start) * 1e3, "published_at": meta["published_at"]}
 

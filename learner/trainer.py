@@ -93,7 +93,7 @@ class Learner:
         # A stable consumer name per rank: a restarted rank finds what it had read and not acknowledged.
         self.reader = TransitionReader(client, cfg.run_id, cfg.stream, consumer=f"learner-{rank}")
         self.publisher = Publisher(client, cfg.run_id, model_name(cfg.model), cfg.weights.keep_last,
-                                   Path(cfg.out_dir)) if rank == 0 else None
+                                   Path(cfg.out_dir), cfg.save_heads) if rank == 0 else None
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.trained_ids: list[str] | None = [] if setup.record_ids else None
         self.rank_batch = math.ceil(cfg.batch_size / world_size)

@@ -1,0 +1,102 @@
+"""Typed settings of `dvi run` (configs/local.yaml, configs/gpu.yaml).
+
+The run owns what its parts must agree on: the model, the exit layer, the head, the run id, the Redis
+server and the output directory. They are set once at the top level and handed to the actors and the
+learner, so `actors:` and `learner:` may not set them (one clear error naming the key).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actors.arrivals import ArrivalSpec
+from actors.config import GenerationConfig
+from actors.traffic import TraceSpec
+from buffer.config import RedisConfig, StreamConfig
+from learner.config import LearnerConfig
+from selfspec.defaults import DEFAULT_MODEL
+from selfspec.drafter import HeadConfig
+
+RUN_OWNED = {"actors": ("model", "exit_layer", "head", "stream"),
+             "learner": ("run_id", "model", "exit_layer", "head", "out_dir", "redis", "stream")}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorsConfig(GenerationConfig):
+    count: int = Field(2, ge=1, description="generation actors (one per GPU on a cluster)")
+
+
+class TraceConfig(_Strict):
+    path: str | None = Field(None, description="a trace file (`dvi trace make`); when set, `make` is not used")
+    make: TraceSpec | None = Field(None, description="a workload spec: the trace is made at start and saved")
+    arrival: ArrivalSpec | None = Field(None, description="replay-time arrivals (e.g. closed_loop users); "
+                                                          "None: the trace's own timestamps")
+    workloads: list[str] | None = Field(None, description="workloads this run serves; a request tagged with "
+                                                          "another fails. None: any (or the spec's sources)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.make is None:
+            raise ValueError("give trace.path (a trace file) or trace.make (a workload spec)")
+        if self.path is not None:
+            self.make = None
+        return self
+
+
+class RunConfig(_Strict):
+    run_id: str | None = Field(None, description="Redis keys live under dvi:{run_id}:; None: the run "
+                                                 "directory's name")
+    out_dir: str = Field("runs/local", description="the run directory")
+    model: str = Field(DEFAULT_MODEL, description="model name or HF model directory")
+    exit_layer: int = Field(4, ge=1)
+    head: HeadConfig = HeadConfig()
+    learn: bool = Field(True, description="false: serve only (no streaming, no learner, no weight pulls)")
+    trace: TraceConfig
+    actors: ActorsConfig = ActorsConfig()
+    learner: LearnerConfig = LearnerConfig()
+    redis: RedisConfig = Field(RedisConfig(), description="url: an external server; else one is started")
+    stream: StreamConfig = Field(StreamConfig(), description="the transition stream, as actors write and the "
+                                                             "learner reads it")
+    seed: int = 0
+    window: float = Field(0.25, gt=0, le=0.5, description="first/last window: this fraction of the requests")
+    metrics_every_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(120.0, ge=0, description="after the replay, the learner trains what is "
+                                                            "buffered for at most this long")
+    learner_restarts: int = Field(2, ge=0, description="a crashed learner resumes from its checkpoint this often")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_owns(cls, data):
+        if isinstance(data, dict):
+            for section, keys in RUN_OWNED.items():
+                given = data.get(section)
+                for key in keys:
+                    if isinstance(given, dict) and key in given:
+                        raise ValueError(f"{section}.{key}: set `{key}` at the top level: the run gives the same "
+                                         "to the actors and the learner")
+        return data
+
+    @property
+    def run_name(self) -> str:
+        return self.run_id or Path(self.out_dir).name
+
+    def actor_config(self) -> GenerationConfig:
+        fields = self.actors.model_dump(exclude={"count"})
+        return GenerationConfig(**{**fields, "model": self.model, "exit_layer": self.exit_layer,
+                                   "head": self.head, "stream": self.stream})
+
+    def learner_config(self, redis_url: str) -> LearnerConfig:
+        data = self.learner.model_dump()
+        data.update(run_id=self.run_name, model=self.model, exit_layer=self.exit_layer,
+                    head=self.head.model_dump(), out_dir=str(Path(self.out_dir) / "learner"),
+                    redis={**self.redis.model_dump(), "url": redis_url, "password": self._password()},
+                    stream=self.stream.model_dump())
+        return LearnerConfig.model_validate(data)
+
+    def _password(self):
+        return self.redis.password.get_secret_value() if self.redis.password else None
+

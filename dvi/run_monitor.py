@@ -1,0 +1,120 @@
+"""The run's watcher, on its own thread while the trace replays: every `every_s` it reads each actor's
+metrics, restarts a learner whose rank died and a Redis server that died, and writes one line of
+`metrics.jsonl` (and TensorBoard scalars, at the second of the run) with the interval's served speed,
+MAL, head version and lag. The replay loop never blocks on any of this."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import ray
+import redis
+
+from buffer.keys import RunKeys
+
+
+class Monitor:
+    def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, client=None, run_id=""):
+        self.actors, self.log, self.every_s = actors, log, every_s
+        self.learner, self.server, self.client, self.run_id = learner, server, client, run_id
+        self.events: Counter = Counter()
+        self.latest: dict = {}  # the last snapshot, for the progress bar
+        self.learner_error: str | None = None
+        self._previous: dict[int, dict] = {}
+        self._version = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dvi-run-monitor", daemon=True)
+        self._start = self._last = time.monotonic()
+        self._step = 0
+
+    def start(self) -> "Monitor":
+        self._start = self._last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread after one last snapshot (so the end of the run is in metrics.jsonl)."""
+        self._stop.set()
+        self._thread.join()
+        self.tick()
+
+    def event(self, name: str, **detail) -> None:
+        self.events[name] += 1
+        self.log({"t": round(time.monotonic() - self._start, 3), "step": self._step, "event": name, **detail})
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.tick()
+
+    def tick(self) -> None:
+        self._check_redis()
+        self._check_learner()
+        self._check_versions()
+        self._snapshot()
+
+    def _check_redis(self) -> None:
+        if self.server is not None and self.server.died():
+            self.server.restart()
+            self.event("redis_restart", detail=f"redis-server restarted on port {self.server.port} from its AOF")
+
+    def _check_learner(self) -> None:
+        if self.learner is None or self.learner_error is not None:
+            return
+        try:
+            self.learner.poll()
+        except RuntimeError as err:  # out of restarts: serving goes on, the summary says why learning stopped
+            self.learner_error = str(err)
+            self.event("learner_failed", detail=self.learner_error)
+
+    def _check_versions(self) -> None:
+        if self.client is None:
+            return
+        try:
+            latest = self.client.get(RunKeys(self.run_id).weights_latest)
+        except redis.RedisError:
+            return
+        if latest is not None and int(latest) != self._version:
+            self._version = int(latest)
+            self.event("versions", latest=self._version)
+
+    def _snapshot(self) -> None:
+        now = time.monotonic()
+        refs = [a.metrics.remote() for a in self.actors]
+        metrics = []
+        for i, ref in enumerate(refs):
+            try:
+                metrics.append(ray.get(ref, timeout=max(self.every_s, 5)))
+            except (ray.exceptions.RayError, TimeoutError):  # restarting or busy: no numbers this time
+                metrics.append(None)
+        delta = Counter()
+        for i, m in enumerate(metrics):
+            if m is None:
+                continue
+            before = self._previous.get(i)
+            if before is not None and before["pid"] != m["pid"]:
+                self.event("actor_restart", actor=i, detail=f"actor {i} came back as pid {m['pid']}")
+                before = None  # a restarted actor counts from zero
+            for key in ("tokens", "decode_s", "rounds", "accepted"):
+                delta[key] += m[key] - (before[key] if before else 0)
+            self._previous[i] = m
+        live = [m for m in metrics if m is not None]
+        versions = [m["head_version"] for m in live if m["head_version"] is not None]
+        lags = [m["head_lag"] for m in live if m["head_lag"] is not None]
+        interval = now - self._last
+        self._last = now
+        record = {
+            "t": round(now - self._start, 3), "step": self._step, "event": "actors",
+            "requests_done": sum(m["requests_done"] for m in live),
+            "requests_failed": sum(m["requests_failed"] for m in live),
+            "charts/served_tokens_per_s": delta["tokens"] / interval if interval > 0 else None,
+            "charts/actor_tokens_per_s": delta["tokens"] / delta["decode_s"] if delta["decode_s"] > 0 else None,
+            "charts/mean_accepted_length": delta["accepted"] / delta["rounds"] + 1 if delta["rounds"] else None,
+            "charts/head_version": min(versions) if versions else None,
+            "charts/head_lag": max(lags) if lags else None,
+            "charts/queue_depth": sum(m["queue_depth"] for m in live),
+            "actors": metrics,
+        }
+        self._step += 1
+        self.latest = record
+        self.log(record)
