@@ -22,14 +22,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A short real online-learning run on built-in prompts (28 train, 7 held out), then the trained head
-# benchmarked side by side with transformers' generate on the held-out ones.
+# A short real run of the whole system (configs/local.yaml): two Ray generation actors serve the first 28
+# built-in prompts while a DeepSpeed learner trains the drafter from their Redis stream; then the last
+# published head side by side with transformers' generate on the 7 held-out prompts.
 demo: install
-	$(VENV)/bin/dvi online --workload builtin --train-prompts 28 --heldout-prompts 7 --max-new-tokens 64 \
-		--set head.draft_vocab=8192 --out-dir runs/demo/online
-	$(VENV)/bin/dvi bench --prompts builtin --offset 28 --n 7 --max-new-tokens 64 --drafter runs/demo/online \
-		--methods hf_ar,hf_prompt_lookup,dvi_ar,dvi_spec,dvi_spec_dynamic,dvi_spec_ngram_dynamic --out runs/demo/bench.json
-	@echo "demo report: runs/demo/online (summary.json, mal.png, tb/) and runs/demo/bench.json"
+	$(VENV)/bin/dvi run --config configs/local.yaml --out-dir runs/demo --overwrite
+	$(VENV)/bin/dvi bench --prompts builtin --offset 28 --n 7 --max-new-tokens 64 --drafter runs/demo/head \
+		--methods hf_ar,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic --out runs/demo/bench.json
+	@echo "demo report: runs/demo/report.md (summary.json, plots/, tb/) and runs/demo/bench.json"
 
 # Every tier: unit, integration (real redis-server / local Ray) and e2e (the real SmolLM2).
 test: install

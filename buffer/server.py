@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -72,6 +74,9 @@ class RedisServer:
         self.password = resolve_password(cfg)
         self.proc: subprocess.Popen | None = None
         self.port = cfg.port
+        # Servers are forked from this one thread, which lives until stop(): the death signal follows the
+        # forking thread, so a restart from a short-lived thread (a run's monitor) would die with it.
+        self._spawner: ThreadPoolExecutor | None = None
 
     @property
     def host(self) -> str:
@@ -126,17 +131,19 @@ class RedisServer:
 
     def stop(self) -> None:
         """SIGTERM (redis then fsyncs its AOF), escalating to SIGKILL if it hangs."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        atexit.unregister(self.stop)
-        self.proc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            atexit.unregister(self.stop)
+            self.proc = None
+        if self._spawner is not None:
+            self._spawner.shutdown()
+            self._spawner = None
 
     def __enter__(self) -> "RedisServer":
         return self.start()
@@ -149,9 +156,14 @@ class RedisServer:
         log = self.data_dir / "redis.log"
         log_start = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [binary, "-"], stdin=subprocess.PIPE, stdout=out, stderr=out, cwd=self.data_dir,
-                start_new_session=self.detach, preexec_fn=None if self.detach else _death_signal(os.getpid()))
+            popen = partial(subprocess.Popen, [binary, "-"], stdin=subprocess.PIPE, stdout=out, stderr=out,
+                            cwd=self.data_dir, start_new_session=self.detach,
+                            preexec_fn=None if self.detach else _death_signal(os.getpid()))
+            if self.detach:
+                self.proc = popen()
+            else:
+                self._spawner = self._spawner or ThreadPoolExecutor(1, thread_name_prefix="redis-spawner")
+                self.proc = self._spawner.submit(popen).result()
         self.proc.stdin.write(self._config_text(log).encode())
         self.proc.stdin.close()
         probe = redis.Redis(host=self.host, port=self.port, password=self.password,

@@ -66,7 +66,7 @@ class RunConfig(_Strict):
     metrics_every_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(120.0, ge=0, description="after the replay, the learner trains what is "
                                                             "buffered for at most this long")
-    learner_restarts: int = Field(2, ge=0, description="a crashed learner resumes from its checkpoint this often")
+    learner_restarts: int = Field(3, ge=0, description="a crashed learner resumes from its checkpoint this often")
 
     @model_validator(mode="before")
     @classmethod

@@ -114,6 +114,9 @@ class Monitor:
             "charts/head_lag": max(lags) if lags else None,
             "charts/queue_depth": sum(m["queue_depth"] for m in live),
             "actors": metrics,
+            # where each process is, for an operator (and the fault tests) to find it
+            "learner_pids": list(self.learner.group.pids) if self.learner is not None else [],
+            "redis_pid": self.server.pid if self.server is not None else None,
         }
         self._step += 1
         self.latest = record

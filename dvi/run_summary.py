@@ -63,9 +63,10 @@ def per_workload(records: list[dict]) -> dict[str, dict]:
 
 
 def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None = None,
-              trained: int | None = None, heldout: dict[int, float] | None = None,
+              trained: int | None = None, versions: list[dict] | None = None,
               buffered: int | None = None) -> dict:
-    """summary.json's numbers. `stats`, `trained`, `heldout` and `buffered` are None in a serve-only run."""
+    """summary.json's numbers. `stats`, `trained`, `versions` (versions.jsonl's entries) and `buffered`
+    are None in a serve-only run."""
     ok = [r for r in records if r["ok"]]
     first, last = windows(records, fraction)
     summary = {
@@ -84,14 +85,15 @@ def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None
         return summary
     dropped = sum(stats.get(k, 0) for k in ("dropped_oldest", "stale", "duplicates"))
     written = stats.get("written", 0)
-    scores = dict(sorted((heldout or {}).items()))
+    versions = versions or []
+    scores = dict(sorted((v["version"], v["heldout_mal"]) for v in versions if v.get("heldout_mal") is not None))
     summary.update({
         "transitions_written": written, "transitions_trained": trained, "transitions_dropped": dropped,
         "transitions_buffered": buffered, "deadletter": stats.get("deadletter", 0),
         "dropped_detail": {k: stats.get(k, 0) for k in ("dropped_oldest", "stale", "duplicates")},
         "counts_balance": trained is not None and buffered is not None
         and written == trained + dropped + stats.get("deadletter", 0) + buffered,
-        "versions_published": len(scores),
+        "versions_published": len({v["version"] for v in versions}),
         "heldout_mal_by_version": {str(v): m for v, m in scores.items()},
         "mal_first_window": scores[min(scores)] if scores else None,
         "mal_last_window": scores[max(scores)] if scores else None,

@@ -138,7 +138,6 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
     from dvi.run_summary import stream_buffered, summarize
     from learner.launch import SupervisedLearner
     from learner.metrics_log import MetricsLog
-    from learner.publish import heldout_scores
 
     run_id, client, learner = cfg.run_name, None, None
     started = time.time()
@@ -167,7 +166,7 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
         if client is not None:
             counts = {"stats": run_stats(client, run_id),
                       "trained": sum(s["counters"]["trained_transitions"] for s in summaries),
-                      "heldout": heldout_scores(client, run_id), "buffered": stream_buffered(client, run_id)}
+                      "versions": _versions(run_dir), "buffered": stream_buffered(client, run_id)}
         summary = summarize(records, cfg.window, **counts)
         summary.update(run_id=run_id, actors=cfg.actors.count, started_at=started, wall_s=time.time() - started,
                        events=dict(monitor.events), learner_error=monitor.learner_error,
@@ -233,9 +232,20 @@ def _drain(client, run_id: str, cfg: RunConfig) -> None:
         time.sleep(0.5)
 
 
+def _versions(run_dir: Path) -> list[dict]:
+    path = run_dir / "learner" / "versions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _last_head(run_dir: Path) -> str | None:
+    """The last published head, also linked as run_dir/head (`dvi bench --drafter run_dir/head`)."""
     heads = sorted((run_dir / "learner" / "heads").glob("v*"))
-    return str(heads[-1]) if heads else None
+    if not heads:
+        return None
+    link = run_dir / "head"
+    link.unlink(missing_ok=True)
+    link.symlink_to(heads[-1].relative_to(run_dir), target_is_directory=True)
+    return str(heads[-1])
 
 
 def _fmt(value) -> str:

@@ -14,11 +14,30 @@ from pathlib import Path
 import torch
 
 
+STALE_LOCK_S = 600
+
+
 def env_defaults() -> None:
     """Set before DeepSpeed is imported: which accelerator, and where its one small op is built (once)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dvi" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+
+
+def clear_stale_build_locks(root: Path) -> None:
+    """Every process that loads the op holds `lock` while ninja checks the build (about a second); a
+    process killed meanwhile (a SIGKILLed learner rank) leaves it behind, and torch then waits for it
+    forever. A lock older than STALE_LOCK_S is such a leftover."""
+    import time
+
+    for lock in root.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink()
+                logging.getLogger(__name__).warning("removed a stale build lock %s", lock)
+        except FileNotFoundError:
+            pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:

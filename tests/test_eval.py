@@ -15,7 +15,7 @@ from selfspec.drafter import DrafterHead, HeadConfig, save_head
 from selfspec.engine import DecodeResult, RoundStats
 from selfspec.prompts import messages_ids, spec_bench_prompts
 from selfspec.split import SplitModel
-from tiny_model import tiny_llama
+from tiny_model import byte_tokenizer, tiny_llama
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
@@ -110,20 +110,6 @@ def test_run_dir_versions(tmp_path):
         run_head_dir(run, 3)
     with pytest.raises(ValueError, match="number or `latest`"):
         run_head_dir(run, "newest")
-
-
-def byte_tokenizer():
-    """A byte-level BPE without merges (256 ids, one per byte) and a tag chat template, loadable by AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}<a>{% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template)
 
 
 def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys):

@@ -32,3 +32,17 @@ def plain_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = 
         if ids[-1] in eos:
             break
     return ids[len(prompt):]
+
+
+def byte_tokenizer():
+    """A byte-level BPE without merges (256 ids, one per byte) and a tag chat template, loadable by AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<a>{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template)

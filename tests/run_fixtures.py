@@ -1,0 +1,66 @@
+"""A whole `dvi run` on a tiny model: a model directory (tiny Llama + byte tokenizer), a trace file and a
+run config, for the tests that drive the real CLI through Ray, Redis and DeepSpeed."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from tiny_model import byte_tokenizer, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+DVI = str(Path(sys.executable).parent / "dvi")
+WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+
+
+def dvi_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("DVI_THIN_GEMM_ROWS", "none")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dvi" / "torch_extensions"))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def request(i: int, workload: str, arrival_s: float = 0.0, max_new_tokens: int = 16, **fields) -> dict:
+    text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4))
+    return {"arrival_s": arrival_s, "request_id": f"r{i:04d}", "workload": workload, "prompt": text,
+            "max_new_tokens": max_new_tokens, "temperature": 0.0, **fields}
+
+
+def write_run(tmp: Path, rows: list, **overrides) -> Path:
+    """Model, trace (rows are dicts, or raw strings for malformed lines) and config; returns the config path."""
+    model_dir = tmp / "model"
+    if not model_dir.exists():
+        tiny_llama(seed=3, max_positions=96).float().save_pretrained(model_dir)
+        byte_tokenizer().save_pretrained(model_dir)
+    trace = tmp / "trace.jsonl"
+    trace.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    config = {
+        "out_dir": str(tmp / "run"), "model": str(model_dir), "exit_layer": 1,
+        "head": {"adapter_hidden": 64, "lora_rank": 4, "draft_vocab": None},
+        "trace": {"path": str(trace), "workloads": ["chat", "code"]},
+        "actors": {"count": 2, "gamma": 3, "num_cpus": 1, "weights_check_every_rounds": 8},
+        "learner": {"draft_vocab_from": "lowest", "heldout": {"prompts": 0}, "batch_size": 16, "min_fill": 0.01,
+                    "fill_timeout_s": 0.2, "publish_every_steps": 4, "publish_every_s": 2,
+                    "deepspeed": str(REPO / "configs/deepspeed/zero1.json"),
+                    "checkpoint": {"every_steps": 8, "every_s": 2}},
+        "stream": {"frame_size": 4, "read_block_ms": 100},
+        "metrics_every_s": 1, "drain_timeout_s": 20,
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
