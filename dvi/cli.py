@@ -19,6 +19,7 @@ COMMANDS = {
     "run": "dvi.run_cmd",  # actors + learner + Redis, replaying a trace
     "eval": "dvi.eval_cmd",
     "report": "dvi.report_cmd",
+    "drift": "dvi.drift_cmd",  # arms of dvi run on one shifting trace
 }
 
 

@@ -223,3 +223,87 @@ def plot_policy_lag(series: list[dict], file: Path, *, ylabel: str = "head lag (
     ax.grid(alpha=0.3)
     _legend(ax)
     _save(fig, file)
+
+
+# ---------------------------------------------------------------- drift studies (dvi drift)
+
+ARM_STYLES = {"frozen_untrained": ("0.45", "--"), "frozen_offline": ("tab:orange", "-."),
+              "online_kl": ("tab:blue", "-"), "online_kl_rl": ("tab:green", "-")}
+
+
+def _arm_style(arm: str, i: int) -> tuple[str, str]:
+    return ARM_STYLES.get(arm, (f"C{(i + 4) % 10}", "-"))
+
+
+def plot_drift_mal(curves: dict[str, tuple[list, list]], phases: list[tuple[float, str]], end: float, file: Path, *,
+                   rolling: int, recoveries: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """Live MAL over the trace's requests, one line per arm: curves[arm] = (x, rolling MAL), x the request
+    index; phases = (start x, workload) with boundaries drawn as vertical lines, names on top; recoveries
+    (x, y) marked per arm."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    starts = [x for x, _ in phases] + [end]
+    for i, (x, name) in enumerate(phases):
+        if i:
+            ax.axvline(x + 0.5, color="0.3", lw=1, ls=":")
+        if i % 2:
+            ax.axvspan(x + 0.5, starts[i + 1] + 0.5, color="0.93", lw=0, zorder=0)
+        ax.text((x + starts[i + 1]) / 2 + 0.5, 1.01, name, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=9, clip_on=False)
+    for i, (arm, (xs, ys)) in enumerate(curves.items()):
+        color, ls = _arm_style(arm, i)
+        # one segment per phase: the rolling mean restarts at each boundary
+        segments, current = [], ([], [])
+        for x, y in zip(xs, ys):
+            if current[0] and any(current[0][-1] <= s < x for s in starts[1:-1]):
+                segments.append(current)
+                current = ([], [])
+            current[0].append(x)
+            current[1].append(y)
+        segments.append(current)
+        for j, (sx, sy) in enumerate(segments):
+            ax.plot(sx, sy, color=color, ls=ls, lw=1.6, label=arm if j == 0 else None,
+                    marker="o" if len(xs) <= 80 else None, ms=2.5)
+        points = (recoveries or {}).get(arm) or []
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=70, facecolors="none", edgecolors=color,
+                       linewidths=1.6, zorder=5)
+    if any((recoveries or {}).values()):
+        ax.scatter([], [], s=70, facecolors="none", edgecolors="0.2", label="recovered")
+    ax.set_xlim(0.5, end + 0.5)
+    ax.set_title(f"Live MAL across workload shifts (rolling mean of {rolling} requests within each phase)",
+                 pad=18)
+    ax.set_xlabel("request (position in the trace)")
+    ax.set_ylabel("mean accepted length\n(tokens/round)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, file)
+
+
+def plot_drift_phases(phases: list[str], panels: list[tuple], file: Path) -> None:
+    """Grouped bars per phase, one bar per arm; one panel per (title, y label, {arm: value per phase}[,
+    bar label format such as "{:.2f}"])."""
+    import numpy as np
+
+    plt = _pyplot()
+    arms = list(dict.fromkeys(a for panel in panels for a in panel[2]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 0.55 * len(phases) * max(1, len(arms)) + 3),
+                                                      3.4 * len(panels)), squeeze=False)
+    x, width = np.arange(len(phases)), 0.8 / max(1, len(arms))
+    for row, (ax, (title, ylabel, values, *fmt)) in enumerate(zip(axes[:, 0], panels)):
+        fmt = fmt[0] if fmt else "{:.3g}"
+        for i, arm in enumerate(arms):
+            ys = (values.get(arm) or [None] * len(phases))[:len(phases)]
+            color, _ = _arm_style(arm, i)
+            bars = ax.bar(x + (i - (len(arms) - 1) / 2) * width, [np.nan if y is None else y for y in ys], width,
+                          label=arm, color=color)
+            ax.bar_label(bars, labels=["" if y is None else fmt.format(y) for y in ys], fontsize=7, padding=1)
+        ax.set_xticks(x, phases)
+        ax.set_title(title)
+        ax.set_xlabel("phase (workload, in trace order)")
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.15)
+        ax.grid(alpha=0.3, axis="y")
+        if row == 0:  # the same arms and colours in every panel
+            _legend(ax)
+    _save(fig, file)

@@ -551,7 +551,13 @@ def _events_section(files: RunFiles) -> list[str]:
 
 def write_run_report(run_dir: str | Path) -> Path:
     """Write `report.md` and `plots/*.png` into `run_dir` from what it holds; returns the report's path.
-    Raises FileNotFoundError if `run_dir` has neither summary.json nor requests.jsonl."""
+    Raises FileNotFoundError if `run_dir` has neither summary.json nor requests.jsonl. A `dvi drift` study
+    directory (arms/ and trace.jsonl, no requests.jsonl) gets the study's report (dvi/drift_report.py)."""
+    if (Path(run_dir) / "arms").is_dir() and not (Path(run_dir) / "requests.jsonl").exists():
+        from dvi.drift_report import is_drift_dir, write_drift_report
+
+        if is_drift_dir(run_dir):
+            return write_drift_report(run_dir)
     files = load_run(run_dir)
     plot_dir = files.dir / "plots"
     plot_dir.mkdir(exist_ok=True)
