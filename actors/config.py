@@ -26,6 +26,8 @@ class GenerationConfig(BaseModel):
     policy: Literal["fixed", "threshold", "cost_aware"] = "cost_aware"
     ngram: int = Field(1, ge=0, description="shortest suffix match to copy drafts from the request's own text (0: off)")
     topk: int = Field(16, ge=1, description="K of the top-K draft and target distributions a transition carries")
+    prompt_rows: int = Field(64, ge=0, description="also send the prompt's last N positions as KL rows (the "
+                                                   "prefill verified them); 0: generated positions only")
     weights_check_every_rounds: int = Field(
         64, ge=1, description="read weights:latest once this many rounds went by (checked, and swapped, "
                               "between requests)")

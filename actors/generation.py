@@ -41,7 +41,7 @@ from actors.config import GenerationConfig
 from actors.trace import ConversationMemory
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
-from learner.publish import head_arrays, head_from_weights
+from selfspec.drafter import head_arrays, head_from_weights
 from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import messages_ids
@@ -92,7 +92,7 @@ class Generator:
             base_model = drafter.meta.get("base_model") or model_name(cfg.model)
             spec = WeightSpec.of(base_model, head_arrays(self.head))
             self.store = WeightStore(redis_client, run_id, expected=spec)
-        emit = Emitter(self._sink, run_id, actor_id, cfg.topk) if self.writer is not None else None
+        emit = Emitter(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
         self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit)
         self.memory = ConversationMemory()
         # None: the actor's own starting head, not a published one (its transitions carry version 0)

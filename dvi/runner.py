@@ -24,7 +24,7 @@ import yaml
 
 from actors.dispatch import Dispatcher, RequestRecord, line_error_records, replay_trace
 from actors.trace import TraceRequest, read_trace, write_trace
-from dvi.run_config import RunConfig
+from dvi.run_config import RUN_OWNED, RunConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -43,7 +43,9 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
                                   "--overwrite to replace it")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = cfg.model_dump(mode="json", exclude={"redis": {"password"}})
+    # what the run owns is set once at the top level: the saved file loads back as a RunConfig
+    owned = {section: set(keys) for section, keys in RUN_OWNED.items()}
+    resolved = cfg.model_dump(mode="json", exclude={"redis": {"password"}, **owned})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return run_dir
 

@@ -1,9 +1,10 @@
-"""Versioned head weights as the learner publishes them, and how anyone turns a blob back into a head.
+"""Versioned head weights as the learner publishes them.
 
 A blob holds the head's trainable parameters plus `vocab_ids` (its draft vocabulary, when reduced),
-and its meta holds the head config: that is all a fresh DrafterHead on the same base model needs, so
-an actor that joins late builds exactly the learner's head from whichever version is current (versions
-are pruned, so the vocabulary travels in every one). Each version's held-out MAL goes to the hash
+and its meta holds the head config: that is all a fresh DrafterHead on the same base model needs
+(`selfspec.drafter.head_from_weights`), so an actor that joins late builds exactly the learner's head
+from whichever version is current (versions are pruned, so the vocabulary travels in every one).
+Each version also goes to disk (`heads/vNNNN`, save_head format). Its held-out MAL goes to the hash
 `dvi:{run_id}:learner:heldout_mal` (version -> MAL), kept for the whole run, and to versions.jsonl.
 """
 from __future__ import annotations
@@ -12,38 +13,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import redis
-import torch
 
 from buffer.keys import RunKeys
 from buffer.weights import WeightStore
-from selfspec.drafter import DrafterHead, HeadConfig, save_head
-from selfspec.split import SplitModel
-
-
-def head_arrays(head: DrafterHead) -> dict[str, np.ndarray]:
-    """What a version carries: trainable parameters (float32 when trained in bf16, which numpy lacks)
-    and the draft vocabulary."""
-    arrays = {}
-    for name, p in head.named_parameters():
-        if p.requires_grad:
-            value = p.detach()
-            arrays[name] = (value if value.dtype in (torch.float32, torch.float64) else value.float()).cpu().numpy().copy()
-    if head.vocab_ids is not None:
-        arrays["vocab_ids"] = head.vocab_ids.cpu().numpy().astype(np.int64)
-    return arrays
-
-
-def head_from_weights(split: SplitModel, arrays: dict[str, np.ndarray], meta: dict) -> DrafterHead:
-    """A fresh DrafterHead equal to the published one (meta["head"] is its config) on `split`."""
-    if meta.get("exit_layer", split.exit_layer) != split.exit_layer:
-        raise ValueError(f"weights are for a head at exit layer {meta['exit_layer']}, the split is at {split.exit_layer}")
-    arrays = {name: np.array(value) for name, value in arrays.items()}  # decoded blobs are read-only views
-    vocab_ids = arrays.pop("vocab_ids", None)
-    head = DrafterHead(split, HeadConfig(**meta["head"]), vocab_ids)
-    head.load_trainable_state(arrays)
-    return head
+from selfspec.drafter import DrafterHead, head_arrays, save_head
 
 
 def head_dir(heads_dir: Path, version: int) -> Path:

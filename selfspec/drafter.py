@@ -229,3 +229,27 @@ def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
     head = DrafterHead(split, config, vocab_ids)
     head.load_trainable_state(tensors)
     return split, head, meta
+
+
+def head_arrays(head: DrafterHead) -> dict[str, np.ndarray]:
+    """What a version carries: trainable parameters (float32 when trained in bf16, which numpy lacks)
+    and the draft vocabulary."""
+    arrays = {}
+    for name, p in head.named_parameters():
+        if p.requires_grad:
+            value = p.detach()
+            arrays[name] = (value if value.dtype in (torch.float32, torch.float64) else value.float()).cpu().numpy().copy()
+    if head.vocab_ids is not None:
+        arrays["vocab_ids"] = head.vocab_ids.cpu().numpy().astype(np.int64)
+    return arrays
+
+
+def head_from_weights(split: SplitModel, arrays: dict[str, np.ndarray], meta: dict) -> DrafterHead:
+    """A fresh DrafterHead equal to the published one (meta["head"] is its config) on `split`."""
+    if meta.get("exit_layer", split.exit_layer) != split.exit_layer:
+        raise ValueError(f"weights are for a head at exit layer {meta['exit_layer']}, the split is at {split.exit_layer}")
+    arrays = {name: np.array(value) for name, value in arrays.items()}  # decoded blobs are read-only views
+    vocab_ids = arrays.pop("vocab_ids", None)
+    head = DrafterHead(split, HeadConfig(**meta["head"]), vocab_ids)
+    head.load_trainable_state(arrays)
+    return head

@@ -23,7 +23,7 @@ from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
 from selfspec.split import SplitModel
-from selfspec.transitions import (COPIED, DRAFTED, PLAIN, RoundMeta, Transition, make_transition,
+from selfspec.transitions import (COPIED, DISTILL, DRAFTED, PLAIN, RoundMeta, Transition, make_transition,
                                   undrafted_fields)
 
 
@@ -65,6 +65,7 @@ class Emitter:
     run_id: str = "local"
     actor_id: int = 0
     topk: int = 16
+    prompt_rows: int = 0  # also the prompt's last N positions (kind distill): prefill verified them too
 
 
 @dataclass
@@ -161,10 +162,12 @@ class SelfSpecDecoder:
         if opts.temperature > 0 and opts.seed is not None:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
         hidden = self.split.trunk(prompt, 0, cache)
-        logits = self.split.verify(hidden, 0, cache)[-1:]
-        _, first = self._accept(Draft("copied", [hidden]), logits, opts.temperature, generator)
+        logits = self.split.verify(hidden, 0, cache)
+        _, first = self._accept(Draft("copied", [hidden]), logits[-1:], opts.temperature, generator)
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
+        if self.emit is not None and self.emit.prompt_rows:
+            self.emit.sink(self._prompt_transition(req, prompt, hidden, logits))
         if self.window:
             req.history = list(hidden[0, -self.window:])
         if self.head is not None:
@@ -285,30 +288,50 @@ class SelfSpecDecoder:
                     target_logits: torch.Tensor, emitted: list[int]) -> Transition:
         """Every position this round verified is a row (selfspec.transitions): the drafts' (head or
         copied) and the last one, whose next token nothing drafted (plain)."""
-        tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
         rows, n = target_logits.shape[0], len(draft.tokens)
-        k = min(self.emit.topk, self._draft_vocab_size())  # a small draft vocab bounds K for both sides
-        target_top = torch.log_softmax(target_logits.float() / tau, -1).topk(k, -1)
-        # the verifier's choice: what it emitted up to the first reject, its argmax after
-        target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
         kind = np.full(rows, PLAIN, np.int8)
         kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
-        drafted = undrafted_fields(rows, k)
+        drafted = undrafted_fields(rows, self._topk())
         if draft.logits:
+            tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
             draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
-            for name, value in self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), k).items():
+            fields = self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), self._topk())
+            for name, value in fields.items():
                 drafted[name][:n] = value
-        context = (torch.stack(req.history[-self.window:]).half().cpu().numpy() if self.window
-                   else np.zeros((0, 0), np.float16))
-        drafted.update(hidden=hidden[0].half().cpu().numpy(), context_hidden=context, kind=kind)
+        # the verifier's choice: what it emitted up to the first reject, its argmax after
+        target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
+        context = req.history[-self.window:] if self.window else []
+        return self._rows(req, req.rounds, draft.t_start, drafted | {"kind": kind}, hidden, context,
+                          target_logits, target_tokens, len(emitted) - 1)
+
+    def _prompt_transition(self, req: _Request, prompt: torch.Tensor, hidden: torch.Tensor,
+                           logits: torch.Tensor) -> Transition:
+        """The prompt's last `prompt_rows` positions as KL rows (kind distill, round 0): their next
+        tokens are the prompt's own, then the first generated one."""
+        rows = min(self.emit.prompt_rows, prompt.numel())
+        targets = (prompt[1:].tolist() + [req.pending])[-rows:]
+        drafted = undrafted_fields(rows, self._topk()) | {"kind": np.full(rows, DISTILL, np.int8)}
+        return self._rows(req, 0, time.time(), drafted, hidden[:, -rows:], [], logits[-rows:], targets, -1)
+
+    def _rows(self, req: _Request, round_index: int, t_start: float, drafted: dict, hidden: torch.Tensor,
+              context: list[torch.Tensor], target_logits: torch.Tensor, target_tokens: list[int],
+              n_accepted: int) -> Transition:
+        """A Transition from its draft side, the layer-k states and the verifier's logits."""
+        tau = req.options.temperature or 1.0
+        target_top = torch.log_softmax(target_logits.float() / tau, -1).topk(self._topk(), -1)
+        drafted.update(hidden=hidden[0].half().cpu().numpy(),
+                       context_hidden=torch.stack(context).half().cpu().numpy() if context
+                       else np.zeros((0, 0), np.float16))
         verified = {"target_topk_ids": target_top.indices.int().cpu().numpy(),
                     "target_topk_logprobs": target_top.values.float().cpu().numpy(),
                     "target_tokens": np.asarray(target_tokens, np.int32)}
         opts = req.options
-        meta = RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, req.rounds,
-                         self.policy_version, opts.workload, draft.t_start, time.time(),
-                         float(opts.temperature))
-        return make_transition(meta, drafted, verified, len(emitted) - 1)
+        meta = RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, round_index,
+                         self.policy_version, opts.workload, t_start, time.time(), float(opts.temperature))
+        return make_transition(meta, drafted, verified, n_accepted)
+
+    def _topk(self) -> int:
+        return min(self.emit.topk, self._draft_vocab_size())  # a small draft vocab bounds K for both sides
 
     def _draft_vocab_size(self) -> int:
         if self.head is None or self.head.vocab_ids is None:

@@ -7,7 +7,7 @@ from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import Emitter, SelfSpecDecoder
-from selfspec.transitions import DRAFTED, PLAIN
+from selfspec.transitions import DISTILL, DRAFTED, PLAIN
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -101,3 +101,26 @@ def test_transition_fields(model):
         out = model(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
     np.testing.assert_allclose(transitions[0].context_hidden[-3:].astype(np.float64),
                                out.hidden_states[k][0].numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_prompt_positions_are_kl_rows(model):
+    """With prompt_rows, the prefill's last positions go out first: the layer-k states and the full
+    model's distribution there, each row's next token the prompt's own (then the first generated)."""
+    k = 2
+    split = SplitModel(model, k)
+    transitions = []
+    decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)), LengthPolicy(3),
+                              emit=Emitter(transitions.append, topk=8, prompt_rows=4))
+    prompt = [3, 14, 15, 92, 65, 35]
+    result = decoder.generate(prompt, max_new_tokens=12, eos_ids=set(), request_id="q")
+    first, rest = transitions[0], transitions[1:]
+    assert len(rest) == len(result.rounds)  # the rounds' transitions are as before
+    assert first.round == 0 and first.n == 4 and (first.kind == DISTILL).all()
+    assert not (first.on_path.any() or first.accept_mask.any()) and (first.draft_tokens == -1).all()
+    assert first.target_tokens.tolist() == prompt[-3:] + [result.tokens[0]]
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), output_hidden_states=True)
+    fresh = torch.log_softmax(out.logits[0, -4:], -1).topk(8, -1)
+    np.testing.assert_array_equal(first.target_topk_ids, fresh.indices.numpy())
+    np.testing.assert_allclose(first.hidden.astype(np.float64), out.hidden_states[k][0, -4:].numpy(),
+                               rtol=1e-2, atol=1e-2)

@@ -19,7 +19,7 @@ from buffer.config import StreamConfig
 from buffer.keys import RunKeys
 from buffer.stream import TransitionReader
 from buffer.weights import WeightStore
-from learner.publish import head_arrays
+from selfspec.drafter import head_arrays
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.loading import Drafter
 from selfspec.split import SplitModel

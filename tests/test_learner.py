@@ -19,7 +19,8 @@ from buffer.stream import run_stats
 from buffer.weights import WeightStore
 from learner.dist import init_distributed
 from learner.metrics_log import MetricsLog
-from learner.publish import head_from_weights, heldout_scores
+from learner.publish import heldout_scores
+from selfspec.drafter import head_from_weights
 from learner.trainer import Learner, LearnerSetup
 from selfspec.drafter import DrafterHead
 from selfspec.greedy_paths import mean_accepted_length
@@ -121,7 +122,7 @@ import numpy as np
 from learner_data import K, verifier
 from buffer.connection import connect
 from buffer.weights import WeightSpec, WeightStore
-from learner.publish import head_arrays, head_from_weights
+from selfspec.drafter import head_arrays, head_from_weights
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.split import SplitModel
 split = SplitModel(verifier(), K)

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from run_fixtures import REPO, dvi_env, read_jsonl, request, write_run
 
+from dvi.config import load_config
+from dvi.run_config import RunConfig
+
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -70,5 +73,7 @@ def test_ray_job_submit_of_dvi_run(tmp_path):
     assert summary["transitions_written"] == (summary["transitions_trained"] + summary["transitions_dropped"]
                                               + summary["deadletter"] + summary["transitions_buffered"])
     assert summary["versions_published"] >= 1
-    assert (run_dir / "report.md").exists() and (run_dir / "config.yaml").exists()
+    assert (run_dir / "report.md").exists()
+    rerun = load_config(RunConfig, run_dir / "config.yaml")  # the run directory reruns as it is
+    assert rerun.trace.path == str(tmp_path / "trace.jsonl") and rerun.actors.count == 2
     assert len(read_jsonl(run_dir / "trace.jsonl")) == len(good) + len(bad) - 1  # the bad line is not a request
