@@ -81,14 +81,17 @@ def read_all(client) -> list:
     return out
 
 
-def test_decodes_losslessly_and_streams_one_transition_per_round(model, redis_client):
+def test_decodes_losslessly_and_streams_the_prompt_and_one_transition_per_round(model, redis_client):
     gen = Generator(config(), RUN, actor_id=3, redis_client=redis_client, drafter=drafter(model))
     result = gen.generate(request(0))
     assert read_result(result, "r0") is None
     assert result["output_ids"] == plain_greedy(model, PROMPT, 24) and result["tokens"] == 24
     assert 0 < result["t_first_token_s"] < result["t_total_s"] and result["mean_accepted_length"] > 1
     transitions = read_all(redis_client)
-    assert len(transitions) == result["rounds"] == gen.metrics()["transitions_written"]
+    # the prompt's positions first (KL rows, round 0), then one transition per round
+    assert len(transitions) == 1 + result["rounds"] == gen.metrics()["transitions_written"]
+    assert transitions[0].round == 0 and {KINDS[k] for k in transitions[0].kind} == {"distill"}
+    assert transitions[0].n == len(PROMPT)
     assert {t.request_id for t in transitions} == {"r0"} and {t.actor_id for t in transitions} == {3}
     assert {t.workload for t in transitions} == {"test"}
     kinds = {KINDS[k] for t in transitions for k in t.kind}
@@ -185,7 +188,7 @@ def test_ray_actor_serves_a_request(model, redis_server):
         assert read_result(result, "r0") is None and result["tokens"] == 24
         assert result["output_ids"] == plain_greedy(model, PROMPT, 24)
         metrics = ray.get(actor.metrics.remote(), timeout=30)
-        assert metrics["requests_done"] == 1 and metrics["transitions_written"] == result["rounds"]
+        assert metrics["requests_done"] == 1 and metrics["transitions_written"] == 1 + result["rounds"]
         assert metrics["pid"] != os.getpid()
     finally:
         ray.shutdown()

@@ -48,21 +48,20 @@ def has_event(run_dir, name):
 
 
 def test_actor_learner_and_redis_killed_mid_run(tmp_path):
-    # 240 requests arriving over ~48 s: long enough for all three faults whatever the machine's speed
-    rows = [request(i, ("chat", "code")[i % 2], arrival_s=i * 0.2) for i in range(240)]
+    # 180 requests arriving over ~36 s: long enough for the three faults (about 20 s on a 2-core CPU)
+    rows = [request(i, ("chat", "code")[i % 2], arrival_s=i * 0.2) for i in range(180)]
     config = write_run(tmp_path, rows)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([DVI, "run", "--config", str(config), "--no-progress"], env=dvi_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        wait_for("a learner checkpoint", lambda: (run_dir / "learner/checkpoints/latest").exists(), proc)
         busy = wait_for("served requests", lambda: last_snapshot(
             run_dir, lambda s: all(a and a["requests_done"] >= 2 for a in s["actors"])), proc)
-        os.kill(busy["actors"][0]["pid"], signal.SIGKILL)
-        wait_for("the actor's restart", lambda: has_event(run_dir, "actor_restart"), proc)
-
-        wait_for("a learner checkpoint", lambda: (run_dir / "learner/checkpoints/latest").exists(), proc)
-        learner_pid = last_snapshot(run_dir)["learner_pids"][0]
+        learner_pid = busy["learner_pids"][0]
+        os.kill(busy["actors"][0]["pid"], signal.SIGKILL)  # both at once: the run restarts each on its own
         os.kill(learner_pid, signal.SIGKILL)
+        wait_for("the actor's restart", lambda: has_event(run_dir, "actor_restart"), proc)
         wait_for("the learner's restart", lambda: last_snapshot(
             run_dir, lambda s: s["learner_pids"] and learner_pid not in s["learner_pids"]), proc)
 

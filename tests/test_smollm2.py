@@ -21,7 +21,8 @@ def drafter():
     return load_drafter("smollm2-135m", exit_layer=4)
 
 
-@pytest.mark.parametrize("policy,gamma", [("fixed", 4), ("cost_aware", 4), ("threshold", 6)])
+# threshold's lossless decoding is covered on the tiny model (test_lossless); two policies suffice here
+@pytest.mark.parametrize("policy,gamma", [("fixed", 4), ("cost_aware", 4)])
 def test_identical_to_hf_generate(drafter, policy, gamma):
     decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy(policy, gamma, drafter.split, drafter.head))
     for prompt in load_prompts("builtin", 3):
