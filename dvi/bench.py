@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dvi.bench_cmd import METHODS
 from selfspec.acceptance import mean_accepted_length
+from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
@@ -33,9 +34,10 @@ class MethodRuns:
 def _hf_runner(model, max_new_tokens: int, **assist):
     config = copy.deepcopy(model.generation_config)
     config.update(max_new_tokens=max_new_tokens, do_sample=False, **assist)
+    device = model.device
 
     def run(ids: list[int]):
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=device)
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
         return out[0, len(ids):].tolist(), None
     return run
@@ -60,6 +62,8 @@ def make_runners(drafter: Drafter, max_new_tokens: int, gamma: int, methods: tup
         "hf_ar": lambda: _hf_runner(model, max_new_tokens),
         "hf_prompt_lookup": lambda: _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
         "hf_early_exit": lambda: _hf_runner(model, max_new_tokens, assistant_early_exit=split.exit_layer),
+        # a preallocated KV cache (transformers' "static" cache), not compiled: what torch.compile would build on
+        "hf_static": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
         "dvi_ar": lambda: dvi("fixed", 0),
         "dvi_spec": lambda: dvi("fixed", gamma),
         "dvi_spec_dynamic": lambda: dvi("cost_aware", gamma),
@@ -77,14 +81,18 @@ def warm_up(runners: dict, ids: list[int]) -> None:
         run(ids[:16])
 
 
-def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: int, bar: tqdm | None = None) -> dict[str, list[int]]:
+def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: int, bar: tqdm | None = None,
+               device: torch.device | None = None) -> dict[str, list[int]]:
     """Every method on prompt number i, the order rotated by i so that machine noise hits every method
-    alike; each run is appended to runs[name]. Returns each method's new tokens."""
+    alike; each run is appended to runs[name]. Returns each method's new tokens. On a GPU `device`, its
+    queued work is waited for before each clock reading (nothing is done on the CPU)."""
     names = list(runners)
     out = {}
     for name in names[i % len(names):] + names[: i % len(names)]:
+        synchronize(device)
         start = time.perf_counter()
         tokens, result = runners[name](ids)
+        synchronize(device)
         runs[name].seconds.append(time.perf_counter() - start)
         runs[name].tokens.append(tokens)
         if result is not None:
@@ -96,9 +104,12 @@ def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: in
 
 
 def machine_info(drafter: Drafter) -> dict:
+    """Where the run happened: device, dtype and why, the machine, and (CPU) the few-row kernel measured on it."""
     split = drafter.split
-    return {"device": str(split.device), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-            "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows)}  # the few-row kernel measured on it
+    cpu = split.device.type == "cpu"
+    machine = f"{platform.machine()} {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(split.device)
+    return {"device": str(split.device), "dtype": dtype_name(split.dtype), "dtype_reason": drafter.dtype_reason,
+            "machine": machine, "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else []}
 
 
 def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
@@ -111,7 +122,7 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
     runs = {name: MethodRuns(name) for name in names}
     with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
         for i, ids in enumerate(encoded):
-            run_prompt(runners, runs, ids, i, bar)
+            run_prompt(runners, runs, ids, i, bar, split.device)
             bar.update(len(names))
     reference = runs["hf_ar"]
     ref_tps = sum(map(len, reference.tokens)) / sum(reference.seconds)
@@ -169,7 +180,7 @@ def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=No
 def _divergence(model, prompt: list[int], ref: list[int], got: list[int]) -> dict:
     """Where an output first departs from hf_ar's, and the full model's top-2 logit margin there."""
     i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-    logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+    logits = model(torch.tensor([prompt + ref[:i]], device=model.device)).logits[0, -1].float()
     top = logits.topk(2).values
     return {"index": i, "ref_token": ref[i] if i < len(ref) else None, "got_token": got[i] if i < len(got) else None,
             "logit_margin": float(top[0] - top[1])}

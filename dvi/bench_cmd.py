@@ -7,6 +7,8 @@ from dvi.report_file import write_report
 # Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
 METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
            "dvi_spec_ngram_dynamic")
+# Only when named in --methods: hf_static is generate with transformers' preallocated ("static") KV cache.
+EXTRA_METHODS = ("hf_static",)
 
 
 def add_parser(sub, name):
@@ -19,7 +21,9 @@ def add_parser(sub, name):
                    help="skip this many prompts first (e.g. 440 of Spec-Bench's 480: held-out prompts of `dvi online`)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gamma", type=int, default=4, help="draft length for dvi_spec, cap for dvi_spec_dynamic")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (hf_ar always runs)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset (hf_ar always runs), also {', '.join(EXTRA_METHODS)} "
+                        "(default: all but those)")
     p.add_argument("--out", default="runs/bench.json", help="JSON report path (default: runs/bench.json)")
     p.set_defaults(func=run)
 
@@ -31,13 +35,13 @@ def run(args) -> int:
 
     quiet_transformers()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS) - set(EXTRA_METHODS)
     if unknown:
-        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     prompts = load_prompts(args.prompts, args.n, args.offset)
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter)
+    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter
     report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)
@@ -50,7 +54,8 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['model']} on {report['machine']}, {report['n_prompts']} prompts x "
+    where = f"{report['machine']} ({report.get('device', 'cpu')}, {report.get('dtype', 'float32')})"
+    table = Table(title=f"{report['model']} on {where}, {report['n_prompts']} prompts x "
                         f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, gamma {report['gamma']}")
     for col in ("method", "tok/s", "speedup", "MAL", "accept", "identical", "draft/verify time"):
         table.add_column(col, justify="right")

@@ -52,7 +52,7 @@ def run(args) -> int:
     head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
 
     quiet_transformers()
-    drafter = load_drafter(args.model, args.exit_layer, head_dir)
+    drafter = load_drafter(args.model, args.exit_layer, head_dir, device=args.device, dtype=args.dtype)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = head_dir
     turns, runs = run_eval(drafter, questions, args.method, args.max_new_tokens, args.gamma)

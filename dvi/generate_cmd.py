@@ -30,7 +30,7 @@ def run(args) -> int:
         raise ValueError("empty prompt: give --prompt some text")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter)
+    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype)
     ids = drafter.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(drafter.tokenizer, args.prompt)
     policy = make_policy(args.policy, args.gamma, drafter.split, drafter.head)
     ngram = args.ngram if args.gamma else 0  # gamma 0 is plain decoding: nothing is drafted or copied
@@ -42,5 +42,6 @@ def run(args) -> int:
     print(f"\n[{len(result.tokens)} tokens in {result.t_total:.2f} s = {len(result.tokens) / result.t_total:.1f} tok/s; "
           f"{len(result.rounds)} rounds, mean accepted length {result.mean_accepted_length:.2f}, "
           f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}, ngram={ngram}; "
+          f"{drafter.split.device} {str(drafter.split.dtype).removeprefix('torch.')}; "
           f"stopped on {result.stop_reason}]")
     return 0

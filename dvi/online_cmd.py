@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dvi.common_args import quiet_transformers
+from dvi.common_args import DTYPE_CHOICES, quiet_transformers
 
 
 def add_online_args(p) -> None:
@@ -19,6 +19,8 @@ def add_online_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="model precision (default: auto = float32)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted for nested ones (YAML value), e.g. "
                         "--set head.attention_layers=1 --set head.context_window=16; repeatable")
@@ -29,7 +31,8 @@ def overrides(args) -> dict:
 
     flags = {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
              "heldout_prompts": args.heldout_prompts, "exit_layer": args.exit_layer, "gamma": args.gamma,
-             "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+             "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+             "device": args.device, "dtype": args.dtype}
     return cli_overrides(args.set, flags, "head.draft_vocab=8192")
 
 

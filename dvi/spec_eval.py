@@ -103,7 +103,7 @@ def run_eval(drafter: Drafter, questions: list[Prompt], method: str, max_new_tok
                 ids = messages_ids(tokenizer, conversation(q.turns[: j + 1], answers))
                 if not turns:
                     warm_up(runners, ids)
-                out = run_prompt(runners, runs, ids, len(turns), bar)
+                out = run_prompt(runners, runs, ids, len(turns), bar, drafter.split.device)
                 turns.append(Turn(q.id, q.category, j, ids))
                 answers.append(tokenizer.decode(out[REFERENCE], skip_special_tokens=True).strip())
                 bar.update()

@@ -175,7 +175,8 @@ class DrafterHead(nn.Module):
     def draft_fields(self, logp: torch.Tensor, draft_ids: torch.Tensor, k: int) -> dict[str, np.ndarray]:
         """The draft side of a Transition: from log-probs over the draft vocabulary [n, V_draft] and the
         drafted full-vocabulary ids [n], the behaviour log-prob of each draft and the top-k (full ids)."""
-        own = draft_ids if self.vocab_ids is None else torch.searchsorted(self.vocab_ids, draft_ids)
+        own = (draft_ids if self.vocab_ids is None
+               else torch.searchsorted(self.vocab_ids, draft_ids.to(self.vocab_ids.device)))
         top = logp.topk(k, -1)
         return {"draft_tokens": draft_ids.int().cpu().numpy(),
                 "draft_logprobs": logp[torch.arange(len(own)), own].float().cpu().numpy(),
@@ -183,7 +184,9 @@ class DrafterHead(nn.Module):
                 "draft_topk_logprobs": top.values.float().cpu().numpy()}
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().cpu().numpy().copy() for n, p in self.named_parameters() if p.requires_grad}
+        """Trainable parameters as numpy arrays (float32 for a bf16/fp16 head: numpy has no bfloat16)."""
+        return {n: (p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()).cpu().numpy().copy()
+                for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}

@@ -72,8 +72,8 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec,
             idx = order[start:start + spec.batch_size]
             input_ids, mask = left_padded([encoded[i] for i in idx], pad)
             width = input_ids.shape[1]
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
-                                 pad_token_id=pad, **sampling)
+            out = model.generate(input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad, **sampling)
             for row, i in enumerate(idx):
                 gen = out[row, width:].tolist()
                 cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
@@ -86,11 +86,11 @@ def generate_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec,
 def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, topk: int) -> GreedyPath:
     """One forward over a finished sequence: layer-k hidden states and verifier top-K at every position
     (prompt id and category left empty: `dataclasses.replace` them in)."""
-    out = model(torch.tensor([tokens]), output_hidden_states=True)
+    out = model(torch.tensor([tokens], device=model.device), output_hidden_states=True)
     logp = torch.log_softmax(out.logits[0].float(), -1).topk(topk, -1)
     return GreedyPath("", "", np.asarray(tokens, np.int32), prompt_len,
-                      out.hidden_states[exit_layer][0].half().numpy(), logp.indices.int().numpy(),
-                      logp.values.numpy())
+                      out.hidden_states[exit_layer][0].half().cpu().numpy(), logp.indices.int().cpu().numpy(),
+                      logp.values.cpu().numpy())
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from selfspec.defaults import POLICIES
+from selfspec.device import resolve_device, resolve_dtype
 from selfspec.drafter import DrafterHead, HeadConfig, load_head
 from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.model import load_model
 from selfspec.split import SplitModel
 from selfspec.step_costs import measure_step_costs
-
 
 
 @dataclass
@@ -19,17 +21,22 @@ class Drafter:
     split: SplitModel
     head: DrafterHead
     meta: dict  # checkpoint metadata ({} for an untrained head)
+    dtype_reason: str = ""  # why the model runs in its dtype (selfspec.device.resolve_dtype)
 
 
 def load_drafter(model_spec: str, exit_layer: int = 4, drafter_path: str | None = None,
-                 head_config: HeadConfig | None = None) -> Drafter:
+                 head_config: HeadConfig | None = None, device: torch.device | str | None = "cpu",
+                 dtype: torch.dtype | str | None = "float32") -> Drafter:
     """The model split at `exit_layer` with an untrained head, or with the head saved at `drafter_path`
-    (whose own exit layer then wins)."""
-    model, tokenizer = load_model(model_spec)
+    (whose own exit layer then wins), on `device` in `dtype` (None / "auto": chosen by
+    selfspec.device; the commands pass their --device and --dtype)."""
+    device = resolve_device(device)
+    dtype, reason = resolve_dtype(dtype, device)
+    model, tokenizer = load_model(model_spec, dtype, device)
     if drafter_path is not None:
-        return Drafter(model, tokenizer, *load_head(model, drafter_path))
+        return Drafter(model, tokenizer, *load_head(model, drafter_path), dtype_reason=reason)
     split = SplitModel(model, exit_layer)
-    return Drafter(model, tokenizer, split, DrafterHead(split, head_config or HeadConfig()), {})
+    return Drafter(model, tokenizer, split, DrafterHead(split, head_config or HeadConfig()), {}, reason)
 
 
 def make_policy(name: str, gamma: int, split: SplitModel | None = None, head: DrafterHead | None = None) -> LengthPolicy:

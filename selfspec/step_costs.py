@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfspec.device import synchronize
 from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH
 
 CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 covers every measured setting
@@ -43,12 +44,15 @@ def _probe_ids(split, n: int) -> torch.Tensor:
     return torch.randint(0, split.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(split.device)
 
 
-def _median_seconds(fn, reps: int) -> float:
+def _median_seconds(fn, reps: int, device: torch.device | None = None) -> float:
+    """The median of `reps` timed calls, each waiting for the device's queued work (a no-op on the CPU)."""
     fn()  # warm-up: first calls allocate and pick kernels
     samples = []
     for _ in range(reps):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -73,13 +77,14 @@ def measure_step_costs(split, head, max_drafts: int, context: int = 128, reps: i
         split.verify(hidden.expand(1, m, -1), context, cache)
         cache.crop(context)
 
-    trunk = _median_seconds(trunk_step, reps)
+    device = split.device
+    trunk = _median_seconds(trunk_step, reps, device)
     head_cost = float("inf")
     if head is not None:
         head_cache = head.new_cache(context + 1)
-        head_cost = _median_seconds(lambda: head.next_logits(hidden, context, head_cache), reps)
-    verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps) for m in range(1, max_drafts + 2)]
-    block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps) for m in range(1, max_drafts + 2)]
+        head_cost = _median_seconds(lambda: head.next_logits(hidden, context, head_cache), reps, device)
+    verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps, device) for m in range(1, max_drafts + 2)]
+    block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps, device) for m in range(1, max_drafts + 2)]
     return StepCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)
 
 

@@ -1,7 +1,8 @@
 """Shared fixtures. A real redis-server process per test that asks for one: no fakes, no mocks.
 
-Tiers: a module marks itself `e2e` (the real SmolLM2) and/or `integration` (a real redis-server
-and/or a local Ray) with a module-level `pytestmark`; every other test is marked `unit` here.
+Tiers: a module marks itself `e2e` (the real SmolLM2), `integration` (a real redis-server and/or a
+local Ray) and/or `gpu` (a CUDA device; such a module skips itself without one) with a module-level
+`pytestmark`; every other test is marked `unit` here.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
         if not integration and {"redis_server", "redis_client"} & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} starts a redis-server: mark its module "
                                     "`pytestmark = pytest.mark.integration`")
-        if not (integration or item.get_closest_marker("e2e")):
+        if not (integration or item.get_closest_marker("e2e") or item.get_closest_marker("gpu")):
             item.add_marker(pytest.mark.unit)
 
 

@@ -23,12 +23,12 @@ def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
     head = DrafterHead(SplitModel(model, k), HeadConfig(adapter_hidden=32, lora_rank=4,
                                                          draft_vocab=draft_vocab, attention_layers=layers,
                                                          context_window=window))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device: the same head everywhere
     with torch.no_grad():  # perturb so that the head is sometimes right, sometimes wrong
         head.proj.lora_B.default.weight.copy_(torch.randn(head.proj.lora_B.default.weight.shape, generator=gen,
                                                           dtype=torch.float64) * noise)
         for p in head.layers.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise)
+            p.add_((torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise).to(p.device))
     return head
 
 

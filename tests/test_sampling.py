@@ -1,4 +1,6 @@
-"""Speculative sampling reproduces the model's own sampling distribution (chi-square tests, fixed seeds)."""
+"""Speculative sampling reproduces the model's own sampling distribution (chi-square tests, fixed seeds).
+
+The checks take a device: tests/test_gpu.py runs the same ones on CUDA, with CUDA random generators."""
 import numpy as np
 import pytest
 import torch
@@ -28,10 +30,15 @@ def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 def test_acceptance_rule_on_synthetic_distributions():
-    gen = torch.Generator().manual_seed(0)
+    check_acceptance_rule("cpu")
+
+
+def check_acceptance_rule(device) -> None:
+    """sampling_accept's emitted tokens follow p, with p, q and the generator on `device`."""
+    gen = torch.Generator(device).manual_seed(0)
     vocab, n, trials = 6, 3, 20000
-    p = torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64) * 1.5, -1)
-    q = torch.softmax(torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 1.5, -1)
+    p = torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64, device=device) * 1.5, -1)
+    q = torch.softmax(torch.randn(n, vocab, generator=gen, dtype=torch.float64, device=device) * 1.5, -1)
     first, second = np.zeros(vocab), np.zeros(vocab)
     for _ in range(trials):
         drafts = torch.stack([torch.multinomial(q[i], 1, generator=gen)[0] for i in range(n)])
@@ -40,16 +47,24 @@ def test_acceptance_rule_on_synthetic_distributions():
         first[out[0]] += 1
         if n_acc >= 1:  # the first draft was accepted; the second emitted token must follow p[1]
             second[out[1]] += 1
-    assert chi_square_pvalue(first, p[0].numpy()) > ALPHA
-    assert chi_square_pvalue(second, p[1].numpy()) > ALPHA
+    p_cpu = p.cpu().numpy()
+    assert chi_square_pvalue(first, p_cpu[0]) > ALPHA
+    assert chi_square_pvalue(second, p_cpu[1]) > ALPHA
     # the test has power: drafts alone follow q, not p
-    drafted = np.bincount(torch.multinomial(q[0], trials, replacement=True, generator=gen).numpy(), minlength=vocab)
-    assert chi_square_pvalue(drafted, p[0].numpy()) < ALPHA
+    drafted = np.bincount(torch.multinomial(q[0], trials, replacement=True, generator=gen).cpu().numpy(),
+                          minlength=vocab)
+    assert chi_square_pvalue(drafted, p_cpu[0]) < ALPHA
 
 
 @pytest.mark.parametrize("drafts", ["head", "ngram"])
 def test_decoder_samples_from_the_model_distribution(drafts):
-    model = tiny_llama(seed=2, vocab=32)
+    check_decoder_samples(drafts, "cpu")
+
+
+def check_decoder_samples(drafts: str, device) -> None:
+    """The decoder's first three sampled tokens follow the model's exact marginals, the model (and with
+    it the decoder's per-request generators) on `device`."""
+    model = tiny_llama(seed=2, vocab=32).to(device)
     split = SplitModel(model, 2)
     head = DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)) if drafts == "head" else None
     transitions = []
@@ -69,7 +84,7 @@ def test_decoder_samples_from_the_model_distribution(drafts):
     # exact marginals of the 1st, 2nd and 3rd sampled tokens, by enumerating every prefix
     with torch.no_grad():
         def next_probs(seqs):
-            return torch.softmax(model(torch.tensor(seqs)).logits[:, -1] / temperature, -1)
+            return torch.softmax(model(torch.tensor(seqs, device=model.device)).logits[:, -1] / temperature, -1).cpu()
         p1 = next_probs([prompt])[0]
         p2_given = next_probs([prompt + [a] for a in range(32)])  # [x1, x2]
         p3_given = next_probs([prompt + [a, b] for a in range(32) for b in range(32)]).view(32, 32, 32)

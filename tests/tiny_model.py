@@ -24,11 +24,12 @@ def tiny_llama(seed: int = 0, vocab: int = 256, layers: int = 4, max_positions: 
 @torch.no_grad()
 def plain_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(),
                  max_positions: int | None = None) -> list[int]:
-    """Reference: a full forward over the whole sequence for every token, no cache, no drafting."""
+    """Reference: a full forward over the whole sequence for every token, no cache, no drafting (on the
+    model's device)."""
     ids = list(prompt)
     limit = max_positions or model.config.max_position_embeddings
     while len(ids) - len(prompt) < max_new_tokens and len(ids) < limit:
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax()))
         if ids[-1] in eos:
             break
     return ids[len(prompt):]
@@ -46,3 +47,20 @@ def byte_tokenizer():
     template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}<a>{% endif %}")
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template)
+
+
+def save_tiny_model(path, seed: int = 3, max_positions: int = 256):
+    """A tiny Llama (float64 weights) with the byte tokenizer saved as a model directory that
+    `--model PATH` loads; returns the path."""
+    tiny_llama(seed=seed, max_positions=max_positions).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_prompts(path, texts: list[str]):
+    """A Spec-Bench-format JSONL of one-turn questions (what `--prompts PATH` reads); returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps({"question_id": i, "category": "tiny", "turns": [t]}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path

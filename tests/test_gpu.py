@@ -1,0 +1,112 @@
+"""The GPU path on CUDA (skipped without one; run with `pytest -m gpu`): greedy decoding of the tiny model
+is token-identical to a plain full-forward greedy reference in float64 and float32, speculative sampling
+passes the same chi-square tests as on the CPU with CUDA generators, cost measurement synchronises, and
+`dvi bench --device cuda` runs end to end (float32 and bfloat16)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from test_lossless import MAX_POS, make_head, make_policy  # noqa: E402
+from test_sampling import check_acceptance_rule, check_decoder_samples  # noqa: E402
+from tiny_model import plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402
+
+from dvi import cli  # noqa: E402
+from selfspec.engine import SelfSpecDecoder  # noqa: E402
+from selfspec.loading import make_policy as named_policy  # noqa: E402
+from selfspec.split import SplitModel  # noqa: E402
+
+CUDA = torch.device("cuda")
+# float32 on a GPU: the cached decode and the full forward round differently (~1e-6), so a near-tie of the
+# top two logits may break either way; anything else that differs is a bug.
+NEAR_TIE = {torch.float64: 0.0, torch.float32: 1e-4}
+
+
+def first_divergence_margin(model, prompt: list[int], ref: list[int], got: list[int]) -> float:
+    """The full model's top-2 logit margin where `got` first departs from `ref`."""
+    i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
+    with torch.no_grad():
+        top = model(torch.tensor([prompt + ref[:i]], device=model.device)).logits[0, -1].double().topk(2).values
+    return float(top[0] - top[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("policy", ["fixed", "cost_aware"])
+def test_greedy_identical_on_cuda(dtype, policy):
+    model = tiny_llama(max_positions=MAX_POS).to(CUDA, dtype)
+    head = make_head(model, 2, 0.05)
+    assert head.proj.weight.device.type == "cuda" and head.proj.weight.dtype == dtype
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_policy(policy, 4), ngram=1)
+    rng = np.random.default_rng(3)
+    drafted = accepted = identical = 0
+    n = 30
+    for _ in range(n):
+        prompt = rng.integers(0, 256, int(rng.integers(1, 24))).tolist()
+        max_new = int(rng.integers(1, 30))
+        eos = {plain_greedy(model, prompt, 4)[-1]} if rng.random() < 0.3 else set()
+        expected = plain_greedy(model, prompt, max_new, eos)
+        result = decoder.generate(prompt, max_new_tokens=max_new, eos_ids=eos)
+        drafted += sum(r.drafted for r in result.rounds)
+        accepted += sum(r.accepted for r in result.rounds)
+        if result.tokens == expected:
+            identical += 1
+            continue
+        margin = first_divergence_margin(model, prompt, expected, result.tokens)
+        assert margin <= NEAR_TIE[dtype], f"prompt={prompt} max_new={max_new}: departs where the margin is {margin}"
+    assert drafted > 0 and 0 < accepted < drafted
+    assert identical >= (n if dtype == torch.float64 else n - 2)
+
+
+def test_measured_costs_on_cuda():
+    model = tiny_llama(max_positions=MAX_POS).to(CUDA, torch.float32)
+    split = SplitModel(model, 2)
+    head = make_head(model, 2, 0.0)
+    policy = named_policy("cost_aware", 4, split, head)  # measure_step_costs, synchronised
+    costs = policy.costs
+    assert all(0 < c < 1 for c in [costs.trunk, costs.head, *costs.verify[1:], *costs.trunk_block[1:]])
+    result = SelfSpecDecoder(split, head, policy).generate([1, 2, 3], max_new_tokens=12, eos_ids=set())
+    assert result.tokens == plain_greedy(model, [1, 2, 3], 12)
+
+
+def test_acceptance_rule_on_cuda():
+    check_acceptance_rule("cuda")
+
+
+@pytest.mark.parametrize("drafts", ["head", "ngram"])
+def test_decoder_samples_from_the_model_distribution_on_cuda(drafts):
+    check_decoder_samples(drafts, "cuda")
+
+
+def test_seeded_sampling_repeats_on_cuda():
+    model = tiny_llama(seed=2, vocab=32).to(CUDA)
+    split = SplitModel(model, 2)
+    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_policy("fixed", 3))
+    runs = [decoder.generate([5, 9, 2], max_new_tokens=16, temperature=0.8, seed=s, eos_ids=set()).tokens
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_on_cuda(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.bench_cmd"})
+    model_dir = save_tiny_model(tmp_path / "model")
+    prompts = write_prompts(tmp_path / "q.jsonl", ["Sort a list.", "Why is the sky blue?", "Write a haiku."])
+    out = tmp_path / "bench.json"
+    methods = "hf_ar,hf_static,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic"
+    assert cli.main(["bench", "--device", "cuda", "--dtype", dtype, "--model", str(model_dir), "--prompts", str(prompts),
+                     "--n", "3", "--max-new-tokens", "16", "-k", "2", "--methods", methods, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == dtype and report["dtype_reason"] == "requested"
+    assert report["machine"] == torch.cuda.get_device_name() and report["thin_gemm_rows"] == []
+    assert [m["name"] for m in report["methods"]] == methods.split(",")
+    for m in report["methods"]:
+        assert m["tokens"] > 0 and m["tokens_per_s"] > 0
+        if dtype == "float32":  # bfloat16 may depart from hf_ar anywhere (what --dtype auto avoids)
+            assert all(d["logit_margin"] <= NEAR_TIE[torch.float32] for d in m.get("divergences", []))
