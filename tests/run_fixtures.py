@@ -64,3 +64,13 @@ def write_run(tmp: Path, rows: list, **overrides) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def assert_png(path: Path) -> None:
+    """A file that is there and reads as a whole PNG image."""
+    from PIL import Image
+
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()

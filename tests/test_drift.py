@@ -16,6 +16,7 @@ from dvi.config import ConfigError, cli_overrides, load_config
 from dvi.drift_analysis import analyze_arm, plateau, recovery, trace_phases
 from dvi.drift_config import ARMS, DriftConfig, arm_config
 from dvi.drift_report import PLOT_FILES, write_drift_report
+from run_fixtures import assert_png
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("chat", "code", "math", "translation")
@@ -323,15 +324,6 @@ def make_drift_dir(out: Path, per_phase: int = 12, seed: int = 0, missing: str |
     return out
 
 
-def _assert_png(path: Path) -> None:
-    from PIL import Image
-
-    assert path.is_file(), path
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.verify()
-
-
 def test_the_report_of_a_synthetic_study(tmp_path):
     make_drift_dir(tmp_path)
     report = write_drift_report(tmp_path)
@@ -343,7 +335,7 @@ def test_the_report_of_a_synthetic_study(tmp_path):
         assert workload in text
     for name in PLOT_FILES.values():
         assert f"](plots/{name})" in text
-        _assert_png(tmp_path / "plots" / name)
+        assert_png(tmp_path / "plots" / name)
     assert "plotting failed" not in text and "1.420" in text  # the learning arm's held-out MAL
     assert "| `frozen_untrained` | 1. chat | 11/12 |" in text and "| 2. code | 12/12 |" in text
 

@@ -12,6 +12,7 @@ import pytest
 
 from dvi import cli
 from dvi.run_report import PLOT_FILES, write_run_report
+from run_fixtures import assert_png
 
 ERROR = "ActorDiedError: actor 1 died (OOM) | while decoding"
 
@@ -99,15 +100,6 @@ def make_run_dir(out: Path, n_requests: int = 8, workloads=("chat", "code"), ste
     return summary
 
 
-def _assert_png(path: Path) -> None:
-    from PIL import Image
-
-    assert path.is_file(), path
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.verify()
-
-
 def test_a_full_run_directory_renders_every_plot_and_table(tmp_path):
     make_run_dir(tmp_path)
     report = write_run_report(tmp_path)
@@ -121,7 +113,7 @@ def test_a_full_run_directory_renders_every_plot_and_table(tmp_path):
     assert "r2" in text and "[config.yaml](config.yaml)" in text and "[trace.jsonl](trace.jsonl)" in text
     for name in PLOT_FILES.values():
         assert f"](plots/{name})" in text, name
-        _assert_png(tmp_path / "plots" / name)
+        assert_png(tmp_path / "plots" / name)
     assert "Not plotted" not in text and "missing" not in text
     assert re.search(r"\| chat \| 4 \| 3 \| 1 \|", text) and re.search(r"\| code \| 4 \| 4 \| 0 \|", text)
     assert "Restarts: actor restart × 1" in text
@@ -143,7 +135,7 @@ def test_a_run_with_only_requests_still_renders_and_names_what_is_missing(tmp_pa
     assert "_Not plotted: learner/versions.jsonl has no held-out MAL" in text and "_Not plotted: no learner/metrics.jsonl" in text
     for key in ("live", "latency", "policy_lag"):  # from requests.jsonl alone
         assert f"](plots/{PLOT_FILES[key]})" in text, key
-        _assert_png(tmp_path / "plots" / PLOT_FILES[key])
+        assert_png(tmp_path / "plots" / PLOT_FILES[key])
     assert not (tmp_path / "plots" / PLOT_FILES["learner"]).exists()
 
 
