@@ -15,9 +15,10 @@ from buffer.keys import RunKeys
 
 
 class Monitor:
-    def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, client=None, run_id=""):
+    def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, run_id=""):
         self.actors, self.log, self.every_s = actors, log, every_s
-        self.learner, self.server, self.client, self.run_id = learner, server, client, run_id
+        self.learner, self.server, self.run_id = learner, server, run_id
+        self.client = server.client() if server is not None else None
         self.events: Counter = Counter()
         self.latest: dict = {}  # the last snapshot, for the progress bar
         self.learner_error: str | None = None

@@ -151,7 +151,7 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
             client = server.client()
             redis_kwargs = {"redis_url": actor_redis_url(server.url), "redis_password": server.password}
         actors = [start_actor(cfg.actor_config(), run_id, i, **redis_kwargs) for i in range(cfg.actors.count)]
-        monitor = Monitor(actors, log, cfg.metrics_every_s, server=server, client=client, run_id=run_id)
+        monitor = Monitor(actors, log, cfg.metrics_every_s, server=server, run_id=run_id)
         if server is not None:  # actors load their model meanwhile; the learner publishes version 0 first
             learner = monitor.learner = SupervisedLearner(
                 cfg.learner_config(server.url), cfg.learner_restarts,

@@ -301,8 +301,9 @@ class SelfSpecDecoder:
         # the verifier's choice: what it emitted up to the first reject, its argmax after
         target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
         context = req.history[-self.window:] if self.window else []
-        return self._rows(req, req.rounds, draft.t_start, drafted | {"kind": kind}, hidden, context,
-                          target_logits, target_tokens, len(emitted) - 1)
+        drafted.update(kind=kind, **_states(hidden, context))
+        return make_transition(self._meta(req, req.rounds, draft.t_start), drafted,
+                               self._verified(req, target_logits, target_tokens), len(emitted) - 1)
 
     def _prompt_transition(self, req: _Request, prompt: torch.Tensor, hidden: torch.Tensor,
                            logits: torch.Tensor) -> Transition:
@@ -310,25 +311,23 @@ class SelfSpecDecoder:
         tokens are the prompt's own, then the first generated one."""
         rows = min(self.emit.prompt_rows, prompt.numel())
         targets = (prompt[1:].tolist() + [req.pending])[-rows:]
-        drafted = undrafted_fields(rows, self._topk()) | {"kind": np.full(rows, DISTILL, np.int8)}
-        return self._rows(req, 0, time.time(), drafted, hidden[:, -rows:], [], logits[-rows:], targets, -1)
+        drafted = undrafted_fields(rows, self._topk())
+        drafted.update(kind=np.full(rows, DISTILL, np.int8), **_states(hidden[:, -rows:], []))
+        return make_transition(self._meta(req, 0, time.time()), drafted,
+                               self._verified(req, logits[-rows:], targets), -1)
 
-    def _rows(self, req: _Request, round_index: int, t_start: float, drafted: dict, hidden: torch.Tensor,
-              context: list[torch.Tensor], target_logits: torch.Tensor, target_tokens: list[int],
-              n_accepted: int) -> Transition:
-        """A Transition from its draft side, the layer-k states and the verifier's logits."""
+    def _verified(self, req: _Request, target_logits: torch.Tensor, target_tokens: list[int]) -> dict:
+        """The verifier's side of the rows: its top-K at the request's temperature, and its tokens."""
         tau = req.options.temperature or 1.0
         target_top = torch.log_softmax(target_logits.float() / tau, -1).topk(self._topk(), -1)
-        drafted.update(hidden=hidden[0].half().cpu().numpy(),
-                       context_hidden=torch.stack(context).half().cpu().numpy() if context
-                       else np.zeros((0, 0), np.float16))
-        verified = {"target_topk_ids": target_top.indices.int().cpu().numpy(),
-                    "target_topk_logprobs": target_top.values.float().cpu().numpy(),
-                    "target_tokens": np.asarray(target_tokens, np.int32)}
+        return {"target_topk_ids": target_top.indices.int().cpu().numpy(),
+                "target_topk_logprobs": target_top.values.float().cpu().numpy(),
+                "target_tokens": np.asarray(target_tokens, np.int32)}
+
+    def _meta(self, req: _Request, round_index: int, t_start: float) -> RoundMeta:
         opts = req.options
-        meta = RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, round_index,
+        return RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, round_index,
                          self.policy_version, opts.workload, t_start, time.time(), float(opts.temperature))
-        return make_transition(meta, drafted, verified, n_accepted)
 
     def _topk(self) -> int:
         return min(self.emit.topk, self._draft_vocab_size())  # a small draft vocab bounds K for both sides
@@ -337,3 +336,9 @@ class SelfSpecDecoder:
         if self.head is None or self.head.vocab_ids is None:
             return self.split.config.vocab_size
         return len(self.head.vocab_ids)
+
+
+def _states(hidden: torch.Tensor, context: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """The layer-k states a transition stores: the rows' own, and the committed window before them."""
+    window = torch.stack(context).half().cpu().numpy() if context else np.zeros((0, 0), np.float16)
+    return {"hidden": hidden[0].half().cpu().numpy(), "context_hidden": window}
