@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvi.run_report import rolling_mean
+from dvi.run_files import rolling_mean
 
 
 @dataclass

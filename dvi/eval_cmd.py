@@ -35,7 +35,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     from pathlib import Path
 
-    from dvi.spec_eval import print_table, report, run_eval, run_head_dir, select_questions
+    from dvi.spec_eval import EvalSpec, print_table, report, run_eval, run_head_dir, select_questions
     from selfspec.loading import load_drafter
     from selfspec.prompts import spec_bench_prompts
 
@@ -55,8 +55,9 @@ def run(args) -> int:
     drafter = load_drafter(args.model, args.exit_layer, head_dir, device=args.device, dtype=args.dtype)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = head_dir
-    turns, runs = run_eval(drafter, questions, args.method, args.max_new_tokens, args.gamma)
-    out = report(drafter, questions, turns, runs, args.method, args.max_new_tokens, args.gamma, args.questions)
+    spec = EvalSpec(args.method, args.max_new_tokens, args.gamma, args.questions)
+    turns, runs = run_eval(drafter, questions, spec)
+    out = report(drafter, questions, turns, runs, spec)
     print_table(out)
     write_report(out, args.out)
     return 0

@@ -11,14 +11,14 @@ from collections import Counter
 import ray
 import redis
 
-from buffer.keys import RunKeys
+from buffer.weights import WeightStore
 
 
 class Monitor:
     def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, run_id=""):
         self.actors, self.log, self.every_s = actors, log, every_s
-        self.learner, self.server, self.run_id = learner, server, run_id
-        self.client = server.client() if server is not None else None
+        self.learner, self.server = learner, server
+        self.weights = WeightStore(server.client(), run_id) if server is not None else None
         self.events: Counter = Counter()
         self.latest: dict = {}  # the last snapshot, for the progress bar
         self.learner_error: str | None = None
@@ -69,14 +69,14 @@ class Monitor:
             self.event("learner_failed", detail=self.learner_error)
 
     def _check_versions(self) -> None:
-        if self.client is None:
+        if self.weights is None:
             return
         try:
-            latest = self.client.get(RunKeys(self.run_id).weights_latest)
+            latest = self.weights.latest_version()
         except redis.RedisError:
             return
-        if latest is not None and int(latest) != self._version:
-            self._version = int(latest)
+        if latest is not None and latest != self._version:
+            self._version = latest
             self.event("versions", latest=self._version)
 
     def _snapshot(self) -> None:

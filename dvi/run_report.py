@@ -2,20 +2,18 @@
 
     write_run_report("runs/my_run")  # -> runs/my_run/report.md
 
-Files read (any may be missing or cut short by a crash; what exists is rendered, what is missing is named):
-summary.json, requests.jsonl, metrics.jsonl, learner/metrics.jsonl, learner/versions.jsonl; config.yaml and
-trace.jsonl are only linked. A directory with neither summary.json nor requests.jsonl is not a run directory.
+The directory is read by `dvi.run_files` (leniently: what exists is rendered, what is missing is named);
+config.yaml and trace.jsonl are only linked.
 """
 from __future__ import annotations
 
 import json
-import math
 from bisect import bisect_right
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dvi import plots
+from dvi import run_files as rf  # the run directory read, and its numbers
 
 PLOT_FILES = {"heldout_mal": "heldout_mal.png", "live": "live_mal_throughput.png", "learner": "learner.png",
               "latency": "latency_percentiles.png", "policy_lag": "policy_lag.png"}
@@ -57,160 +55,23 @@ HEADER_KEYS = {"run_id", "started_at", "finished_at", "machine", "host", "hostna
                "workloads"}  # workloads: the per-workload table, from requests.jsonl
 LOSS_PREFIX = "losses/"
 WEIGHT_KEYS = ("charts/kl_weight", "charts/ce_weight", "charts/pg_weight")
-RESTARTS = ("actor_restart", "learner_restart", "redis_restart", "learner_failed")
 FAILED_SHOWN = 20
-
-
-@dataclass
-class RunFiles:
-    """What a run directory holds, read leniently: absent files are None/[], unreadable lines counted."""
-    dir: Path
-    summary: dict | None = None
-    requests: list[dict] = field(default_factory=list)
-    metrics: list[dict] = field(default_factory=list)
-    learner: list[dict] = field(default_factory=list)
-    versions: list[dict] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # relative paths not there
-    problems: list[str] = field(default_factory=list)  # one line per file read only in part
-
-
-def _number(value) -> float | None:
-    """A finite float, or None for null / NaN / non-numbers."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _read_jsonl(path: Path, files: RunFiles) -> list[dict]:
-    rel = path.relative_to(files.dir).as_posix()
-    if not path.is_file():
-        files.missing.append(rel)
-        return []
-    records, bad = [], 0
-    with path.open(errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
-    if bad:
-        files.problems.append(f"`{rel}`: {bad} unreadable line{'s' * (bad != 1)} skipped (a run cut short?)")
-    return records
-
-
-def load_run(run_dir: str | Path) -> RunFiles:
-    """Read a run directory. Raises FileNotFoundError if it is not one."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no such run directory: {run_dir}")
-    if not (run_dir / "summary.json").is_file() and not (run_dir / "requests.jsonl").is_file():
-        raise FileNotFoundError(f"not a run directory: {run_dir} has neither summary.json nor requests.jsonl")
-    files = RunFiles(run_dir)
-    if (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text(errors="replace"))
-            files.summary = summary if isinstance(summary, dict) else None
-        except json.JSONDecodeError as err:
-            files.problems.append(f"`summary.json`: unreadable ({err})")
-        if files.summary is None and not files.problems:
-            files.problems.append("`summary.json`: not a JSON object")
-    else:
-        files.missing.append("summary.json")
-    files.requests = _read_jsonl(run_dir / "requests.jsonl", files)
-    files.metrics = _read_jsonl(run_dir / "metrics.jsonl", files)
-    files.learner = _read_jsonl(run_dir / "learner" / "metrics.jsonl", files)
-    files.versions = _read_jsonl(run_dir / "learner" / "versions.jsonl", files)
-    for name in ("config.yaml", "trace.jsonl"):
-        if not (run_dir / name).is_file():
-            files.missing.append(name)
-    return files
-
-
-# ---------------------------------------------------------------- numbers
-
-
-def percentiles(values: list[float]) -> list[float] | None:
-    import numpy as np
-
-    return [float(v) for v in np.percentile(values, plots.PERCENTILES)] if values else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _values(requests: list[dict], key: str) -> list[float]:
-    return [v for v in (_number(r.get(key)) for r in requests) if v is not None]
-
-
-def _extra(request: dict) -> dict:
-    extra = request.get("extra")
-    return extra if isinstance(extra, dict) else {}
-
-
-def _workload(request: dict) -> str:
-    return str(request.get("workload") or "(none)")
-
-
-def by_workload(requests: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for r in requests:
-        groups.setdefault(_workload(r), []).append(r)
-    return dict(sorted(groups.items()))
-
-
-def rolling_mean(values: list[float], window: int) -> list[float]:
-    """Mean of the last `window` values at each position (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def rolling_window(n: int) -> int:
-    """About a tenth of a workload's requests, between 1 and 50."""
-    return max(1, min(50, round(n / 10)))
-
-
-def _actors_events(metrics: list[dict]) -> list[dict]:
-    return sorted((m for m in metrics if m.get("event") == "actors" and _number(m.get("t")) is not None),
-                  key=lambda m: m["t"])
-
-
-def _restarts(metrics: list[dict]) -> list[dict]:
-    return [m for m in metrics if m.get("event") in RESTARTS]
-
-
-def _series(records: list[dict], x: str, y: str) -> tuple[list, list]:
-    pairs = [(_number(r.get(x)), _number(r.get(y))) for r in records]
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 # ---------------------------------------------------------------- plots: each returns (file, caption) or a reason
 
 
-def _plot_heldout(files: RunFiles, out: Path):
+def _plot_heldout(files: rf.RunFiles, out: Path):
     points = {}
     for v in files.versions:
-        version, mal = _number(v.get("version")), _number(v.get("heldout_mal"))
+        version, mal = rf.number(v.get("version")), rf.number(v.get("heldout_mal"))
         if version is not None and mal is not None:
             points[int(version)] = mal
     source = "learner/versions.jsonl"
     if not points:
         by_version = (files.summary or {}).get("heldout_mal_by_version") or {}
         for version, mal in by_version.items() if isinstance(by_version, dict) else ():
-            if str(version).lstrip("-").isdigit() and _number(mal) is not None:
+            if str(version).lstrip("-").isdigit() and rf.number(mal) is not None:
                 points[int(version)] = float(mal)
         source = "summary.json heldout_mal_by_version"
     if not points:
@@ -222,19 +83,19 @@ def _plot_heldout(files: RunFiles, out: Path):
                  f"v{first[0]} {first[1]:.3f} → v{last[0]} {last[1]:.3f} over {len(pts)} versions.")
 
 
-def _plot_live(files: RunFiles, out: Path, events):
-    ok = [r for r in files.requests if r.get("ok") and _number(r.get("done_s")) is not None
-          and _number(r.get("mean_accepted_length")) is not None]
+def _plot_live(files: rf.RunFiles, out: Path, events):
+    ok = [r for r in files.requests if r.get("ok") and rf.number(r.get("done_s")) is not None
+          and rf.number(r.get("mean_accepted_length")) is not None]
     mal, windows = {}, []
-    for workload, rs in by_workload(ok).items():
+    for workload, rs in rf.by_workload(ok).items():
         rs = sorted(rs, key=lambda r: r["done_s"])
-        window = rolling_window(len(rs))
+        window = rf.rolling_window(len(rs))
         windows.append(window)
         mal[f"{workload} (n={len(rs)}" + (f", mean of last {window})" if window > 1 else ")")] = (
-            [r["done_s"] for r in rs], rolling_mean([r["mean_accepted_length"] for r in rs], window))
-    snapshots = _actors_events(files.metrics)
-    overall = _series(snapshots, "t", "charts/mean_accepted_length")
-    served = _series(snapshots, "t", "charts/served_tokens_per_s")
+            [r["done_s"] for r in rs], rf.rolling_mean([r["mean_accepted_length"] for r in rs], window))
+    snapshots = rf.actors_events(files.metrics)
+    overall = rf.series(snapshots, "t", "charts/mean_accepted_length")
+    served = rf.series(snapshots, "t", "charts/served_tokens_per_s")
     served_label, served_note = "all actors, per snapshot interval", "from metrics.jsonl actor snapshots"
     if not served[0]:
         served, bin_s = _tokens_per_s_from_requests(files.requests)
@@ -259,8 +120,8 @@ def _plot_live(files: RunFiles, out: Path, events):
 
 
 def _tokens_per_s_from_requests(requests: list[dict]) -> tuple[tuple[list, list] | None, float]:
-    done = [(r["done_s"], _number(r.get("tokens")) or 0.0) for r in requests
-            if r.get("ok") and _number(r.get("done_s")) is not None]
+    done = [(r["done_s"], rf.number(r.get("tokens")) or 0.0) for r in requests
+            if r.get("ok") and rf.number(r.get("done_s")) is not None]
     if not done:
         return None, 0.0
     end = max(t for t, _ in done)
@@ -272,11 +133,11 @@ def _tokens_per_s_from_requests(requests: list[dict]) -> tuple[tuple[list, list]
     return ([(i + 0.5) * bin_s for i in range(n)], [x / bin_s for x in totals]), bin_s
 
 
-def _plot_learner(files: RunFiles, out: Path):
+def _plot_learner(files: rf.RunFiles, out: Path):
     steps: dict[int, dict] = {}  # the last record of each step: after a resume, steps are trained again
     resumes = []
     for record in files.learner:
-        step = _number(record.get("step"))
+        step = rf.number(record.get("step"))
         if step is None:
             continue
         if record.get("event") == "resume":
@@ -290,8 +151,8 @@ def _plot_learner(files: RunFiles, out: Path):
     order = ["losses/kl", "losses/ce", "losses/pg", "losses/total"]
     loss_names = sorted({k for r in ordered for k in r if k.startswith(LOSS_PREFIX)},
                         key=lambda k: (order.index(k) if k in order else len(order), k))
-    losses = {k.removeprefix(LOSS_PREFIX): _series(ordered, "step", k) for k in loss_names}
-    weights = {k.removeprefix("charts/").removesuffix("_weight") + " weight": _series(ordered, "step", k)
+    losses = {k.removeprefix(LOSS_PREFIX): rf.series(ordered, "step", k) for k in loss_names}
+    weights = {k.removeprefix("charts/").removesuffix("_weight") + " weight": rf.series(ordered, "step", k)
                for k in WEIGHT_KEYS}
     losses = {k: v for k, v in losses.items() if v[0]}
     weights = {k: v for k, v in weights.items() if v[0]}
@@ -303,12 +164,12 @@ def _plot_learner(files: RunFiles, out: Path):
     return out, caption + f"; {len(steps)} steps, last {max(steps)}."
 
 
-def _plot_latency(files: RunFiles, out: Path):
+def _plot_latency(files: rf.RunFiles, out: Path):
     ok = [r for r in files.requests if r.get("ok")]
-    groups = by_workload(ok)
+    groups = rf.by_workload(ok)
     if len(groups) > 1:
         groups = {"all": ok, **groups}
-    stats = {w: {"latency": percentiles(_values(rs, "latency_s")), "TTFT": percentiles(_values(rs, "ttft_s"))}
+    stats = {w: {"latency": rf.percentiles(rf.values(rs, "latency_s")), "TTFT": rf.percentiles(rf.values(rs, "ttft_s"))}
              for w, rs in groups.items()}
     stats = {w: s for w, s in stats.items() if s["latency"] or s["TTFT"]}
     if not stats:
@@ -318,16 +179,16 @@ def _plot_latency(files: RunFiles, out: Path):
                  "first token, per workload, over completed requests.")
 
 
-def _plot_policy_lag(files: RunFiles, out: Path, events):
-    snapshots = _actors_events(files.metrics)
-    lag = _series(snapshots, "t", "charts/head_lag")
+def _plot_policy_lag(files: rf.RunFiles, out: Path, events):
+    snapshots = rf.actors_events(files.metrics)
+    lag = rf.series(snapshots, "t", "charts/head_lag")
     if lag[0]:
         plots.plot_policy_lag([{"label": "largest lag over actors", "t": lag[0], "y": lag[1]}], out, events=events)
         return out, ("Policy lag: how many published versions the most out-of-date actor's drafter head is behind "
                      "the latest (metrics.jsonl actor snapshots).")
-    timeline = _version_timeline(files)
-    served = [(r["done_s"], _number(_extra(r).get("head_version")), _workload(r))
-              for r in files.requests if _number(r.get("done_s")) is not None]
+    timeline = rf.version_timeline(files)
+    served = [(r["done_s"], rf.number(rf.extra(r).get("head_version")), rf.workload(r))
+              for r in files.requests if rf.number(r.get("done_s")) is not None]
     served = [(t, v, w) for t, v, w in served if v is not None]
     if not served:
         return None, "no head_lag in metrics.jsonl and no requests with extra.head_version"
@@ -355,27 +216,6 @@ def _plot_policy_lag(files: RunFiles, out: Path, events):
                  "events in metrics.jsonl, and no run start time to place versions.jsonl on the replay clock).")
 
 
-def _version_timeline(files: RunFiles) -> tuple[tuple[list, list], str] | None:
-    """(times since replay start, latest version at each), sorted; from metrics.jsonl `versions` events,
-    else from versions.jsonl published_at if summary.json gives the replay start as unix time."""
-    pairs = [(_number(m.get("t")), _number(m.get("latest"))) for m in files.metrics if m.get("event") == "versions"]
-    pairs = [(t, v) for t, v in pairs if t is not None and v is not None]
-    source = "metrics.jsonl versions events"
-    start = _number((files.summary or {}).get("started_at"))
-    if not pairs and start is not None:
-        pairs = [(_number(v.get("published_at")), _number(v.get("version"))) for v in files.versions]
-        pairs = [(t - start, v) for t, v in pairs if t is not None and v is not None]
-        source = "versions.jsonl published_at against summary.json started_at"
-    if not pairs:
-        return None
-    pairs.sort()
-    latest, running = [], -math.inf
-    for _, v in pairs:
-        running = max(running, v)
-        latest.append(running)
-    return ([t for t, _ in pairs], latest), source
-
-
 # ---------------------------------------------------------------- markdown
 
 
@@ -394,7 +234,7 @@ def _fmt(value, kind: str = "auto") -> str:
     if value is None:
         return "—"
     if kind == "versions" and isinstance(value, dict):
-        pts = sorted((int(k), _number(v)) for k, v in value.items() if str(k).lstrip("-").isdigit())
+        pts = sorted((int(k), rf.number(v)) for k, v in value.items() if str(k).lstrip("-").isdigit())
         pts = [(k, v) for k, v in pts if v is not None]
         if not pts:
             return "—"
@@ -403,7 +243,7 @@ def _fmt(value, kind: str = "auto") -> str:
         return ", ".join(f"{k} {_fmt(v, 'float')}" for k, v in value.items())
     if kind == "counts" and isinstance(value, dict):
         return ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in value.items()) or "none"
-    if kind == "seconds" and _number(value) is not None:
+    if kind == "seconds" and rf.number(value) is not None:
         s = float(value)
         return f"{s:.1f} s" + (f" ({int(s // 60)} min {s % 60:.0f} s)" if s >= 60 else "")
     if kind == "code" and isinstance(value, str):
@@ -412,7 +252,7 @@ def _fmt(value, kind: str = "auto") -> str:
         return _short(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (kind == "int" and _number(value) is not None and float(value).is_integer()):
+    if isinstance(value, int) or (kind == "int" and rf.number(value) is not None and float(value).is_integer()):
         return f"{int(value):,}"
     if isinstance(value, float):
         digits = {"float": 3, "float1": 1}.get(kind)
@@ -424,7 +264,7 @@ def _fmt(value, kind: str = "auto") -> str:
 
 def _utc(value) -> str:
     """Unix time as UTC text; anything else as it is."""
-    if _number(value) is None:
+    if rf.number(value) is None:
         return str(value)
     try:
         return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -432,7 +272,7 @@ def _utc(value) -> str:
         return str(value)
 
 
-def _when(files: RunFiles) -> str:
+def _when(files: rf.RunFiles) -> str:
     summary = files.summary or {}
     if summary.get("started_at"):
         return _utc(summary["started_at"]) + (f" → {_utc(summary['finished_at'])}" if summary.get("finished_at")
@@ -446,7 +286,7 @@ def _machine(summary: dict) -> str | None:
     return ", ".join(p if isinstance(p, str) else json.dumps(p) for p in parts) or None
 
 
-def _run_id(files: RunFiles) -> str:
+def _run_id(files: rf.RunFiles) -> str:
     summary = files.summary or {}
     if summary.get("run_id"):
         return str(summary["run_id"])
@@ -463,7 +303,7 @@ def _run_id(files: RunFiles) -> str:
     return files.dir.resolve().name
 
 
-def _summary_section(files: RunFiles) -> list[str]:
+def _summary_section(files: rf.RunFiles) -> list[str]:
     if files.summary is None:
         return ["## Summary", "", "_No summary.json (the run did not finish?): numbers below come from "
                 "requests.jsonl alone._", "", *table(["", "value"], _summary_from_requests(files.requests)), ""]
@@ -474,7 +314,7 @@ def _summary_section(files: RunFiles) -> list[str]:
         if core or key in s:
             rows.append([label, _fmt(s.get(key), kind)])
         if key in changes:  # right under the pair it compares
-            a, b = _number(s.get(changes[key][0])), _number(s.get(key))
+            a, b = rf.number(s.get(changes[key][0])), rf.number(s.get(key))
             if a is not None and b is not None:
                 rows.append([changes[key][1], f"{b - a:+.3f}" + (f" ({(b / a - 1) * 100:+.1f}%)" if a else "")])
     known = {key for key, *_ in SUMMARY_ROWS} | HEADER_KEYS
@@ -487,38 +327,38 @@ def _summary_section(files: RunFiles) -> list[str]:
 
 def _summary_from_requests(requests: list[dict]) -> list[list]:
     ok = [r for r in requests if r.get("ok")]
-    ends = _values(requests, "done_s")
+    ends = rf.values(requests, "done_s")
     return [["requests completed", f"{len(ok):,}"], ["requests failed", f"{len(requests) - len(ok):,}"],
-            ["mean MAL (completed requests)", _fmt(_mean(_values(ok, "mean_accepted_length")), "float")],
+            ["mean MAL (completed requests)", _fmt(rf.mean(rf.values(ok, "mean_accepted_length")), "float")],
             ["last request done at", _fmt(max(ends), "seconds") if ends else "—"]]
 
 
-def _workload_section(files: RunFiles) -> list[str]:
+def _workload_section(files: rf.RunFiles) -> list[str]:
     if not files.requests:
         return []
-    groups = by_workload(files.requests)
+    groups = rf.by_workload(files.requests)
     if len(groups) > 1:
         groups = {**groups, "**all**": files.requests}
     rows = []
     for workload, rs in groups.items():
         ok = [r for r in rs if r.get("ok")]
-        lat, ttft = percentiles(_values(ok, "latency_s")), percentiles(_values(ok, "ttft_s"))
+        lat, ttft = rf.percentiles(rf.values(ok, "latency_s")), rf.percentiles(rf.values(ok, "ttft_s"))
         rows.append([workload, len(rs), len(ok), len(rs) - len(ok),
-                     _fmt(_mean(_values(ok, "mean_accepted_length")), "float"),
-                     _fmt(_mean(_values(ok, "tokens_per_s")), "float1"),
+                     _fmt(rf.mean(rf.values(ok, "mean_accepted_length")), "float"),
+                     _fmt(rf.mean(rf.values(ok, "tokens_per_s")), "float1"),
                      _fmt(lat[0], "float") if lat else "—", _fmt(ttft[0], "float") if ttft else "—"])
     return ["## Per workload", "", *table(["workload", "requests", "ok", "failed", "mean MAL (tokens/round)",
                                            "mean tokens/s", "p50 latency (s)", "p50 TTFT (s)"], rows), ""]
 
 
-def _failed_section(files: RunFiles) -> list[str]:
+def _failed_section(files: rf.RunFiles) -> list[str]:
     failed = [r for r in files.requests if not r.get("ok")]
     if not files.requests:
         return []
     if not failed:
         return ["## Failed requests", "", "None.", ""]
     shown = failed[:FAILED_SHOWN]
-    rows = [[r.get("request_id"), _workload(r), _fmt(_number(r.get("done_s")), "float1"),
+    rows = [[r.get("request_id"), rf.workload(r), _fmt(rf.number(r.get("done_s")), "float1"),
              _short(r.get("error") or "(no error message)")] for r in shown]
     more = f" (the first {len(shown)})" if len(failed) > len(shown) else ""
     return [f"## Failed requests: {len(failed)} of {len(files.requests)}{more}", "",
@@ -537,14 +377,14 @@ def _event_detail(event: dict) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in rest.items())
 
 
-def _events_section(files: RunFiles) -> list[str]:
-    restarts = _restarts(files.metrics)
+def _events_section(files: rf.RunFiles) -> list[str]:
+    restarts = rf.restarts(files.metrics)
     if not restarts:
         return [] if "metrics.jsonl" in files.missing else ["## Restarts", "", "None recorded in metrics.jsonl.", ""]
-    rows = [[_fmt(_number(e.get("t")), "float1"), e.get("event"), _short(_event_detail(e), 160)]
+    rows = [[_fmt(rf.number(e.get("t")), "float1"), e.get("event"), _short(_event_detail(e), 160)]
             for e in restarts[:FAILED_SHOWN]]
     counts = ", ".join(f"{k.replace('_', ' ')} × {sum(e['event'] == k for e in restarts)}"
-                       for k in RESTARTS if any(e["event"] == k for e in restarts))
+                       for k in rf.RESTARTS if any(e["event"] == k for e in restarts))
     more = f" (the first {FAILED_SHOWN})" if len(restarts) > FAILED_SHOWN else ""
     return [f"## Restarts: {counts}{more}", "", *table(["t (s)", "event", "detail"], rows), ""]
 
@@ -558,10 +398,10 @@ def write_run_report(run_dir: str | Path) -> Path:
 
         if is_drift_dir(run_dir):
             return write_drift_report(run_dir)
-    files = load_run(run_dir)
+    files = rf.load_run(run_dir)
     plot_dir = files.dir / "plots"
     plot_dir.mkdir(exist_ok=True)
-    events = [(float(e["t"]), e["event"]) for e in _restarts(files.metrics) if _number(e.get("t")) is not None]
+    events = [(float(e["t"]), e["event"]) for e in rf.restarts(files.metrics) if rf.number(e.get("t")) is not None]
     makers = [("Held-out MAL by version", "heldout_mal", lambda out: _plot_heldout(files, out)),
               ("Live MAL and served throughput", "live", lambda out: _plot_live(files, out, events)),
               ("Learner losses and schedule", "learner", lambda out: _plot_learner(files, out)),

@@ -86,13 +86,23 @@ class Turn:
     ids: list[int]  # the rendered prompt, history included
 
 
-def run_eval(drafter: Drafter, questions: list[Prompt], method: str, max_new_tokens: int, gamma: int,
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation runs: one dvi method against hf_ar, on a question file."""
+    method: str
+    max_new_tokens: int
+    gamma: int
+    source: str  # the question file, recorded in the report
+
+
+def run_eval(drafter: Drafter, questions: list[Prompt], spec: EvalSpec,
              progress: bool = True) -> tuple[list[Turn], dict[str, MethodRuns]]:
     """Every turn of every question through hf_ar and `method` (dvi bench's runners); each method's
     runs are in turn order."""
     from tqdm import tqdm
 
-    runners = make_runners(drafter, max_new_tokens, gamma, (method,))
+    method = spec.method
+    runners = make_runners(drafter, spec.max_new_tokens, spec.gamma, (method,))
     runs = {name: MethodRuns(name) for name in runners}
     turns: list[Turn] = []
     tokenizer = drafter.tokenizer
@@ -134,14 +144,15 @@ def summarise(turns: list[Turn], runs: dict[str, MethodRuns], method: str, model
             "categories": {c: stats([i for i, t in enumerate(turns) if t.category == c]) for c in categories}}
 
 
-def report(drafter: Drafter, questions: list[Prompt], turns: list[Turn], runs: dict[str, MethodRuns], method: str,
-           max_new_tokens: int, gamma: int, source: str) -> dict:
+def report(drafter: Drafter, questions: list[Prompt], turns: list[Turn], runs: dict[str, MethodRuns],
+           spec: EvalSpec) -> dict:
     """The JSON report: run metadata, then the stats overall and per category."""
+    method = spec.method
     return {
         "model": drafter.meta.get("base_model") or getattr(drafter.model.config, "_name_or_path", "") or "unknown",
         "drafter": drafter.meta.get("path"), "exit_layer": drafter.split.exit_layer,
         "method": method, "methods": list(runs), **machine_info(drafter),
-        "questions_file": source, "max_new_tokens": max_new_tokens, "gamma": gamma,
+        "questions_file": spec.source, "max_new_tokens": spec.max_new_tokens, "gamma": spec.gamma,
         "n": {"questions": len(questions), "turns": len(turns)},
         **summarise(turns, runs, method, drafter.model),
         "turns": [{"question_id": t.question_id, "category": t.category, "turn": t.index, "prompt_tokens": len(t.ids),

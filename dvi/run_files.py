@@ -1,0 +1,174 @@
+"""A `dvi run` directory read leniently, and the numbers its report draws from.
+
+Files read (any may be missing or cut short by a crash; what exists is returned, what is missing is
+named): summary.json, requests.jsonl, metrics.jsonl, learner/metrics.jsonl, learner/versions.jsonl;
+config.yaml and trace.jsonl are only checked for. A directory with neither summary.json nor
+requests.jsonl is not a run directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dvi.plots import PERCENTILES
+
+RESTARTS = ("actor_restart", "learner_restart", "redis_restart", "learner_failed")
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, read leniently: absent files are None/[], unreadable lines counted."""
+    dir: Path
+    summary: dict | None = None
+    requests: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    learner: list[dict] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # relative paths not there
+    problems: list[str] = field(default_factory=list)  # one line per file read only in part
+
+
+def number(value) -> float | None:
+    """A finite float, or None for null / NaN / non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _read_jsonl(path: Path, files: RunFiles) -> list[dict]:
+    rel = path.relative_to(files.dir).as_posix()
+    if not path.is_file():
+        files.missing.append(rel)
+        return []
+    records, bad = [], 0
+    with path.open(errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad += 1
+    if bad:
+        files.problems.append(f"`{rel}`: {bad} unreadable line{'s' * (bad != 1)} skipped (a run cut short?)")
+    return records
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    """Read a run directory. Raises FileNotFoundError if it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no such run directory: {run_dir}")
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "requests.jsonl").is_file():
+        raise FileNotFoundError(f"not a run directory: {run_dir} has neither summary.json nor requests.jsonl")
+    files = RunFiles(run_dir)
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(errors="replace"))
+            files.summary = summary if isinstance(summary, dict) else None
+        except json.JSONDecodeError as err:
+            files.problems.append(f"`summary.json`: unreadable ({err})")
+        if files.summary is None and not files.problems:
+            files.problems.append("`summary.json`: not a JSON object")
+    else:
+        files.missing.append("summary.json")
+    files.requests = _read_jsonl(run_dir / "requests.jsonl", files)
+    files.metrics = _read_jsonl(run_dir / "metrics.jsonl", files)
+    files.learner = _read_jsonl(run_dir / "learner" / "metrics.jsonl", files)
+    files.versions = _read_jsonl(run_dir / "learner" / "versions.jsonl", files)
+    for name in ("config.yaml", "trace.jsonl"):
+        if not (run_dir / name).is_file():
+            files.missing.append(name)
+    return files
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def percentiles(values: list[float]) -> list[float] | None:
+    import numpy as np
+
+    return [float(v) for v in np.percentile(values, PERCENTILES)] if values else None
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def values(requests: list[dict], key: str) -> list[float]:
+    return [v for v in (number(r.get(key)) for r in requests) if v is not None]
+
+
+def extra(request: dict) -> dict:
+    extra = request.get("extra")
+    return extra if isinstance(extra, dict) else {}
+
+
+def workload(request: dict) -> str:
+    return str(request.get("workload") or "(none)")
+
+
+def by_workload(requests: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in requests:
+        groups.setdefault(workload(r), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def rolling_window(n: int) -> int:
+    """About a tenth of a workload's requests, between 1 and 50."""
+    return max(1, min(50, round(n / 10)))
+
+
+def actors_events(metrics: list[dict]) -> list[dict]:
+    return sorted((m for m in metrics if m.get("event") == "actors" and number(m.get("t")) is not None),
+                  key=lambda m: m["t"])
+
+
+def restarts(metrics: list[dict]) -> list[dict]:
+    return [m for m in metrics if m.get("event") in RESTARTS]
+
+
+def series(records: list[dict], x: str, y: str) -> tuple[list, list]:
+    pairs = [(number(r.get(x)), number(r.get(y))) for r in records]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def version_timeline(files: RunFiles) -> tuple[tuple[list, list], str] | None:
+    """(times since replay start, latest version at each), sorted; from metrics.jsonl `versions` events,
+    else from versions.jsonl published_at if summary.json gives the replay start as unix time."""
+    pairs = [(number(m.get("t")), number(m.get("latest"))) for m in files.metrics if m.get("event") == "versions"]
+    pairs = [(t, v) for t, v in pairs if t is not None and v is not None]
+    source = "metrics.jsonl versions events"
+    start = number((files.summary or {}).get("started_at"))
+    if not pairs and start is not None:
+        pairs = [(number(v.get("published_at")), number(v.get("version"))) for v in files.versions]
+        pairs = [(t - start, v) for t, v in pairs if t is not None and v is not None]
+        source = "versions.jsonl published_at against summary.json started_at"
+    if not pairs:
+        return None
+    pairs.sort()
+    latest, running = [], -math.inf
+    for _, v in pairs:
+        running = max(running, v)
+        latest.append(running)
+    return ([t for t, _ in pairs], latest), source
