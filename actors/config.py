@@ -35,6 +35,10 @@ class GenerationConfig(BaseModel):
                                                            "else torch's default")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor (1 on a GPU cluster: one actor per GPU)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model precision (auto: float32, see selfspec.device)")
+    steps: Literal["auto", "eager", "static", "graphs"] = Field(
+        "auto", description="how decode passes run (selfspec.decode_steps; auto: CUDA graphs on a GPU, else eager)")
     max_restarts: int = Field(3, ge=-1, description="Ray restarts a crashed actor this often (-1: always)")
     max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once; it decodes one at a "
                                                        "time in arrival order, the rest are its queue depth")

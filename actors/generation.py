@@ -43,7 +43,7 @@ from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 from selfspec.drafter import head_arrays, head_from_weights
 from selfspec.engine import Emitter, SelfSpecDecoder
-from selfspec.loading import Drafter, make_policy
+from selfspec.loading import Drafter, load_drafter, make_policy
 from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
 
@@ -51,16 +51,8 @@ STREAM_ERRORS = (redis.RedisError, BackpressureTimeout, OSError)
 
 
 def load_for_actor(cfg: GenerationConfig, device: str) -> Drafter:
-    """`selfspec.loading.load_drafter`, on `device` (one GPU per actor on a cluster)."""
-    from selfspec.drafter import DrafterHead, load_head
-    from selfspec.model import load_model
-    from selfspec.split import SplitModel
-
-    model, tokenizer = load_model(cfg.model, device=device)
-    if cfg.drafter is not None:
-        return Drafter(model, tokenizer, *load_head(model, cfg.drafter))
-    split = SplitModel(model, cfg.exit_layer)
-    return Drafter(model, tokenizer, split, DrafterHead(split, cfg.head), {})
+    """`selfspec.loading.load_drafter` with the actor's settings, on `device` (one GPU per actor on a cluster)."""
+    return load_drafter(cfg.model, cfg.exit_layer, cfg.drafter, cfg.head, device, cfg.dtype, cfg.steps)
 
 
 class Generator:
@@ -83,7 +75,7 @@ class Generator:
             drafter = load_for_actor(cfg, device)
         self.drafter, self.tokenizer = drafter, drafter.tokenizer
         self.split, self.head = drafter.split, drafter.head
-        policy = make_policy(cfg.policy, cfg.gamma, self.split, self.head)
+        policy = make_policy(cfg.policy, cfg.gamma, drafter.steps, self.head)
         self.writer = self.store = None
         if redis_client is not None:
             from selfspec.model import model_name
@@ -93,7 +85,7 @@ class Generator:
             spec = WeightSpec.of(base_model, head_arrays(self.head))
             self.store = WeightStore(redis_client, run_id, expected=spec)
         emit = Emitter(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
-        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit)
+        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit, steps=drafter.steps)
         self.memory = ConversationMemory()
         # None: the actor's own starting head, not a published one (its transitions carry version 0)
         self.version: int | None = None

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dvi.bench_cmd import METHODS
 from selfspec.acceptance import mean_accepted_length
+from selfspec.decode_steps import steps_mode
 from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
@@ -53,17 +54,21 @@ def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
 def make_runners(drafter: Drafter, max_new_tokens: int, gamma: int, methods: tuple[str, ...] = METHODS,
                  prompt_lookup_tokens: int = 10) -> dict[str, Callable[[list[int]], tuple[list[int], DecodeResult | None]]]:
     """One runner per method, hf_ar first (the reference for speedup and identity): ids -> (new tokens, result)."""
-    model, split, head = drafter.model, drafter.split, drafter.head
+    model, split, head, steps = drafter.model, drafter.split, drafter.head, drafter.steps
 
     def dvi(name: str, gamma: int, ngram: int = 0):  # built only when asked for: cost_aware measures costs at start-up
-        return _dvi_runner(SelfSpecDecoder(split, head, make_policy(name, gamma, split, head), ngram=ngram), max_new_tokens)
+        policy = make_policy(name, gamma, steps, head)
+        return _dvi_runner(SelfSpecDecoder(split, head, policy, ngram=ngram, steps=steps), max_new_tokens)
 
     makers = {
         "hf_ar": lambda: _hf_runner(model, max_new_tokens),
         "hf_prompt_lookup": lambda: _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
         "hf_early_exit": lambda: _hf_runner(model, max_new_tokens, assistant_early_exit=split.exit_layer),
-        # a preallocated KV cache (transformers' "static" cache), not compiled: what torch.compile would build on
-        "hf_static": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
+        # transformers' preallocated ("static") KV cache, uncompiled: what torch.compile would build on
+        "hf_static": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static", disable_compile=True),
+        # the same as transformers runs it out of the box: on CUDA it compiles the forward (recompiling for
+        # every new cache length, i.e. per prompt length); elsewhere it is hf_static
+        "hf_compile": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
         "dvi_ar": lambda: dvi("fixed", 0),
         "dvi_spec": lambda: dvi("fixed", gamma),
         "dvi_spec_dynamic": lambda: dvi("cost_aware", gamma),
@@ -108,7 +113,9 @@ def machine_info(drafter: Drafter) -> dict:
     split = drafter.split
     cpu = split.device.type == "cpu"
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(split.device)
+    graphs_off = getattr(drafter.steps, "fallback", None)
     return {"device": str(split.device), "dtype": dtype_name(split.dtype), "dtype_reason": drafter.dtype_reason,
+            "steps": steps_mode(drafter.steps), **({"steps_fallback": graphs_off} if graphs_off else {}),
             "machine": machine, "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else []}
 
 
@@ -134,6 +141,14 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
         "methods": [_summarise(runs[name], reference, ref_tps, model, encoded) for name in names],
     }
+    if "dvi_ar" in runs:  # does drafting itself ever change a token? (in bfloat16 hf_ar and dvi_ar may differ)
+        for m in report["methods"]:
+            if m["name"].startswith("dvi_spec"):
+                own = runs["dvi_ar"].tokens
+                got = runs[m["name"]].tokens
+                m["identical_to_dvi_ar"] = float(np.mean([a == b for a, b in zip(got, own)]))
+                m["divergences_from_dvi_ar"] = [_divergence(model, encoded[i], ref, out)
+                                                for i, (ref, out) in enumerate(zip(own, got)) if ref != out]
     return report
 
 

@@ -7,8 +7,9 @@ from dvi.report_file import write_report
 # Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
 METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
            "dvi_spec_ngram_dynamic")
-# Only when named in --methods: hf_static is generate with transformers' preallocated ("static") KV cache.
-EXTRA_METHODS = ("hf_static",)
+# Only when named in --methods: generate with transformers' preallocated ("static") KV cache, uncompiled
+# (hf_static) and as transformers runs it by default, compiled on CUDA (hf_compile).
+EXTRA_METHODS = ("hf_static", "hf_compile")
 
 
 def add_parser(sub, name):
@@ -41,7 +42,8 @@ def run(args) -> int:
     prompts = load_prompts(args.prompts, args.n, args.offset)
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype)
+    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype,
+                           steps=args.steps)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter
     report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)

@@ -157,8 +157,8 @@ def _generation(cfg, args) -> dict:
         counts["transitions"] += 1
         counts["positions"] += t.n
 
-    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy("cost_aware", 4, drafter.split, drafter.head),
-                              ngram=1, emit=Emitter(sink))
+    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy("cost_aware", 4, drafter.steps, drafter.head),
+                              ngram=1, emit=Emitter(sink), steps=drafter.steps)
     prompts = load_prompts("builtin")[:args.generation_prompts]
     tokens, seconds = 0, 0.0
     for p in prompts:

@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "generate": "dvi.generate_cmd",
     "bench": "dvi.bench_cmd",
+    "profile": "dvi.profile_cmd",  # where a method's time goes per token (torch.profiler)
     "online": "dvi.online_cmd",
     "ablate": "dvi.ablate_cmd",
     "synth-prompts": "dvi.synth_prompts_cmd",

@@ -5,8 +5,10 @@ import warnings
 
 from selfspec.defaults import DEFAULT_MODEL
 
-# selfspec.device.DTYPE_CHOICES, repeated here: building the parser (`dvi --help`) must not import torch.
+# selfspec.device.DTYPE_CHOICES and selfspec.decode_steps.STEP_MODES, repeated here: building the parser
+# (`dvi --help`) must not import torch.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+STEP_MODES = ("auto", "eager", "static", "graphs")
 
 
 def add_model_args(p) -> None:
@@ -16,6 +18,9 @@ def add_model_args(p) -> None:
     p.add_argument("--drafter", default=None,
                    help="a trained drafter head directory (from `dvi online`); its exit layer wins")
     add_device_args(p)
+    p.add_argument("--steps", default="auto", choices=STEP_MODES,
+                   help="how decode passes run: graphs = CUDA graphs over a static KV cache, static = the same "
+                        "passes eagerly, eager = per-layer cache lengths (default: auto = graphs on CUDA, else eager)")
 
 
 def add_device_args(p) -> None:

@@ -52,7 +52,8 @@ def run(args) -> int:
     head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
 
     quiet_transformers()
-    drafter = load_drafter(args.model, args.exit_layer, head_dir, device=args.device, dtype=args.dtype)
+    drafter = load_drafter(args.model, args.exit_layer, head_dir, device=args.device, dtype=args.dtype,
+                           steps=args.steps)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = head_dir
     spec = EvalSpec(args.method, args.max_new_tokens, args.gamma, args.questions)

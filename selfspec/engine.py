@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
+from selfspec.decode_steps import StaticSteps, decode_steps
 from selfspec.drafter import DrafterHead
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
@@ -101,8 +102,12 @@ class _Request:
 
 class SelfSpecDecoder:
     def __init__(self, split: SplitModel, head: DrafterHead | None = None,
-                 policy: LengthPolicy | None = None, ngram: int = 0, emit: Emitter | None = None):
+                 policy: LengthPolicy | None = None, ngram: int = 0, emit: Emitter | None = None,
+                 steps: SplitModel | StaticSteps | None = None):
+        """`steps`: what runs the passes (selfspec.decode_steps; None: `decode_steps(split)`, CUDA graphs on
+        a GPU, the split itself elsewhere); give the one a cost-aware policy was measured on."""
         self.split, self.emit = split, emit
+        self.steps = steps if steps is not None else decode_steps(split)
         self.policy = policy or LengthPolicy(0)
         if not 0 <= ngram <= MAX_NGRAM:
             raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must "
@@ -157,12 +162,12 @@ class SelfSpecDecoder:
 
     def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions) -> _Request:
         """Run the prompt through the whole model; its next token becomes the first pending one."""
-        cache = self.split.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
+        cache = self.steps.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
         generator = None
         if opts.temperature > 0 and opts.seed is not None:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
-        hidden = self.split.trunk(prompt, 0, cache)
-        logits = self.split.verify(hidden, 0, cache)
+        hidden = self.steps.trunk(prompt, 0, cache)
+        logits = self.steps.verify(hidden, 0, cache)
         _, first = self._accept(Draft("copied", [hidden]), logits[-1:], opts.temperature, generator)
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
@@ -182,14 +187,14 @@ class SelfSpecDecoder:
         room = min(self.policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
         proposal, copied = self._copies(req, room)
         # Copied drafts need no head: the pending token and they go through the trunk in one pass.
-        trunk_out = self.split.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+        trunk_out = self.steps.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
         t1 = time.perf_counter()
         draft = Draft("copied", [trunk_out], copied, t_start=wall_start)
         if not copied and room > 0 and self.head is not None and self.policy.start_round():
             draft = self._head_draft(req, draft, room)
         t2 = time.perf_counter()
         hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
-        target_logits = self.split.verify(hidden, req.position, req.cache)
+        target_logits = self.steps.verify(hidden, req.position, req.cache)
         n_acc, bonus = self._accept(draft, target_logits, req.options.temperature, req.generator)
         t3 = time.perf_counter()
         emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
@@ -216,7 +221,7 @@ class SelfSpecDecoder:
         temperature, draft.kind = req.options.temperature, "drafted"
         new, start = self._unseen_by_head(req, draft.hiddens[0])
         while len(draft.tokens) < room:
-            logits = self.head.next_logits(new, start, req.head_cache).float()
+            logits = self.steps.head_logits(self.head, new, start, req.head_cache).float()
             logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
             top = float(logp.max().exp())
             if not self.policy.keep(len(draft.tokens), top, float(-(logp.exp() * logp).sum())):
@@ -229,7 +234,7 @@ class SelfSpecDecoder:
             draft.logits.append(logits)
             draft.confidences.append(top)
             start = req.position + len(draft.tokens)
-            new = self.split.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
+            new = self.steps.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
             draft.hiddens.append(new)
         return draft
 

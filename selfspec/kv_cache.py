@@ -23,8 +23,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, capacity: int, dtype: torch.dtype, device) -> "KVCache":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, capacity, dtype, device)
+        return cls(*_model_dims(config), capacity, dtype, device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_, **__):
         """Called by the HF attention module: append [1, heads, n, dim] and return the layer's whole K, V.
@@ -52,6 +51,53 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Forget every position >= length in every layer (rejected drafts)."""
         self.lengths = [min(n, length) for n in self.lengths]
+
+
+class StaticKVCache:
+    """The split's cache for passes captured as CUDA graphs: a block's positions live in a device tensor
+    (`start`, which the caller sets before a pass) and attention always covers the whole capacity, masked
+    by position. Nothing a pass does depends on Python-side lengths, so one captured graph serves every
+    position, and forgetting rejected drafts costs nothing: entries past a query's position are masked,
+    then overwritten."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.key_positions = torch.arange(capacity, device=device)
+        self._block = self.key_positions[:0]
+
+    @classmethod
+    def for_model(cls, config, capacity: int, dtype: torch.dtype, device) -> "StaticKVCache":
+        return cls(*_model_dims(config), capacity, dtype, device)
+
+    def place(self, start: int | torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [1, n] of a block of n tokens from `start` (an int, or this cache's own `start`
+        tensor, which a captured graph reads when replayed) and the keys each may see [1, 1, n, capacity]."""
+        if not isinstance(start, torch.Tensor):
+            if start + n > self.capacity:
+                raise RuntimeError(f"KV cache overflow: {start + n} > capacity {self.capacity}")
+            self.start.fill_(start)
+        self._block = self.start + self.key_positions[:n]
+        return self._block[None], (self.key_positions[None, :] <= self._block[:, None])[None, None]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_, **__):
+        """Write [1, heads, n, dim] at the placed block's positions; return the layer's whole K, V."""
+        self.keys[layer_idx].index_copy_(2, self._block, key)
+        self.values[layer_idx].index_copy_(2, self._block, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def crop(self, length: int) -> None:
+        """Nothing to do: a later query at position < length masks what lies beyond it."""
+
+
+def _model_dims(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of an HF decoder config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
 
 @functools.cache

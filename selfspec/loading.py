@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfspec.decode_steps import StaticSteps, decode_steps
 from selfspec.defaults import POLICIES
 from selfspec.device import resolve_device, resolve_dtype
 from selfspec.drafter import DrafterHead, HeadConfig, load_head
@@ -22,24 +23,36 @@ class Drafter:
     head: DrafterHead
     meta: dict  # checkpoint metadata ({} for an untrained head)
     dtype_reason: str = ""  # why the model runs in its dtype (selfspec.device.resolve_dtype)
+    # What runs the decode passes (selfspec.decode_steps; None: its `auto`), shared by every decoder built
+    # on this drafter, one request at a time.
+    steps: SplitModel | StaticSteps | None = None
+
+    def __post_init__(self):
+        if self.steps is None:
+            self.steps = decode_steps(self.split)
 
 
 def load_drafter(model_spec: str, exit_layer: int = 4, drafter_path: str | None = None,
                  head_config: HeadConfig | None = None, device: torch.device | str | None = "cpu",
-                 dtype: torch.dtype | str | None = "float32") -> Drafter:
+                 dtype: torch.dtype | str | None = "float32", steps: str = "auto") -> Drafter:
     """The model split at `exit_layer` with an untrained head, or with the head saved at `drafter_path`
     (whose own exit layer then wins), on `device` in `dtype` (None / "auto": chosen by
-    selfspec.device; the commands pass their --device and --dtype)."""
+    selfspec.device; the commands pass their --device and --dtype), its passes run as `steps` says
+    (selfspec.decode_steps: auto = CUDA graphs on a GPU)."""
     device = resolve_device(device)
     dtype, reason = resolve_dtype(dtype, device)
     model, tokenizer = load_model(model_spec, dtype, device)
     if drafter_path is not None:
-        return Drafter(model, tokenizer, *load_head(model, drafter_path), dtype_reason=reason)
-    split = SplitModel(model, exit_layer)
-    return Drafter(model, tokenizer, split, DrafterHead(split, head_config or HeadConfig()), {}, reason)
+        split, head, meta = load_head(model, drafter_path)
+    else:
+        split = SplitModel(model, exit_layer)
+        head, meta = DrafterHead(split, head_config or HeadConfig()), {}
+    return Drafter(model, tokenizer, split, head, meta, reason, decode_steps(split, steps))
 
 
-def make_policy(name: str, gamma: int, split: SplitModel | None = None, head: DrafterHead | None = None) -> LengthPolicy:
+def make_policy(name: str, gamma: int, split: SplitModel | StaticSteps | None = None,
+                head: DrafterHead | None = None) -> LengthPolicy:
+    """`split`: what will run the passes (a cost-aware policy measures their costs on it)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if name == "fixed":

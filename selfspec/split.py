@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from selfspec.kv_cache import KVCache, cache_arg
+from selfspec.kv_cache import KVCache, StaticKVCache, cache_arg
 from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
 from selfspec.step_costs import measure_thin_rows, parse_rows
@@ -65,15 +65,19 @@ class SplitModel:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.config, capacity, self.dtype, self.device)
 
-    def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int, cache: KVCache) -> torch.Tensor:
-        """Layers [lo, hi) on hidden [1, n, d] at positions start..start+n-1, appending to the cache."""
+    def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int | torch.Tensor,
+             cache: KVCache | StaticKVCache) -> torch.Tensor:
+        """Layers [lo, hi) on hidden [1, n, d] at positions start..start+n-1, appending to the cache.
+        A StaticKVCache also takes its own `start` tensor as `start` (selfspec.decode_steps)."""
         n = hidden.shape[1]
-        positions = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
+        if isinstance(cache, StaticKVCache):
+            positions, mask = cache.place(start, n)
+        else:
+            positions = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
+            mask = None
+            if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
+                mask = (torch.arange(start + n, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
         rope = self.rotary(hidden, positions)
-        mask = None
-        if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
-            kv_len = start + n
-            mask = (torch.arange(kv_len, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
         if self.lean is not None:
             for layer in self.lean[lo:hi]:
                 hidden = layer(hidden, rope, mask, cache)
@@ -91,3 +95,8 @@ class SplitModel:
         """layer-k hidden [1, n, d] -> full-model logits [n, V] (float32)."""
         hidden = self._run(hidden, self.exit_layer, self.num_layers, start, cache)
         return self.lm_head(self.norm(hidden))[0].float()
+
+    def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
+        """A drafting step of `head` (DrafterHead.next_logits): here eager, captured in
+        selfspec.decode_steps.StaticSteps, whose passes the engine calls by these same names."""
+        return head.next_logits(hidden, start, head_cache)

@@ -109,6 +109,9 @@ def test_bench_records_device_and_dtype(model_dir, tmp_path, monkeypatch):
     assert (report["device"], report["dtype"], report["dtype_reason"]) == ("cpu", "float32", "requested")
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "hf_static", "dvi_ar", "dvi_spec_ngram"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
+    assert report["steps"] == "eager"  # auto on the CPU
+    spec = report["methods"][-1]
+    assert spec["identical_to_dvi_ar"] == 1.0 and spec["divergences_from_dvi_ar"] == []
     if NO_CUDA:
         assert cli.main([*base, "--methods", "hf_ar"]) == 0  # no --device, no --dtype: the CPU, float32
         report = json.loads(out.read_text())
@@ -135,3 +138,31 @@ def test_bfloat16_head_state_saves_as_float32():
     state = head.trainable_state()
     assert state and all(a.dtype.name == "float32" for a in state.values())
     head.load_trainable_state(state)
+
+
+def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
+    """`dvi profile` on the static passes (what CUDA graphs replay) and the summary gpu_check.sh prints."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.bench_cmd", "profile": "dvi.profile_cmd"})
+    prompts = write_prompts(tmp_path / "q.jsonl", PROMPTS)
+    common = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8", "-k", "2",
+              "--steps", "static", "--methods", "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"]
+    assert cli.main(["profile", *common, "--out", str(tmp_path / "profile_cpu"), "--trace"]) == 0
+    report = json.loads((tmp_path / "profile_cpu" / "profile.json").read_text())
+    assert report["steps"] == "static" and [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar",
+                                                                                       "dvi_spec_ngram_dynamic"]
+    for m in report["methods"]:
+        assert m["tokens"] == 8 and m["cpu_op_ms_per_token"] > 0 and m["gpu_ms_per_token"] is None
+        assert "aten::" in (tmp_path / "profile_cpu" / f"{m['name']}.txt").read_text()
+        assert (tmp_path / "profile_cpu" / f"{m['name']}.trace.json").stat().st_size > 0
+    assert cli.main(["bench", *common, "--n", "2", "--out", str(tmp_path / "bench_cpu.json")]) == 0
+    spec = importlib.util.spec_from_file_location("gpu_summary", Path(__file__).parents[1] / "scripts" / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    capsys.readouterr()
+    assert summary.main(str(tmp_path)) == 0
+    table = capsys.readouterr().out
+    assert "| cpu | float32, steps static | dvi_spec_ngram_dynamic |" in table
+    assert "| float32, steps static | dvi_ar |" in table

@@ -1,7 +1,8 @@
-"""The GPU path on CUDA (skipped without one; run with `pytest -m gpu`): greedy decoding of the tiny model
-is token-identical to a plain full-forward greedy reference in float64 and float32, speculative sampling
-passes the same chi-square tests as on the CPU with CUDA generators, cost measurement synchronises, and
-`dvi bench --device cuda` runs end to end (float32 and bfloat16)."""
+"""The GPU path on CUDA (skipped without one; run with `pytest -m gpu`): decode passes replayed as CUDA graphs
+equal the same passes run eagerly, bit for bit; greedy decoding of the tiny model (graphs, the default on
+CUDA, and eager) is token-identical to a plain full-forward greedy reference in float64 and float32;
+speculative sampling passes the same chi-square tests as on the CPU with CUDA generators; cost
+measurement synchronises; and `dvi bench --device cuda` runs end to end (float32 and bfloat16)."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,12 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from test_lossless import MAX_POS, make_head, make_policy  # noqa: E402
+from test_decode_steps import run_script  # noqa: E402
 from test_sampling import check_acceptance_rule, check_decoder_samples  # noqa: E402
 from tiny_model import plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402
 
 from dvi import cli  # noqa: E402
+from selfspec.decode_steps import StaticSteps, decode_steps, steps_mode  # noqa: E402
 from selfspec.engine import SelfSpecDecoder  # noqa: E402
 from selfspec.loading import make_policy as named_policy  # noqa: E402
 from selfspec.split import SplitModel  # noqa: E402
@@ -37,13 +40,34 @@ def first_divergence_margin(model, prompt: list[int], ref: list[int], got: list[
     return float(top[0] - top[1])
 
 
+def test_graph_replays_equal_eager_bit_for_bit():
+    model = tiny_llama(max_positions=64).to(CUDA, torch.float32)
+    split = SplitModel(model, 2)
+    graphs, eager = StaticSteps(split, graphs=True), StaticSteps(split, graphs=False)
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    with torch.inference_mode():
+        replayed = run_script(graphs, graphs.new_cache(48), ids)
+        expected = run_script(eager, eager.new_cache(48), ids)
+        assert graphs.fallback is None
+        # prefill, one token at positions 9..14 (one graph, replayed at each), blocks of 3
+        assert {("trunk", 9), ("verify", 9), ("trunk", 1), ("verify", 1), ("trunk", 3), ("verify", 3)} <= set(graphs.captured)
+        for a, b in zip(replayed, expected, strict=True):
+            assert torch.equal(a, b)
+        head = make_head(model, 2, 0.05)
+        for hidden in replayed[2:5]:  # the head's step: captured on the first call, replayed on the next
+            assert torch.equal(graphs.head_logits(head, hidden, 0, None), eager.head_logits(head, hidden, 0, None))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("policy", ["fixed", "cost_aware"])
-def test_greedy_identical_on_cuda(dtype, policy):
+@pytest.mark.parametrize("mode", ["graphs", "eager"])
+def test_greedy_identical_on_cuda(dtype, policy, mode):
     model = tiny_llama(max_positions=MAX_POS).to(CUDA, dtype)
     head = make_head(model, 2, 0.05)
     assert head.proj.weight.device.type == "cuda" and head.proj.weight.dtype == dtype
-    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_policy(policy, 4), ngram=1)
+    split = SplitModel(model, 2)
+    steps = decode_steps(split, "auto" if mode == "graphs" else mode)
+    decoder = SelfSpecDecoder(split, head, make_policy(policy, 4), ngram=1, steps=steps)
     rng = np.random.default_rng(3)
     drafted = accepted = identical = 0
     n = 30
@@ -62,6 +86,7 @@ def test_greedy_identical_on_cuda(dtype, policy):
         assert margin <= NEAR_TIE[dtype], f"prompt={prompt} max_new={max_new}: departs where the margin is {margin}"
     assert drafted > 0 and 0 < accepted < drafted
     assert identical >= (n if dtype == torch.float64 else n - 2)
+    assert steps_mode(decoder.steps) == mode  # auto is graphs on CUDA, and no capture fell back
 
 
 def test_measured_costs_on_cuda():
@@ -105,6 +130,7 @@ def test_bench_on_cuda(tmp_path, monkeypatch, dtype):
     report = json.loads(out.read_text())
     assert report["device"].startswith("cuda") and report["dtype"] == dtype and report["dtype_reason"] == "requested"
     assert report["machine"] == torch.cuda.get_device_name() and report["thin_gemm_rows"] == []
+    assert report["steps"] == "graphs" and "steps_fallback" not in report
     assert [m["name"] for m in report["methods"]] == methods.split(",")
     for m in report["methods"]:
         assert m["tokens"] > 0 and m["tokens_per_s"] > 0

@@ -1,0 +1,144 @@
+"""The passes a decoding round runs (trunk, drafter-head step, verify), eager or replayed as CUDA graphs.
+
+On a GPU a 135M model at batch 1 is bound by launches, not by arithmetic: an eager SmolLM2 step issues
+~450 kernels in ~19 ms of Python for ~2.6 ms of GPU work (torch.profiler on an H200). gpt-fast's recipe
+removes the gap: a KV cache at fixed addresses whose positions live in device tensors, so that a pass of
+m tokens can be captured once as a CUDA graph and replayed at every position.
+
+Modes (`--steps`, the `steps` config key):
+- `eager`: SplitModel itself, per-layer cache lengths and attention over exactly the filled part (the
+  CPU path).
+- `static`: StaticSteps without graphs: positions in device tensors over one reused StaticKVCache,
+  attention over its whole capacity masked by position, run eagerly. What the graphs replay, and a path
+  the CPU tests check against `eager`.
+- `graphs`: StaticSteps capturing each pass shape (kind, m tokens) the first time it runs and replaying
+  it after that; the prompt's prefill and anything longer than MAX_GRAPH_TOKENS stay eager.
+- `auto`: `graphs` on CUDA, `eager` elsewhere.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from selfspec.kv_cache import StaticKVCache
+from selfspec.split import SplitModel
+
+STEP_MODES = ("auto", "eager", "static", "graphs")  # dvi.common_args repeats them (no torch import there)
+MAX_GRAPH_TOKENS = 16  # a round passes at most γ+1 <= 9 tokens; longer blocks are prompts
+CAPACITY_STEP = 256  # the shared cache grows in these steps, so that requests of similar length share graphs
+
+
+def decode_steps(split: SplitModel, mode: str = "auto") -> SplitModel | "StaticSteps":
+    """The object whose `new_cache`, `trunk`, `verify` and `head_logits` a decoder calls, for `mode`."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"unknown steps mode {mode!r}: choose one of {', '.join(STEP_MODES)}")
+    if mode == "auto":
+        mode = "graphs" if split.device.type == "cuda" else "eager"
+    if mode == "eager":
+        return split
+    if mode == "graphs" and split.device.type != "cuda":
+        raise ValueError(f"steps mode 'graphs' needs a CUDA device, the model is on {split.device}: "
+                         f"use --steps eager (or static)")
+    return StaticSteps(split, graphs=mode == "graphs")
+
+
+def steps_mode(steps: SplitModel | "StaticSteps") -> str:
+    """The mode `steps` runs in now: `graphs` turns into `static` if a capture failed (see .fallback)."""
+    if not isinstance(steps, StaticSteps):
+        return "eager"
+    return "graphs" if steps.graphs and steps.fallback is None else "static"
+
+
+class _Graph:
+    """One pass captured as a CUDA graph, with its own input buffer; calling it copies the input in,
+    replays, and returns a copy of the output (the next replay overwrites it)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, pool):
+        self.input = example.clone()
+        # Lazy set-up (cuBLAS workspaces, kernel choice) may not happen inside a capture: run once first,
+        # on a side stream as torch.cuda.graphs asks. It writes the same KV entries the replay will.
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            fn(self.input)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a Ray actor's control threads may touch CUDA while the decode thread captures
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = fn(self.input)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output.clone()
+
+
+class StaticSteps:
+    """SplitModel's passes over one StaticKVCache that every request of this decoder reuses (one request
+    at a time), grown when a request needs more room; with `graphs`, replayed as CUDA graphs."""
+
+    def __init__(self, split: SplitModel, graphs: bool):
+        self.split, self.graphs = split, graphs
+        self.config, self.device = split.config, split.device
+        self.cache: StaticKVCache | None = None
+        self.captured: dict[tuple[str, int], _Graph] = {}
+        self._head: tuple[object, _Graph] | None = None  # the head object (kept alive) and its step
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.fallback: str | None = None  # why graphs were turned off (a capture failed), if they were
+
+    def new_cache(self, capacity: int) -> StaticKVCache:
+        if self.cache is None or capacity > self.cache.capacity:
+            size = max(capacity, min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.split.max_positions))
+            self.captured.clear()  # graphs read the old cache's addresses
+            self._head = None
+            self.cache = None  # free it before allocating the next
+            self.cache = StaticKVCache.for_model(self.config, size, self.split.dtype, self.device)
+        return self.cache
+
+    def trunk(self, token_ids: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
+        return self._pass("trunk", self.split.trunk, token_ids, start, cache)
+
+    def verify(self, hidden: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
+        return self._pass("verify", self.split.verify, hidden, start, cache)
+
+    def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
+        """A head without attention layers reads only the newest hidden state [1, 1, d]: captured once per
+        head. Attention heads keep their own (dynamic) cache and run eagerly."""
+        if not self._use_graphs() or head.attends or hidden.shape[1] != 1:
+            return head.next_logits(hidden, start, head_cache)
+        if self._head is None or self._head[0] is not head:
+            self._head = None  # drop the last head's graph (and the head) before capturing the next
+            graph = self._capture(lambda x: head.next_logits(x, start, None), hidden)
+            if graph is None:
+                return head.next_logits(hidden, start, head_cache)
+            self._head = (head, graph)
+        return self._head[1](hidden)
+
+    def _pass(self, kind: str, fn, x: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
+        n = x.shape[0] if kind == "trunk" else x.shape[1]
+        if not self._use_graphs() or cache is not self.cache or n > MAX_GRAPH_TOKENS:
+            return fn(x, start, cache)
+        cache.place(start, n)  # checks the room and sets cache.start, which the graph reads
+        graph = self.captured.get((kind, n))
+        if graph is None:
+            graph = self._capture(lambda inp: fn(inp, cache.start, cache), x)
+            if graph is None:
+                return fn(x, start, cache)
+            self.captured[(kind, n)] = graph
+        return graph(x)
+
+    def _use_graphs(self) -> bool:
+        return self.graphs and self.fallback is None
+
+    def _capture(self, fn, example: torch.Tensor) -> _Graph | None:
+        """Capture `fn`; if CUDA refuses, say why once and go on eagerly on the same static path."""
+        try:
+            return _Graph(fn, example, self._pool)
+        except RuntimeError as e:
+            self.fallback = f"CUDA graph capture failed, decoding eagerly: {e}"
+            self.captured.clear()
+            self._head = None
+            warnings.warn(self.fallback, RuntimeWarning, stacklevel=3)
+            return None
