@@ -1,7 +1,7 @@
 """`dvi bench`: Hugging Face generate vs dvi on the same prompts; prints a table, writes JSON."""
 from __future__ import annotations
 
-from dvi.common_args import add_model_args, quiet_transformers
+from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
 from dvi.report_file import write_report
 
 # Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
@@ -29,21 +29,25 @@ def add_parser(sub, name):
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from dvi.bench import run_bench
-    from selfspec.loading import load_drafter
-    from selfspec.prompts import load_prompts
-
-    quiet_transformers()
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+def parse_methods(text: str) -> tuple[str, ...]:
+    """--methods: comma-separated names of METHODS and EXTRA_METHODS, in the order given."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = set(methods) - set(METHODS) - set(EXTRA_METHODS)
     if unknown:
         raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+    return methods
+
+
+def run(args) -> int:
+    from dvi.bench import run_bench
+    from selfspec.prompts import load_prompts
+
+    quiet_transformers()
+    methods = parse_methods(args.methods)
     prompts = load_prompts(args.prompts, args.n, args.offset)
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype,
-                           steps=args.steps)
+    drafter = load_drafter_from(args)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter
     report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)

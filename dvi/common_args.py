@@ -23,6 +23,14 @@ def add_model_args(p) -> None:
                         "passes eagerly, eager = per-layer cache lengths (default: auto = graphs on CUDA, else eager)")
 
 
+def load_drafter_from(args, drafter_path: str | None = None):
+    """selfspec.loading.load_drafter with the arguments add_model_args added (`drafter_path` overrides --drafter)."""
+    from selfspec.loading import load_drafter
+
+    return load_drafter(args.model, args.exit_layer, drafter_path or args.drafter, device=args.device,
+                        dtype=args.dtype, steps=args.steps)
+
+
 def add_device_args(p) -> None:
     """`--device` and `--dtype` (resolved by selfspec.device)."""
     p.add_argument("--device", default=None,

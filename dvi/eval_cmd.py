@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dvi.bench_cmd import METHODS
 from dvi.cli import UserError
-from dvi.common_args import add_model_args, quiet_transformers
+from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
 from dvi.report_file import write_report
 
 DEFAULT_QUESTIONS = "../shared/data/spec_bench/question.jsonl"
@@ -36,7 +36,6 @@ def run(args) -> int:
     from pathlib import Path
 
     from dvi.spec_eval import EvalSpec, print_table, report, run_eval, run_head_dir, select_questions
-    from selfspec.loading import load_drafter
     from selfspec.prompts import spec_bench_prompts
 
     if args.run and args.drafter:
@@ -52,8 +51,7 @@ def run(args) -> int:
     head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
 
     quiet_transformers()
-    drafter = load_drafter(args.model, args.exit_layer, head_dir, device=args.device, dtype=args.dtype,
-                           steps=args.steps)
+    drafter = load_drafter_from(args, head_dir)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = head_dir
     spec = EvalSpec(args.method, args.max_new_tokens, args.gamma, args.questions)

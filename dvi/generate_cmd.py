@@ -1,7 +1,7 @@
 """`dvi generate`: decode one prompt with the self-speculative decoder and show per-round stats."""
 from __future__ import annotations
 
-from dvi.common_args import add_model_args, quiet_transformers
+from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
 from selfspec.defaults import POLICIES
 
 
@@ -22,7 +22,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from selfspec.engine import SelfSpecDecoder
-    from selfspec.loading import load_drafter, make_policy
+    from selfspec.loading import make_policy
     from selfspec.prompts import chat_ids
 
     quiet_transformers()
@@ -30,8 +30,7 @@ def run(args) -> int:
         raise ValueError("empty prompt: give --prompt some text")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype,
-                           steps=args.steps)
+    drafter = load_drafter_from(args)
     ids = drafter.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(drafter.tokenizer, args.prompt)
     policy = make_policy(args.policy, args.gamma, drafter.steps, drafter.head)
     ngram = args.ngram if args.gamma else 0  # gamma 0 is plain decoding: nothing is drafted or copied

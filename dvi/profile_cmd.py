@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvi.common_args import add_model_args, quiet_transformers
+from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
 from dvi.report_file import write_report
 
 DEFAULT_METHODS = "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"
@@ -33,20 +33,15 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.bench import machine_info, make_runners
-    from dvi.bench_cmd import EXTRA_METHODS, METHODS
-    from selfspec.loading import load_drafter
+    from dvi.bench_cmd import parse_methods
     from selfspec.prompts import chat_ids, load_prompts
 
     quiet_transformers()
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = set(methods) - set(METHODS) - set(EXTRA_METHODS)
-    if unknown:
-        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+    methods = parse_methods(args.methods)
     prompts = load_prompts(args.prompts, 1, args.offset)
     if not prompts:
         raise ValueError(f"--offset {args.offset}: no prompt there in {args.prompts}")
-    drafter = load_drafter(args.model, args.exit_layer, args.drafter, device=args.device, dtype=args.dtype,
-                           steps=args.steps)
+    drafter = load_drafter_from(args)
     runners = make_runners(drafter, args.max_new_tokens, args.gamma, methods)
     ids = chat_ids(drafter.tokenizer, prompts[0].text)
     out = Path(args.out)
@@ -64,7 +59,6 @@ def profile_method(name: str, runner, ids: list[int], device, out: Path, trace: 
     """One warm-up run, then one profiled run of `runner` on `ids`: per-token times and kernel counts."""
     import time
 
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

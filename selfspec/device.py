@@ -1,9 +1,10 @@
 """Where a model runs and in what precision: `--device` and `--dtype` of the decoding commands.
 
 `resolve_device(None)` is CUDA when torch sees a GPU, else the CPU. `resolve_dtype("auto", device)` is
-float32 on both for now: on an H200 at batch 1, bfloat16 measured 2-5x slower than float32 (the
-135M model is launch-bound, not bandwidth-bound) and its greedy output departed from hf_ar's on 6 of 8
-prompts, so it is only used when asked for. `synchronize(device)` waits for queued GPU work before a
+float32 on both for now: on an H200 at batch 1 with eager passes, bfloat16 measured 2-5x slower than
+float32 (the 135M model is launch-bound, not bandwidth-bound) and its greedy output departed from hf_ar's
+on 6 of 8 prompts, so it is only used when asked for until it is measured with CUDA graphs
+(scripts/gpu_check.sh, docs/gpu.md). `synchronize(device)` waits for queued GPU work before a
 clock is read; on the CPU it does nothing.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_CHOICES = ("auto", *DTYPES)  # dvi.common_args repeats them: building the CLI parser loads no torch
 AUTO_REASONS = {
     "cpu": "auto: float32 on the CPU",
-    "cuda": "auto: float32 on CUDA (bfloat16 measured 2-5x slower at batch 1 on an H200 and its greedy output "
-            "diverged from hf_ar on 6/8 prompts)",
+    "cuda": "auto: float32 on CUDA (bfloat16 measured 2-5x slower at batch 1 on an H200 with eager passes and "
+            "its greedy output diverged from hf_ar on 6/8 prompts)",
 }
 
 

@@ -193,3 +193,17 @@ def test_ray_actor_serves_a_request(model, redis_server):
     finally:
         ray.shutdown()
     assert np.isfinite(result["t_total_s"])
+
+
+def test_actor_loads_its_model_with_the_configs_dtype_and_steps(tmp_path):
+    from tiny_model import save_tiny_model
+
+    from selfspec.decode_steps import StaticSteps
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    gen = Generator(config(model=str(model_dir), dtype="float32", steps="static"), RUN)
+    assert isinstance(gen.decoder.steps, StaticSteps) and gen.drafter.split.dtype == torch.float32
+    result = gen.generate(request(0, max_new_tokens=12))
+    assert result["error"] is None and result["output_ids"] == plain_greedy(gen.drafter.model, PROMPT, 12)
+    with pytest.raises(ValidationError, match="steps"):
+        GenerationConfig(steps="fast")
