@@ -74,7 +74,7 @@ def test_static_decoding_is_token_identical(k, gamma, policy, noise, vocab, atte
     assert decoders["eager"].steps is split
     rng = np.random.default_rng(k * 10 + gamma)
     capacities, drafted = set(), 0
-    for _ in range(12):  # short and long requests in turn: the static cache is reused, and grows once
+    for _ in range(8):  # short and long requests in turn: one static cache serves them all
         prompt = rng.integers(0, 256, int(rng.integers(1, 40))).tolist()
         max_new = int(rng.integers(1, 40))
         expected = plain_greedy(model, prompt, max_new)
