@@ -6,7 +6,8 @@
 #      graphs and eager), sampling's chi-square tests on CUDA, a bench smoke test;
 #   3. dvi bench --device cuda on held-out Spec-Bench prompts in float32 and bfloat16 (CUDA graphs): hf_ar,
 #      hf_static, dvi_ar, dvi_spec_dynamic, dvi_spec_ngram_dynamic; then float32 without graphs;
-#   4. dvi profile (per-token CPU time, kernels, GPU idle) in float32 and bfloat16;
+#   4. dvi profile (per-token CPU time, kernels, GPU idle) in float32 and bfloat16, and bfloat16 eagerly with and
+#      without cuDNN attention (selfspec.device.decode_attention);
 #   5. hf_compile (transformers' static cache, compiled as it does by default) if time is left;
 #   6. summary.md: one table of every bench.
 #
@@ -115,6 +116,15 @@ check "dvi bench float32 eager" bench float32_eager 90 --dtype float32 --steps e
 check "dvi profile float32" profile float32 --dtype float32 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
 check "dvi profile bfloat16" profile bfloat16 --dtype bfloat16 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
 check "dvi profile bfloat16 eager" profile bfloat16_eager --dtype bfloat16 --steps eager --methods dvi_ar
+profile_cudnn() {  # the same with cuDNN attention allowed in dvi's passes (hf_ar always may): the suspect
+    export DVI_DECODE_CUDNN_SDPA=1
+    profile "$@"
+    local rc=$?
+    unset DVI_DECODE_CUDNN_SDPA
+    return $rc
+}
+check "dvi profile bfloat16 eager, cuDNN attention" profile_cudnn bfloat16_eager_cudnn --dtype bfloat16 --steps eager \
+    --methods dvi_ar
 
 # transformers' static cache as it runs by default (compiling per prompt length): whatever time is left
 LEFT=$((DEADLINE_S - ($(date +%s) - START)))

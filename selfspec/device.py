@@ -9,6 +9,9 @@ clock is read; on the CPU it does nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,3 +71,16 @@ def synchronize(device: torch.device | str | None) -> None:
     if kind == "cuda":
         torch.cuda.synchronize(device)
 
+
+
+def decode_attention(device: torch.device):
+    """The attention kernels a decode pass may use on CUDA: every SDPA backend but cuDNN's, unless
+    DVI_DECODE_CUDNN_SDPA=1. PyTorch prefers cuDNN attention on Hopper for 16-bit inputs, and cuDNN
+    builds an execution plan for every new shape: eagerly, a decode step's key length is new at every
+    step. That is the suspected cause of bfloat16 decoding 2-5x slower than float32 on an H200 (float32
+    never reaches cuDNN); scripts/gpu_check.sh profiles both settings. Nothing changes on the CPU."""
+    if device.type != "cuda" or os.environ.get("DVI_DECODE_CUDNN_SDPA") == "1":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from selfspec.device import decode_attention
 from selfspec.kv_cache import KVCache, StaticKVCache, cache_arg
 from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
@@ -78,14 +79,15 @@ class SplitModel:
             if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
                 mask = (torch.arange(start + n, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
         rope = self.rotary(hidden, positions)
-        if self.lean is not None:
-            for layer in self.lean[lo:hi]:
-                hidden = layer(hidden, rope, mask, cache)
+        with decode_attention(self.device):
+            if self.lean is not None:
+                for layer in self.lean[lo:hi]:
+                    hidden = layer(hidden, rope, mask, cache)
+                return hidden
+            for layer in self.layers[lo:hi]:
+                hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                               position_embeddings=rope, **cache_arg(layer, cache))
             return hidden
-        for layer in self.layers[lo:hi]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
-                           position_embeddings=rope, **cache_arg(layer, cache))
-        return hidden
 
     def trunk(self, token_ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """token ids [n] -> layer-k hidden [1, n, d]."""

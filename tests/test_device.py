@@ -10,7 +10,7 @@ import torch
 from tiny_model import plain_greedy, save_tiny_model, tiny_llama, write_prompts
 
 from dvi import cli
-from selfspec.device import DeviceError, resolve_device, resolve_dtype, synchronize
+from selfspec.device import DeviceError, decode_attention, resolve_device, resolve_dtype, synchronize
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
 from selfspec.loading import load_drafter
@@ -166,3 +166,19 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "| cpu | float32, steps static | dvi_spec_ngram_dynamic |" in table
     assert "| float32, steps static | dvi_ar |" in table
+
+
+def test_decode_passes_leave_out_cudnn_attention_on_cuda(monkeypatch):
+    """cuDNN attention plans per shape, and an eager decode step's shape is new every step: decode passes
+    on CUDA use the other SDPA backends (flags only: no GPU needed to check them)."""
+    monkeypatch.delenv("DVI_DECODE_CUDNN_SDPA", raising=False)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default
+    with decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setenv("DVI_DECODE_CUDNN_SDPA", "1")
+    with decode_attention(torch.device("cuda")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
