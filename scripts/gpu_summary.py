@@ -31,7 +31,8 @@ def profile_rows(path: Path) -> list[str]:
 
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
-    return [f"| {where} | {m['name']} | {m['tokens_per_s']:.1f} | {m['wall_ms_per_token']:.2f} | "
+    return [f"| {path.parent.name.removeprefix('profile_')} | {where} | {m['name']} | {m['tokens_per_s']:.1f} | "
+            f"{m['wall_ms_per_token']:.2f} | "
             f"{m['cpu_op_ms_per_token']:.2f} | {cell(m['gpu_ms_per_token'], '.2f')} | "
             f"{cell(m['kernels_per_token'], '.0f')} | {cell(m['gpu_busy'], '.0%')} |" for m in report["methods"]]
 
@@ -51,8 +52,8 @@ def main(out_dir: str) -> int:
             print("\n".join(bench_rows(path)))
     if profiles:
         print("\n## dvi profile, per generated token\n")
-        print("| dtype, steps | method | tok/s | wall ms | CPU op ms | GPU kernel ms | kernels | GPU busy |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| run | dtype, steps | method | tok/s | wall ms | CPU op ms | GPU kernel ms | kernels | GPU busy |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for path in profiles:
             print("\n".join(profile_rows(path)))
     if not benches and not profiles:

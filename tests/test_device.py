@@ -165,7 +165,7 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
     assert summary.main(str(tmp_path)) == 0
     table = capsys.readouterr().out
     assert "| cpu | float32, steps static | dvi_spec_ngram_dynamic |" in table
-    assert "| float32, steps static | dvi_ar |" in table
+    assert "| cpu | float32, steps static | dvi_ar |" in table
 
 
 def test_decode_passes_leave_out_cudnn_attention_on_cuda(monkeypatch):
