@@ -43,7 +43,7 @@ from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 from selfspec.drafter import head_arrays, head_from_weights
 from selfspec.engine import Emitter, SelfSpecDecoder
-from selfspec.loading import Drafter, load_drafter, make_policy
+from selfspec.loading import Drafter, Placement, load_drafter, make_policy
 from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
 
@@ -52,7 +52,7 @@ STREAM_ERRORS = (redis.RedisError, BackpressureTimeout, OSError)
 
 def load_for_actor(cfg: GenerationConfig, device: str) -> Drafter:
     """`selfspec.loading.load_drafter` with the actor's settings, on `device` (one GPU per actor on a cluster)."""
-    return load_drafter(cfg.model, cfg.exit_layer, cfg.drafter, cfg.head, device, cfg.dtype, cfg.steps)
+    return load_drafter(cfg.model, cfg.exit_layer, cfg.drafter, cfg.head, Placement(device, cfg.dtype, cfg.steps))
 
 
 class Generator:

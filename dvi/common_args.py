@@ -25,10 +25,10 @@ def add_model_args(p) -> None:
 
 def load_drafter_from(args, drafter_path: str | None = None):
     """selfspec.loading.load_drafter with the arguments add_model_args added (`drafter_path` overrides --drafter)."""
-    from selfspec.loading import load_drafter
+    from selfspec.loading import Placement, load_drafter
 
-    return load_drafter(args.model, args.exit_layer, drafter_path or args.drafter, device=args.device,
-                        dtype=args.dtype, steps=args.steps)
+    return load_drafter(args.model, args.exit_layer, drafter_path or args.drafter,
+                        placement=Placement(args.device, args.dtype, args.steps))
 
 
 def add_device_args(p) -> None:

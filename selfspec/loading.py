@@ -32,22 +32,29 @@ class Drafter:
             self.steps = decode_steps(self.split)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs: `device` and `dtype` as selfspec.device resolves them (None / "auto": CUDA
+    when available; float32), `steps` as selfspec.decode_steps takes it (auto: CUDA graphs on a GPU). The
+    commands fill it from --device, --dtype and --steps; as a library call it defaults to the CPU in float32."""
+    device: torch.device | str | None = "cpu"
+    dtype: torch.dtype | str | None = "float32"
+    steps: str = "auto"
+
+
 def load_drafter(model_spec: str, exit_layer: int = 4, drafter_path: str | None = None,
-                 head_config: HeadConfig | None = None, device: torch.device | str | None = "cpu",
-                 dtype: torch.dtype | str | None = "float32", steps: str = "auto") -> Drafter:
+                 head_config: HeadConfig | None = None, placement: Placement = Placement()) -> Drafter:
     """The model split at `exit_layer` with an untrained head, or with the head saved at `drafter_path`
-    (whose own exit layer then wins), on `device` in `dtype` (None / "auto": chosen by
-    selfspec.device; the commands pass their --device and --dtype), its passes run as `steps` says
-    (selfspec.decode_steps: auto = CUDA graphs on a GPU)."""
-    device = resolve_device(device)
-    dtype, reason = resolve_dtype(dtype, device)
+    (whose own exit layer then wins), placed as `placement` says."""
+    device = resolve_device(placement.device)
+    dtype, reason = resolve_dtype(placement.dtype, device)
     model, tokenizer = load_model(model_spec, dtype, device)
     if drafter_path is not None:
         split, head, meta = load_head(model, drafter_path)
     else:
         split = SplitModel(model, exit_layer)
         head, meta = DrafterHead(split, head_config or HeadConfig()), {}
-    return Drafter(model, tokenizer, split, head, meta, reason, decode_steps(split, steps))
+    return Drafter(model, tokenizer, split, head, meta, reason, decode_steps(split, placement.steps))
 
 
 def make_policy(name: str, gamma: int, split: SplitModel | StaticSteps | None = None,

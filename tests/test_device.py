@@ -13,7 +13,7 @@ from dvi import cli
 from selfspec.device import DeviceError, decode_attention, resolve_device, resolve_dtype, synchronize
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.loading import load_drafter
+from selfspec.loading import Placement, load_drafter
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -70,7 +70,7 @@ def test_explicit_cpu_float32_decodes_as_the_defaults_did(model_dir):
     """load_drafter's defaults (what every command used before --device/--dtype) and an explicit
     cpu/float32 give the same model, and the same tokens as a plain greedy reference."""
     before = load_drafter(str(model_dir), 2)
-    explicit = load_drafter(str(model_dir), 2, device="cpu", dtype="float32")
+    explicit = load_drafter(str(model_dir), 2, placement=Placement("cpu", "float32"))
     assert explicit.split.device == torch.device("cpu") and explicit.split.dtype == torch.float32
     assert before.dtype_reason == explicit.dtype_reason == "requested"
     for a, b in zip(before.model.state_dict().values(), explicit.model.state_dict().values()):
