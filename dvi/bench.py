@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dvi.bench_cmd import METHODS
 from selfspec.acceptance import mean_accepted_length
-from selfspec.decode_steps import steps_mode
+from selfspec.decode_steps import StaticSteps, steps_mode
 from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
@@ -119,12 +119,21 @@ def machine_info(drafter: Drafter) -> dict:
             "machine": machine, "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else []}
 
 
+def size_static_cache(drafter: Drafter, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int) -> None:
+    """Grow a static KV cache (selfspec.decode_steps) to fit the longest prompt before anything is timed or
+    measured: growing it later drops every captured CUDA graph, and recapturing them would land inside a
+    timed generation."""
+    if isinstance(drafter.steps, StaticSteps):
+        drafter.steps.new_cache(max(map(len, prompts_ids)) + max_new_tokens + gamma + 1)
+
+
 def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
               methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
     model, split = drafter.model, drafter.split
+    encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
+    size_static_cache(drafter, encoded, max_new_tokens, gamma)  # before make_runners: cost-aware ones capture
     runners = make_runners(drafter, max_new_tokens, gamma, methods, prompt_lookup_tokens)
     names = list(runners)
-    encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
     warm_up(runners, encoded[0])
     runs = {name: MethodRuns(name) for name in names}
     with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:

@@ -32,7 +32,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from dvi.bench import machine_info, make_runners
+    from dvi.bench import machine_info, make_runners, size_static_cache
     from dvi.bench_cmd import parse_methods
     from selfspec.prompts import chat_ids, load_prompts
 
@@ -42,8 +42,9 @@ def run(args) -> int:
     if not prompts:
         raise ValueError(f"--offset {args.offset}: no prompt there in {args.prompts}")
     drafter = load_drafter_from(args)
-    runners = make_runners(drafter, args.max_new_tokens, args.gamma, methods)
     ids = chat_ids(drafter.tokenizer, prompts[0].text)
+    size_static_cache(drafter, [ids], args.max_new_tokens, args.gamma)
+    runners = make_runners(drafter, args.max_new_tokens, args.gamma, methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [profile_method(name, runners[name], ids, drafter.split.device, out, args.trace)

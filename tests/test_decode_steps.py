@@ -127,3 +127,21 @@ def test_modes():
     cache = static.new_cache(10)
     with pytest.raises(RuntimeError, match="overflow"):
         static.trunk(torch.arange(5), cache.capacity - 2, cache)
+
+
+def test_bench_sizes_the_static_cache_before_anything_is_timed():
+    """Growing the cache drops every captured graph: dvi bench sizes it for its longest prompt first."""
+    from dvi.bench import size_static_cache
+    from selfspec.loading import Drafter
+
+    model = tiny_llama(max_positions=600)
+    split = SplitModel(model, 2)
+    head = make_head(model, 2, 0.0)
+    drafter = Drafter(model, None, split, head, {}, steps=StaticSteps(split, graphs=False))
+    longest = [3 + i % 250 for i in range(300)]
+    size_static_cache(drafter, [[1, 2, 3], longest], max_new_tokens=20, gamma=3)
+    cache = drafter.steps.cache
+    assert cache.capacity == 512
+    decoder = SelfSpecDecoder(split, head, make_policy("fixed", 3), steps=drafter.steps)
+    assert decoder.generate(longest, max_new_tokens=20, eos_ids=set()).tokens == plain_greedy(model, longest, 20)
+    assert drafter.steps.cache is cache
