@@ -17,8 +17,10 @@
 # scripts/gpu_wheels.sh downloads them elsewhere). OUT_DIR receives env.txt, pytest_gpu.log, bench_*.json, profile_*/ and their logs, summary.md.
 # Every step runs even when an earlier check fails (installation aside); the exit status is 1 if any failed.
 # PYTHON (default: python3) picks the interpreter; GPU_CHECK_N / GPU_CHECK_TOKENS shrink the bench;
-# GPU_CHECK_DEADLINE_S (default 460) bounds the optional last step; GPU_CHECK_DEVICE=cpu rehearses the
-# script on a CPU machine (the gpu tests skip themselves there).
+# GPU_CHECK_DEADLINE_S (default 460) bounds the optional last step; GPU_CHECK_QUESTIONS points at
+# Spec-Bench's question.jsonl (default ../shared/data/spec_bench/question.jsonl; without it, the built-in
+# held-out prompts); GPU_CHECK_DEVICE=cpu rehearses the script on a CPU machine (the gpu tests skip
+# themselves there).
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -35,6 +37,7 @@ DEADLINE_S=${GPU_CHECK_DEADLINE_S:-460}  # the optional last step (hf_compile) o
 DEVICE=${GPU_CHECK_DEVICE:-cuda}  # `cpu` rehearses the script itself on a machine without a GPU
 SITE=${GPU_CHECK_SITE:-/tmp/dvi_gpu_site}
 cd "$(dirname "$0")/.."  # the repository root
+QUESTIONS=$(realpath -m "${GPU_CHECK_QUESTIONS:-../shared/data/spec_bench/question.jsonl}")  # relative to the repository root
 
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
@@ -103,10 +106,10 @@ run_tests() {
 check "pytest -m gpu (graph replay == eager, greedy identity, sampling, bench smoke)" run_tests
 
 PROMPTS=(--prompts builtin --offset 28 --n 7)
-if [[ -f ../shared/data/spec_bench/question.jsonl ]]; then
-    PROMPTS=(--prompts ../shared/data/spec_bench/question.jsonl --offset 440 --n "$N")
+if [[ -f $QUESTIONS ]]; then
+    PROMPTS=(--prompts "$QUESTIONS" --offset 440 --n "$N")
 else
-    log "no ../shared/data/spec_bench/question.jsonl: the built-in held-out prompts instead"
+    log "no $QUESTIONS: the built-in held-out prompts instead"
 fi
 
 bench() {  # bench NAME TIMEOUT_S ARGS...: dvi bench on CUDA into bench_NAME.json
