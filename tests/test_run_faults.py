@@ -48,8 +48,8 @@ def has_event(run_dir, name):
 
 
 def test_actor_learner_and_redis_killed_mid_run(tmp_path):
-    # 180 requests arriving over ~36 s: long enough for the three faults (about 20 s on a 2-core CPU)
-    rows = [request(i, ("chat", "code")[i % 2], arrival_s=i * 0.2) for i in range(180)]
+    # 150 requests arriving over ~30 s: long enough for the three faults (about 20 s on a 2-core CPU)
+    rows = [request(i, ("chat", "code")[i % 2], arrival_s=i * 0.2) for i in range(150)]
     config = write_run(tmp_path, rows)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([DVI, "run", "--config", str(config), "--no-progress"], env=dvi_env(),
