@@ -153,11 +153,9 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
     if "dvi_ar" in runs:  # does drafting itself ever change a token? (in bfloat16 hf_ar and dvi_ar may differ)
         for m in report["methods"]:
             if m["name"].startswith("dvi_spec"):
-                own = runs["dvi_ar"].tokens
-                got = runs[m["name"]].tokens
-                m["identical_to_dvi_ar"] = float(np.mean([a == b for a, b in zip(got, own)]))
-                m["divergences_from_dvi_ar"] = [_divergence(model, encoded[i], ref, out)
-                                                for i, (ref, out) in enumerate(zip(own, got)) if ref != out]
+                got, own = runs[m["name"]].tokens, runs["dvi_ar"].tokens
+                m["identical_to_dvi_ar"] = _identical(got, own)
+                m["divergences_from_dvi_ar"] = _divergences(model, encoded, own, got)
     return report
 
 
@@ -173,10 +171,9 @@ def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=No
     """A method's totals against the reference's; with `model` (and the prompts' ids), where each
     output that differs from the reference first departs from it."""
     tps = sum(map(len, runs.tokens)) / sum(runs.seconds)
-    same = [a == b for a, b in zip(runs.tokens, reference.tokens)]
     out = {"name": runs.name, "tokens_per_s": tps, "speedup": tps / ref_tps,
            "tokens": int(sum(map(len, runs.tokens))), "seconds": float(sum(runs.seconds)),
-           "identical_to_ar": float(np.mean(same)),
+           "identical_to_ar": _identical(runs.tokens, reference.tokens),
            "mean_accepted_length": 1.0 if runs.name == "hf_ar" else None,
            "acceptance_rate": None, "per_position_acceptance": None}
     if runs.results:
@@ -195,14 +192,23 @@ def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=No
                         "draft": sum(r.t_draft for r in rounds) / total,
                         "verify": sum(r.t_verify for r in rounds) / total})
         if model is not None:
-            out["divergences"] = [_divergence(model, encoded[i], ref, got)
-                                  for i, (ref, got) in enumerate(zip(reference.tokens, runs.tokens)) if ref != got]
+            out["divergences"] = _divergences(model, encoded, reference.tokens, runs.tokens)
     return out
+
+
+def _identical(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """The fraction of outputs token-identical to their reference."""
+    return float(np.mean([a == b for a, b in zip(outputs, references)]))
+
+
+def _divergences(model, encoded: list[list[int]], references: list[list[int]], outputs: list[list[int]]) -> list[dict]:
+    """For every output that differs from its reference: where it departs and the model's margin there."""
+    return [_divergence(model, encoded[i], ref, got) for i, (ref, got) in enumerate(zip(references, outputs)) if ref != got]
 
 
 @torch.inference_mode()
 def _divergence(model, prompt: list[int], ref: list[int], got: list[int]) -> dict:
-    """Where an output first departs from hf_ar's, and the full model's top-2 logit margin there."""
+    """Where an output first departs from its reference's, and the full model's top-2 logit margin there."""
     i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
     logits = model(torch.tensor([prompt + ref[:i]], device=model.device)).logits[0, -1].float()
     top = logits.topk(2).values

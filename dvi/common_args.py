@@ -31,11 +31,12 @@ def load_drafter_from(args, drafter_path: str | None = None):
                         placement=Placement(args.device, args.dtype, args.steps))
 
 
-def add_device_args(p) -> None:
-    """`--device` and `--dtype` (resolved by selfspec.device)."""
+def add_device_args(p, dtype_default: str | None = "auto") -> None:
+    """`--device` and `--dtype` (resolved by selfspec.device); a command whose config has a dtype key
+    passes dtype_default=None so that the flag left unset does not override it."""
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
                    help="model precision (default: auto = float32 on CPU and on CUDA: bfloat16 measured "
                         "2-5x slower at batch 1 on an H200 and departed from hf_ar's greedy output)")
 

@@ -21,6 +21,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from selfspec.device import dtype_name
     from selfspec.engine import SelfSpecDecoder
     from selfspec.loading import make_policy
     from selfspec.prompts import chat_ids
@@ -43,6 +44,6 @@ def run(args) -> int:
     print(f"\n[{len(result.tokens)} tokens in {result.t_total:.2f} s = {len(result.tokens) / result.t_total:.1f} tok/s; "
           f"{len(result.rounds)} rounds, mean accepted length {result.mean_accepted_length:.2f}, "
           f"{accepted}/{drafted} drafts accepted; exit layer {drafter.split.exit_layer}, {args.policy} gamma={args.gamma}, ngram={ngram}; "
-          f"{drafter.split.device} {str(drafter.split.dtype).removeprefix('torch.')}; "
+          f"{drafter.split.device} {dtype_name(drafter.split.dtype)}; "
           f"stopped on {result.stop_reason}]")
     return 0

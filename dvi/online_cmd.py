@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dvi.common_args import DTYPE_CHOICES, quiet_transformers
+from dvi.common_args import add_device_args, quiet_transformers
 
 
 def add_online_args(p) -> None:
@@ -19,8 +19,7 @@ def add_online_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="model precision (default: auto = float32)")
+    add_device_args(p, dtype_default=None)  # None: the config's dtype stands
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted for nested ones (YAML value), e.g. "
                         "--set head.attention_layers=1 --set head.context_window=16; repeatable")

@@ -336,8 +336,7 @@ class Learner:
 
     def parameters(self) -> dict[str, np.ndarray]:
         """The trainable parameters as numpy (what Ray hands back: arrays, never tensors)."""
-        return {n: p.detach().float().cpu().numpy() if p.dtype == torch.bfloat16 else p.detach().cpu().numpy()
-                for n, p in self.head.named_parameters() if p.requires_grad}
+        return self.head.trainable_state()
 
 
 @contextmanager

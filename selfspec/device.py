@@ -72,7 +72,6 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-
 def decode_attention(device: torch.device):
     """The attention kernels a decode pass may use on CUDA: every SDPA backend but cuDNN's, unless
     DVI_DECODE_CUDNN_SDPA=1. PyTorch prefers cuDNN attention on Hopper for 16-bit inputs, and cuDNN

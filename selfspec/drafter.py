@@ -237,11 +237,7 @@ def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
 def head_arrays(head: DrafterHead) -> dict[str, np.ndarray]:
     """What a version carries: trainable parameters (float32 when trained in bf16, which numpy lacks)
     and the draft vocabulary."""
-    arrays = {}
-    for name, p in head.named_parameters():
-        if p.requires_grad:
-            value = p.detach()
-            arrays[name] = (value if value.dtype in (torch.float32, torch.float64) else value.float()).cpu().numpy().copy()
+    arrays = head.trainable_state()
     if head.vocab_ids is not None:
         arrays["vocab_ids"] = head.vocab_ids.cpu().numpy().astype(np.int64)
     return arrays
