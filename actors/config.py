@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from buffer.config import StreamConfig
+from selfspec.config import HeadConfig, Strict
 from selfspec.defaults import DEFAULT_MODEL
-from selfspec.drafter import HeadConfig
 
 
-class GenerationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GenerationConfig(Strict):
     model: str = Field(DEFAULT_MODEL, description="model name or HF model directory")
     exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
     drafter: str | None = Field(None, description="a saved head (dvi online/train output) to start from; its own "

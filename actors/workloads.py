@@ -24,9 +24,11 @@ class _Strict(BaseModel):
 
 
 class SpecBenchSource(_Strict):
-    """A Spec-Bench-format JSONL file; the workload is each question's category unless `workload` is set."""
+    """A Spec-Bench-format JSONL file, by default (or as `path: spec-bench`) Spec-Bench's own questions
+    (DVI_SPEC_BENCH, else the copy `dvi data fetch spec-bench` downloads); the workload is each question's
+    category unless `workload` is set."""
     kind: Literal["spec_bench"]
-    path: str
+    path: str = "spec-bench"
     workload: str | None = None
     categories: list[str] | None = None  # keep only these categories
     limit: int | None = Field(None, ge=1)  # the first N questions of the file: the rest stay held out

@@ -22,13 +22,17 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.config import load_config
-    from selfspec.model import load_model
+    from dvi.model_checks import check_online
+    from selfspec.config import OnlineConfig
+
+    base = load_config(OnlineConfig, args.config, overrides(args))
+    check_online(base)
+
     from dvi.plots import plot_mal_curves
-    from selfspec.online import OnlineConfig
+    from selfspec.model import load_model
 
     quiet_transformers()
     out = Path(args.out_dir)
-    base = load_config(OnlineConfig, args.config, overrides(args))
     model, tokenizer = load_model(base.model)
     rows = []
     for name in [s.strip() for s in args.schedules.split(",") if s.strip()]:

@@ -22,6 +22,7 @@ from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import Drafter, make_policy
 from selfspec.prompts import Prompt, chat_ids
+from selfspec.versions import cpu_name, package_versions
 
 
 @dataclass
@@ -109,14 +110,16 @@ def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: in
 
 
 def machine_info(drafter: Drafter) -> dict:
-    """Where the run happened: device, dtype and why, the machine, and (CPU) the few-row kernel measured on it."""
+    """Where the run happened: device, dtype and why, the machine, (CPU) the few-row kernel measured on it, and
+    the package versions (selfspec.versions)."""
     split = drafter.split
     cpu = split.device.type == "cpu"
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(split.device)
     graphs_off = getattr(drafter.steps, "fallback", None)
     return {"device": str(split.device), "dtype": dtype_name(split.dtype), "dtype_reason": drafter.dtype_reason,
             "steps": steps_mode(drafter.steps), **({"steps_fallback": graphs_off} if graphs_off else {}),
-            "machine": machine, "cpu": _cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else []}
+            "machine": machine, "cpu": cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else [],
+            "versions": package_versions()}  # what hf_ar's and dvi's speeds were measured with
 
 
 def size_static_cache(drafter: Drafter, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int) -> None:
@@ -157,14 +160,6 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
                 m["identical_to_dvi_ar"] = _identical(got, own)
                 m["divergences_from_dvi_ar"] = _divergences(model, encoded, own, got)
     return report
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=None, encoded=None) -> dict:

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 from dvi.report_file import write_report
+from selfspec.versions import package_versions
 
 RECORDS = {"smollm2": 576, "7b": 4096}  # name -> hidden size
 POSITIONS, TOP_K, VOCAB, LORA_RANK = 4, 16, 49152, 32
@@ -38,7 +39,8 @@ def run(args) -> int:
         raise ValueError("--n must be at least 100")
     report = {"command": "dvi bench-buffer", "n": args.n, "frame_size": args.frame_size,
               "write_batch": args.write_batch, "persistence": args.persistence,
-              "cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2), "records": {}}
+              "cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2),
+              "versions": package_versions(), "records": {}}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=args.persistence), tmp) as server:
         client = server.client()
         report["redis_version"] = client.info("server")["redis_version"]

@@ -16,7 +16,8 @@ def add_parser(sub, name):
     p = sub.add_parser(name, help=f"benchmark {', '.join(METHODS)}", description=__doc__)
     add_model_args(p)
     p.add_argument("--prompts", default="builtin",
-                   help="`builtin`, `humaneval`, or a Spec-Bench-format JSONL path (default: builtin)")
+                   help="`builtin`, `humaneval`, `spec-bench` (Spec-Bench's questions: `dvi data fetch spec-bench` first), "
+                        "or a Spec-Bench-format JSONL path (default: builtin)")
     p.add_argument("--n", type=int, default=14, help="number of prompts, categories interleaved (default: 14)")
     p.add_argument("--offset", type=int, default=0,
                    help="skip this many prompts first (e.g. 440 of Spec-Bench's 480: held-out prompts of `dvi online`)")
@@ -39,14 +40,17 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from dvi.bench import run_bench
+    from dvi.model_checks import check_decoding_args
     from selfspec.prompts import load_prompts
 
-    quiet_transformers()
     methods = parse_methods(args.methods)
-    prompts = load_prompts(args.prompts, args.n, args.offset)
+    prompts = load_prompts(args.prompts, args.n, args.offset)  # before torch: a missing file fails at once
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
+    check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
+    from dvi.bench import run_bench
+
+    quiet_transformers()
     drafter = load_drafter_from(args)
     drafter.meta.setdefault("base_model", args.model)
     drafter.meta["path"] = args.drafter

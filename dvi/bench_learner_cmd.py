@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from dvi.report_file import write_report
+from selfspec.versions import package_versions
 
 
 def add_parser(sub, name):
@@ -52,7 +53,7 @@ def run(args) -> int:
     cpus = os.cpu_count() or 1
     report = {"command": "dvi bench-learner", "config": args.config, "steps": args.steps, "warmup": args.warmup,
               "positions_per_transition": args.positions, "cpus": cpus,
-              "load_avg_1m_before": round(os.getloadavg()[0], 2), "learner": {}}
+              "load_avg_1m_before": round(os.getloadavg()[0], 2), "versions": package_versions(), "learner": {}}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=False), Path(tmp) / "redis") as srv:
         for n, threads in layouts:
             run_id = f"bench{n}x{threads}"

@@ -30,6 +30,7 @@ import yaml
 
 from dvi.drift_analysis import Phase, trace_phases
 from dvi.drift_config import ARMS, DriftConfig, arm_config
+from selfspec.versions import package_versions
 
 
 def prepare_drift_dir(cfg: DriftConfig, overwrite: bool, resume: bool) -> Path:
@@ -111,7 +112,7 @@ def write_offline_prompts(cfg: DriftConfig, requests: list, phases: list[Phase],
 
 def offline_config(cfg: DriftConfig, prompts: Path, train: int, heldout: int, max_new_tokens: int):
     """The `dvi online` config of the offline arm's head: the run's model, exit layer and head config."""
-    from selfspec.online import OnlineConfig
+    from selfspec.config import OnlineConfig
 
     o = cfg.offline
     return OnlineConfig(model=cfg.model, workload=str(prompts), train_prompts=train, heldout_prompts=heldout,
@@ -186,7 +187,7 @@ def run_drift(cfg: DriftConfig, *, arms: list[str] | None = None, overwrite: boo
     settings = {"arms": list(dict.fromkeys([*cfg.arms, *arms])), "recovery_fraction": cfg.recovery_fraction,
                 "plateau_fraction": cfg.plateau_fraction, "rolling": cfg.rolling}
     summary, _ = summarize_study(drift_dir, settings)
-    summary.update(arms_run=ran, arms_failed=failed, config=cfg.resolved())
+    summary.update(arms_run=ran, arms_failed=failed, config=cfg.resolved(), versions=package_versions())
     (drift_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_drift_report(drift_dir, summary)
     return drift_dir, summary

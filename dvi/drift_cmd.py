@@ -43,6 +43,7 @@ def run(args) -> int:
     from dvi.config import cli_overrides, load_config
     from dvi.drift import run_drift
     from dvi.drift_config import DriftConfig
+    from dvi.model_checks import check_drift
     from dvi.drift_report import load_summary, write_drift_report
 
     if args.report_only:
@@ -55,6 +56,7 @@ def run(args) -> int:
         resumed = Path(args.out_dir or "") / "config.yaml"
         config = str(resumed) if args.resume and args.out_dir and resumed.is_file() else "configs/drift.yaml"
     cfg = load_config(DriftConfig, config, cli_overrides(args.set, {"out_dir": args.out_dir}, "rolling=6"))
+    check_drift(cfg)  # every arm's values against the model, before the first arm starts
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     try:
         drift_dir, summary = run_drift(cfg, arms=arms, overwrite=args.overwrite, resume=args.resume,

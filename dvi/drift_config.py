@@ -19,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dvi.run_config import RUN_OWNED, RunConfig
+from selfspec.config import Strict
 
 ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]
 ARMS: dict[str, dict] = {  # arm -> what it sets (drafter: "offline" is the study's offline-trained head)
@@ -34,11 +35,7 @@ STUDY_OWNED = (("learn",), ("actors", "drafter"), ("learner", "schedule"))
 STUDY_KEYS = ("arms", "recovery_fraction", "plateau_fraction", "rolling", "offline")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OfflineConfig(_Strict):
+class OfflineConfig(Strict):
     """The `frozen_offline` arm's head: `dvi online` (selfspec.online) on the first phase's prompts only, with
     the run's model, exit layer and head config."""
     schedule: Literal["kl_rl", "kl_only", "ce_only", "pg_only"] = "kl_only"

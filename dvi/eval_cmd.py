@@ -8,7 +8,7 @@ from dvi.cli import UserError
 from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
 from dvi.report_file import write_report
 
-DEFAULT_QUESTIONS = "../shared/data/spec_bench/question.jsonl"
+DEFAULT_QUESTIONS = "spec-bench"  # DVI_SPEC_BENCH, else the copy `dvi data fetch spec-bench` downloads
 DVI_METHODS = tuple(m for m in METHODS if m.startswith("dvi_"))
 
 
@@ -21,7 +21,8 @@ def add_parser(sub, name):
     p.add_argument("--version", default="latest",
                    help="with --run: the head version N to evaluate, or `latest` (default)")
     p.add_argument("--questions", default=DEFAULT_QUESTIONS,
-                   help=f"a Spec-Bench question.jsonl (default: {DEFAULT_QUESTIONS})")
+                   help="a Spec-Bench-format question.jsonl, or `spec-bench` (default): Spec-Bench's own, "
+                        "downloaded by `dvi data fetch spec-bench` (DVI_SPEC_BENCH names a local copy instead)")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all in the file)")
     p.add_argument("--n-per-category", type=int, default=None, help="at most N questions of each category")
     p.add_argument("--method", default="dvi_spec_ngram_dynamic", choices=DVI_METHODS,
@@ -33,22 +34,24 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
+    from dvi.model_checks import check_decoding_args
     from dvi.spec_eval import EvalSpec, print_table, report, run_eval, run_head_dir, select_questions
-    from selfspec.prompts import spec_bench_prompts
+    from selfspec.prompts import prompt_file, spec_bench_prompts
 
     if args.run and args.drafter:
         raise UserError("give --drafter DIR or --run DIR [--version N], not both")
     if args.n_per_category is not None and args.n_per_category < 1:
         raise UserError(f"--n-per-category must be >= 1, got {args.n_per_category}")
-    if not Path(args.questions).is_file():
-        raise UserError(f"question file {args.questions} not found (pass --questions PATH to a Spec-Bench question.jsonl)")
+    questions_file = prompt_file(args.questions)  # `spec-bench` without the file: how to get it
+    if not questions_file.is_file():
+        raise UserError(f"question file {args.questions} not found (pass --questions PATH to a Spec-Bench question.jsonl, "
+                        f"or leave it out for Spec-Bench's own after `dvi data fetch spec-bench`)")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    questions = select_questions(spec_bench_prompts(args.questions), categories, args.n_per_category)
+    questions = select_questions(spec_bench_prompts(questions_file), categories, args.n_per_category)
     if not questions:
         raise UserError(f"no questions in {args.questions}")
     head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
+    check_decoding_args(args, head_dir)  # the model's layers and positions, the head's shape, before a model loads
 
     quiet_transformers()
     drafter = load_drafter_from(args, head_dir)

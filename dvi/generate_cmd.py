@@ -21,6 +21,9 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from dvi.model_checks import check_decoding_args
+
+    check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
     from selfspec.device import dtype_name
     from selfspec.engine import SelfSpecDecoder
     from selfspec.loading import make_policy

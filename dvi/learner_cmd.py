@@ -37,9 +37,11 @@ def overrides(args) -> dict:
 
 def run(args) -> int:
     from dvi.config import load_config
+    from dvi.model_checks import check_learner
     from learner.config import LearnerConfig, deepspeed_config
 
     cfg = load_config(LearnerConfig, args.config, overrides(args))
+    check_learner(cfg)  # the exit layer, lengths and vocabulary against the model
     deepspeed_config(cfg.deepspeed, bf16=False)  # a bad DeepSpeed file fails now, not after loading a model
     if cfg.placement.ranks == 1:
         from learner.setup import run_rank

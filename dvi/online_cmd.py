@@ -10,7 +10,7 @@ from dvi.common_args import add_device_args, quiet_transformers
 def add_online_args(p) -> None:
     p.add_argument("--config", default=None, help="YAML config (see configs/online.yaml); flags below override it")
     p.add_argument("--model", default=None)
-    p.add_argument("--workload", default=None, help="builtin, humaneval, or a Spec-Bench-format JSONL path")
+    p.add_argument("--workload", default=None, help="builtin, humaneval, spec-bench, or a Spec-Bench-format JSONL path")
     p.add_argument("--train-prompts", type=int, default=None)
     p.add_argument("--heldout-prompts", type=int, default=None, help="from the end of the workload, never trained on")
     p.add_argument("--exit-layer", "-k", type=int, default=None)
@@ -46,10 +46,12 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.config import load_config
-    from selfspec.online import OnlineConfig
+    from dvi.model_checks import check_online
+    from selfspec.config import OnlineConfig
 
-    quiet_transformers()
     cfg = load_config(OnlineConfig, args.config, {**overrides(args), "schedule": args.schedule})
+    check_online(cfg)
+    quiet_transformers()
     summary = train_and_report(cfg, args.out_dir)
     print(json.dumps({k: summary[k] for k in ("mal_before", "mal_after", "mal_ngram_only", "mal_after_with_ngram",
                                               "train_prompts", "heldout_prompts",
@@ -69,7 +71,7 @@ def train_and_report(cfg, out_dir, model=None, tokenizer=None) -> dict:
     out = Path(out_dir)
     with MetricsLog(out) as log:
         head, summary = run_online(cfg, model, tokenizer, log)
-    save_head(head, out, {"base_model": cfg.model, "version": summary["versions"],
+    save_head(head, out, {"base_model": cfg.model, "version": summary["head_versions"],
                           "training": {k: summary[k] for k in ("mal_before", "mal_after", "train_prompts", "steps",
                                                                "schedule")}})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ def add_parser(sub, name):
     p = sub.add_parser(name, help="profile decoding methods per token (CPU time, GPU kernels, GPU idle)",
                        description=__doc__)
     add_model_args(p)
-    p.add_argument("--prompts", default="builtin", help="`builtin`, `humaneval`, or a Spec-Bench-format JSONL path")
+    p.add_argument("--prompts", default="builtin", help="`builtin`, `humaneval`, `spec-bench`, or a Spec-Bench-format JSONL path")
     p.add_argument("--offset", type=int, default=0, help="profile the prompt at this index (default: 0)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--gamma", type=int, default=4)
@@ -32,6 +32,9 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from dvi.model_checks import check_decoding_args
+
+    check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
     from dvi.bench import machine_info, make_runners, size_static_cache
     from dvi.bench_cmd import parse_methods
     from selfspec.prompts import chat_ids, load_prompts

@@ -34,12 +34,14 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.config import cli_overrides, load_config
+    from dvi.model_checks import check_run
     from dvi.run_config import RunConfig
     from dvi.runner import run as run_system
 
     flags = {"out_dir": args.out_dir, "run_id": args.run_id, "redis.url": args.redis_url,
              "actors.count": args.actors, "trace.path": args.trace}
     cfg = load_config(RunConfig, args.config, cli_overrides(args.set, flags, "actors.count=3"))
+    check_run(cfg)  # the exit layer, lengths, vocabulary and heads against the model, before Ray starts
     run_dir, summary = run_system(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     report = _report(run_dir)
     print_summary(summary)

@@ -8,29 +8,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from actors.arrivals import ArrivalSpec
 from actors.config import GenerationConfig
 from actors.traffic import TraceSpec
 from buffer.config import RedisConfig, StreamConfig
 from learner.config import LearnerConfig
+from selfspec.config import HeadConfig, Strict
 from selfspec.defaults import DEFAULT_MODEL
-from selfspec.drafter import HeadConfig
 
 RUN_OWNED = {"actors": ("model", "exit_layer", "head", "stream"),
              "learner": ("run_id", "model", "exit_layer", "head", "out_dir", "redis", "stream")}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ActorsConfig(GenerationConfig):
     count: int = Field(2, ge=1, description="generation actors (one per GPU on a cluster)")
 
 
-class TraceConfig(_Strict):
+class TraceConfig(Strict):
     path: str | None = Field(None, description="a trace file (`dvi trace make`); when set, `make` is not used")
     make: TraceSpec | None = Field(None, description="a workload spec: the trace is made at start and saved")
     arrival: ArrivalSpec | None = Field(None, description="replay-time arrivals (e.g. closed_loop users); "
@@ -47,7 +43,7 @@ class TraceConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     run_id: str | None = Field(None, description="Redis keys live under dvi:{run_id}:; None: the run "
                                                  "directory's name")
     out_dir: str = Field("runs/local", description="the run directory")

@@ -1,7 +1,8 @@
-"""The run's watcher, on its own thread while the trace replays: every `every_s` it reads each actor's
-metrics, restarts a learner whose rank died and a Redis server that died, and writes one line of
-`metrics.jsonl` (and TensorBoard scalars, at the second of the run) with the interval's served speed,
-MAL, head version and lag. The replay loop never blocks on any of this."""
+"""The run's watcher, on its own thread from the start of the run: every `every_s` it restarts a learner
+whose rank died and a Redis server that died, prints what the learner is doing (set-up, draft
+vocabulary, held-out paths) on the console, and once the actors serve reads their metrics and writes
+one line of `metrics.jsonl` (and TensorBoard scalars) with the interval's served speed, MAL, head
+version and lag. The replay loop never blocks on any of this."""
 from __future__ import annotations
 
 import threading
@@ -12,13 +13,20 @@ import ray
 import redis
 
 from buffer.weights import WeightStore
+from learner.status import read_status
+
+STATUS_EVERY_S = 10.0  # a learner activity's progress line at most this often (its first and last always)
 
 
 class Monitor:
     def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, run_id=""):
         self.actors, self.log, self.every_s = actors, log, every_s
         self.learner, self.server = learner, server
-        self.weights = WeightStore(server.client(), run_id) if server is not None else None
+        self.client = server.client() if server is not None else None
+        self.run_id = run_id
+        self.weights = WeightStore(self.client, run_id) if server is not None else None
+        self.serving = False  # actors loaded: from now on each tick reads their metrics
+        self._status: dict[str, tuple[str, float]] = {}  # activity -> (line printed, when)
         self.events: Counter = Counter()
         self.latest: dict = {}  # the last snapshot, for the progress bar
         self.learner_error: str | None = None
@@ -33,6 +41,11 @@ class Monitor:
         self._start = self._last = time.monotonic()
         self._thread.start()
         return self
+
+    def actors_ready(self) -> None:
+        self._last = time.monotonic()
+        self.serving = True
+        self.event("actors_ready", detail=f"{len(self.actors)} actors loaded")
 
     def stop(self) -> None:
         """Stop the thread after one last snapshot (so the end of the run is in metrics.jsonl)."""
@@ -51,8 +64,10 @@ class Monitor:
     def tick(self) -> None:
         self._check_redis()
         self._check_learner()
+        self._report_learner()
         self._check_versions()
-        self._snapshot()
+        if self.serving:
+            self._snapshot()
 
     def _check_redis(self) -> None:
         if self.server is not None and self.server.died():
@@ -67,6 +82,26 @@ class Monitor:
         except RuntimeError as err:  # out of restarts: serving goes on, the summary says why learning stopped
             self.learner_error = str(err)
             self.event("learner_failed", detail=self.learner_error)
+
+    def _report_learner(self) -> None:
+        """A console line (and an event) when a learner activity's line changed: the run never looks hung
+        while the learner prepares."""
+        from tqdm import tqdm
+
+        if self.client is None:
+            return
+        try:
+            status = read_status(self.client, self.run_id)
+        except redis.RedisError:
+            return
+        now = time.monotonic()
+        for activity, line in sorted(status.items()):
+            printed, when = self._status.get(activity, (None, -STATUS_EVERY_S))
+            if line == printed or (now - when < STATUS_EVERY_S and "/" in line and "(done)" not in line):
+                continue
+            self._status[activity] = (line, now)
+            tqdm.write(f"[learner] {line}")
+            self.event("learner_status", activity=activity, detail=line)
 
     def _check_versions(self) -> None:
         if self.weights is None:

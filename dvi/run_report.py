@@ -47,6 +47,7 @@ SUMMARY_ROWS = (  # (key, label, kind, core): core keys are named when summary.j
     ("events", "monitor events", "counts", False),
     ("learner_error", "learner error", "text", False),
     ("last_head", "last published head", "code", False),
+    ("versions", "package versions", "counts", False),  # selfspec.versions: what the run's speeds depend on
 )
 CHANGES = (("mal_first_window", "mal_last_window", "held-out MAL change, first → last version"),
            ("live_mal_first_window", "live_mal_last_window", "live MAL change, first → last window"),

@@ -11,6 +11,7 @@ import numpy as np
 import redis
 
 from buffer.keys import RunKeys
+from selfspec.versions import package_versions
 
 
 def stream_buffered(client: redis.Redis, run_id: str) -> int:
@@ -80,6 +81,7 @@ def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None
         "latency_s": percentiles([r["latency_s"] for r in ok]),
         "ttft_s": percentiles([r["ttft_s"] for r in ok]),
         "workloads": per_workload(records),
+        "versions": package_versions(),  # what the actors and the learner ran with (selfspec.versions)
     }
     if stats is None:
         return summary

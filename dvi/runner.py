@@ -27,6 +27,7 @@ from actors.trace import TraceRequest, read_trace, write_trace
 from dvi.run_config import RUN_OWNED, RunConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FINISH_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -152,17 +153,21 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
             redis_kwargs = {"redis_url": actor_redis_url(server.url), "redis_password": server.password}
         actors = [start_actor(cfg.actor_config(), run_id, i, **redis_kwargs) for i in range(cfg.actors.count)]
         monitor = Monitor(actors, log, cfg.metrics_every_s, server=server, run_id=run_id)
-        if server is not None:  # actors load their model meanwhile; the learner publishes version 0 first
+        if server is not None:  # queued, not awaited: the learner prepares while the actors serve
             learner = monitor.learner = SupervisedLearner(
                 cfg.learner_config(server.url), cfg.learner_restarts,
                 on_restart=lambda info: monitor.event("learner_restart", **info))
-        ray.get([a.metrics.remote() for a in actors])  # every actor loaded
         monitor.start()
+        ray.get([a.metrics.remote() for a in actors])  # every actor loaded
+        ready = time.time()
+        monitor.actors_ready()
         records = _replay(cfg, trace, actors, monitor, run_dir, progress)
         if learner is not None:
             _drain(client, run_id, cfg)
+        monitor.learner = None  # finishing: no more restarts; the learner's status lines go on
+        # finishing includes scoring every version on the held-out paths, which may still be generating
+        summaries = learner.finish(timeout_s=FINISH_TIMEOUT_S) if learner is not None else []
         monitor.stop()
-        summaries = learner.finish() if learner is not None else []
         learner = None
         counts = {}
         if client is not None:
@@ -171,6 +176,7 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
                       "versions": _versions(run_dir), "buffered": stream_buffered(client, run_id)}
         summary = summarize(records, cfg.window, **counts)
         summary.update(run_id=run_id, actors=cfg.actors.count, started_at=started, wall_s=time.time() - started,
+                       actors_ready_s=ready - started, first_request_s=_first_answer(records),
                        events=dict(monitor.events), learner_error=monitor.learner_error,
                        trace_rejected=len(trace.rejected), last_head=_last_head(run_dir))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -232,6 +238,12 @@ def _drain(client, run_id: str, cfg: RunConfig) -> None:
             time.sleep(min(cfg.learner.fill_timeout_s + 0.5, max(0.0, deadline - time.monotonic())))
             return
         time.sleep(0.5)
+
+
+def _first_answer(records: list[dict]) -> float | None:
+    """Seconds from the start of the replay (the actors loaded) to the first request answered."""
+    done = [r["done_s"] for r in records if r.get("ok") and r.get("done_s") is not None]
+    return min(done) if done else None
 
 
 def _versions(run_dir: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from selfspec.defaults import DEFAULT_MODEL
 def add_parser(sub, name):
     p = sub.add_parser(name, help="write more training prompts with the model itself (few-shot from seeds)",
                        description=__doc__)
-    p.add_argument("--workload", required=True, help="seed prompts: builtin, humaneval or a Spec-Bench JSONL path")
+    p.add_argument("--workload", required=True, help="seed prompts: builtin, humaneval, spec-bench or a Spec-Bench JSONL path")
     p.add_argument("--seed-prompts", type=int, required=True,
                    help="use the workload's first N prompts as seeds (never its held-out tail)")
     p.add_argument("--n", type=int, required=True, help="how many prompts to write")

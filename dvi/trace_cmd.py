@@ -25,7 +25,7 @@ def add_parser(sub, name):
     make.add_argument("--config", default=None, help="trace spec YAML (e.g. configs/traces/drift_demo.yaml)")
     make.add_argument("--out", required=True, help="the trace file to write (JSONL)")
     make.add_argument("--source", action="append", default=None, metavar="SOURCE",
-                      help="builtin, humaneval, a Spec-Bench .jsonl path, or a text file with one prompt per line; "
+                      help="builtin, humaneval, spec-bench, a Spec-Bench .jsonl path, or a text file with one prompt per line; "
                            "repeatable; replaces the spec's sources")
     make.add_argument("--n", type=int, default=None, help="number of requests")
     make.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s")
@@ -45,6 +45,8 @@ def source_spec(text: str) -> dict:
     """A --source value as a source spec."""
     if text in ("builtin", "humaneval"):
         return {"kind": text}
+    if text == "spec-bench":
+        return {"kind": "spec_bench"}
     return {"kind": "spec_bench" if text.endswith(".jsonl") else "prompts", "path": text}
 
 

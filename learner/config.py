@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from buffer.config import RedisConfig, StreamConfig, WeightsConfig
 from selfspec.defaults import DEFAULT_MODEL
-from selfspec.drafter import HeadConfig
-from selfspec.objectives import LossConfig, ScheduleConfig
+from selfspec.config import HeadConfig, LossConfig, ScheduleConfig
 
 
 class _Strict(BaseModel):
@@ -49,11 +48,11 @@ class LearnerConfig(_Strict):
     model: str = DEFAULT_MODEL
     exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
     head: HeadConfig = HeadConfig()
-    draft_vocab_from: Literal["lowest", "prompts"] = Field(
-        "lowest", description="with head.draft_vocab: the lowest ids (BPE merge order), or the ids the model "
-                              "emits most on the greedy paths of `vocab_prompts` prompts")
-    vocab_workload: str = "builtin"
-    vocab_prompts: int = Field(28, ge=1, description="from the start of vocab_workload")
+    draft_vocab_from: Literal["lowest", "served"] = Field(
+        "lowest", description="with head.draft_vocab: the lowest ids (BPE merge order), or the ids the verifier "
+                              "emits most in the first `vocab_tokens` served positions, the rest by lowest id")
+    vocab_tokens: int = Field(2048, ge=1, description="served positions counted before the head is built "
+                                                      "(draft_vocab_from: served); the actors serve meanwhile")
     schedule: Literal["kl_rl", "kl_only", "ce_only", "pg_only"] = "kl_rl"
     schedule_config: ScheduleConfig = ScheduleConfig()
     loss: LossConfig = LossConfig()

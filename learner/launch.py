@@ -23,6 +23,7 @@ class LearnerRank:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self.cfg = LearnerConfig.model_validate_json(cfg_json)
         self.learner = self.log = None
+        self.setup_error: str | None = None
 
     def address(self) -> tuple[str, int]:
         from learner.dist import free_port
@@ -30,17 +31,24 @@ class LearnerRank:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, resume: bool,
-              record_ids: bool) -> int:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, rank: int, world_size: int, address: tuple[str, int], resume: bool, record_ids: bool) -> None:
         from learner.setup import RankPlace, build_rank
 
-        place = RankPlace(rank, world_size, master_addr, master_port)
-        self.learner, self.log = build_rank(self.cfg, place, resume=resume, record_ids=record_ids)
-        return os.getpid()
+        place = RankPlace(rank, world_size, *address)
+        try:
+            self.learner, self.log = build_rank(self.cfg, place, resume=resume, record_ids=record_ids)
+        except Exception as err:
+            self.setup_error = f"{type(err).__name__}: {err}"
+            raise
 
     def run(self, steps: int | None = None) -> dict:
         from learner.setup import summary
 
+        if self.learner is None:  # run() is queued behind setup(): say why there is nothing to run
+            raise RuntimeError(f"learner rank set-up failed: {self.setup_error}")
         self.learner.run(steps)
         return summary(self.learner)
 
@@ -54,17 +62,32 @@ class LearnerRank:
 
 class LearnerGroup:
     """`placement.ranks` learner ranks; `run()` trains until the config's stop conditions, `stop()`
-    asks every rank to finish (publish, checkpoint, acknowledge) at its next step."""
+    asks every rank to finish (publish, checkpoint, acknowledge) at its next step. Creating the group
+    waits for nothing: each rank's set-up (model, held-out paths, draft vocabulary) and then its loop
+    are queued on its actor, so serving starts while the learner prepares."""
 
     def __init__(self, cfg: LearnerConfig, *, resume: bool = False, record_ids: bool = False):
+        from learner.setup import clear_stop
+
         self.cfg = cfg
         p = cfg.placement
+        clear_stop(cfg)  # here, before any rank starts: a stop() from now on is never lost
         self.actors = [LearnerRank.options(num_cpus=p.num_cpus, num_gpus=p.num_gpus).remote(cfg.model_dump_json())
                        for _ in range(p.ranks)]
-        addr, port = ray.get(self.actors[0].address.remote())
+        self._pid_refs = [a.pid.remote() for a in self.actors]
+        address = self.actors[0].address.remote()  # resolved by Ray before the set-ups start
         # All ranks join at once: joining the group blocks until the last one arrives.
-        self.pids = ray.get([a.setup.remote(r, p.ranks, addr, port, resume, record_ids)
-                             for r, a in enumerate(self.actors)])
+        self._setups = [a.setup.remote(r, p.ranks, address, resume, record_ids) for r, a in enumerate(self.actors)]
+
+    @property
+    def pids(self) -> list[int]:
+        """The ranks' process ids, once their processes run (never blocks)."""
+        ready, _ = ray.wait(self._pid_refs, num_returns=len(self._pid_refs), timeout=0)
+        return ray.get(ready) if len(ready) == len(self._pid_refs) else []
+
+    def wait_ready(self) -> None:
+        """Block until every rank has finished its set-up (raises a rank's set-up error)."""
+        ray.get(self._setups)
 
     def run(self, steps: int | None = None) -> list[dict]:
         return ray.get(self.start(steps))
@@ -77,10 +100,10 @@ class LearnerGroup:
         return ray.get([a.parameters.remote() for a in self.actors])
 
     def stop(self) -> None:
+        from buffer.keys import RunKeys
         from learner.setup import connect_redis
-        from learner.trainer import stop_key
 
-        connect_redis(self.cfg).set(stop_key(self.cfg.run_id), 1)
+        connect_redis(self.cfg).set(RunKeys(self.cfg.run_id).learner_stop, 1)
 
     def shutdown(self) -> None:
         for actor in self.actors:

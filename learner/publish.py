@@ -25,13 +25,9 @@ def head_dir(heads_dir: Path, version: int) -> Path:
     return Path(heads_dir) / f"v{version:04d}"
 
 
-def heldout_key(run_id: str) -> str:
-    return RunKeys(run_id).prefix + "learner:heldout_mal"
-
-
 def heldout_scores(client: redis.Redis, run_id: str) -> dict[int, float]:
     """version -> held-out MAL of every version the run's learner scored."""
-    return {int(v): float(m) for v, m in client.hgetall(heldout_key(run_id)).items()}
+    return {int(v): float(m) for v, m in client.hgetall(RunKeys(run_id).heldout_mal).items()}
 
 
 class Publisher:
@@ -65,6 +61,6 @@ class Publisher:
     def record(self, entry: dict) -> None:
         """After scoring: the MAL into the run's hash, the whole entry into versions.jsonl."""
         if entry.get("heldout_mal") is not None:
-            self.client.hset(heldout_key(self.run_id), entry["version"], entry["heldout_mal"])
+            self.client.hset(RunKeys(self.run_id).heldout_mal, entry["version"], entry["heldout_mal"])
         with self.log_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")

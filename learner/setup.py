@@ -1,5 +1,5 @@
-"""What one learner rank needs before its loop: the Redis client, the model, the held-out paths and the
-draft vocabulary. `build_rank` puts them together (each Ray rank runs it), `run_rank` also runs the
+"""What one learner rank needs before its loop: the Redis client, the model, the held-out paths (on a
+background thread) and the draft vocabulary. `build_rank` puts them together (each Ray rank runs it), `run_rank` also runs the
 loop (the one-process `dvi learner`).
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from buffer.keys import RunKeys
 from learner.config import LearnerConfig
 
 
@@ -48,62 +49,48 @@ def load_model(spec: str, with_tokenizer: bool):
     return model.eval().requires_grad_(False), None
 
 
-def path_spec(cfg: LearnerConfig):
-    from selfspec.greedy_paths import PathSpec
-
-    return PathSpec(cfg.model, cfg.heldout.max_new_tokens, cfg.exit_layer, cfg.heldout.collect_batch)
-
-
-def heldout_paths(cfg: LearnerConfig, model, tokenizer) -> list:
-    """Greedy paths of the last `heldout.prompts` prompts of the held-out workload (cached per prompt)."""
-    from selfspec.path_cache import cached_paths
-    from selfspec.prompts import load_prompts
-
-    h = cfg.heldout
-    if h.prompts == 0:
-        return []
-    prompts = load_prompts(h.workload)
-    if len(prompts) < h.prompts:
-        raise ValueError(f"heldout.prompts = {h.prompts} but the workload {h.workload!r} has {len(prompts)} prompts")
-    return cached_paths(model, tokenizer, prompts[len(prompts) - h.prompts:], path_spec(cfg))
+def clear_stop(cfg: LearnerConfig) -> None:
+    """A new learner (group) starts without the stop request an earlier one may have left."""
+    connect_redis(cfg).delete(RunKeys(cfg.run_id).learner_stop)
 
 
-def vocab_from_prompts(cfg: LearnerConfig, model, tokenizer) -> np.ndarray:
-    """The ids the model emits most on its greedy paths of the first `vocab_prompts` prompts: the same
-    choice `dvi online` makes from its training prompts (selfspec.online.frequent_ids)."""
-    from selfspec.online import frequent_ids
-    from selfspec.path_cache import cached_paths
-    from selfspec.prompts import load_prompts
-    from selfspec.split import SplitModel
+def served_vocab(client: redis.Redis, cfg: LearnerConfig, model_config, status) -> np.ndarray:
+    """The draft vocabulary from the first `vocab_tokens` served positions (learner.served_vocab)."""
+    from learner.served_vocab import served_token_counts
+    from selfspec.drafter import draft_vocab_ids
+    from selfspec.model import eos_ids
 
-    prompts = load_prompts(cfg.vocab_workload)[:cfg.vocab_prompts]
-    if cfg.vocab_workload == cfg.heldout.workload:
-        total = len(load_prompts(cfg.vocab_workload))
-        if len(prompts) + cfg.heldout.prompts > total:
-            raise ValueError(f"vocab_prompts ({cfg.vocab_prompts}) and heldout.prompts ({cfg.heldout.prompts}) "
-                             f"overlap in the {total} prompts of {cfg.vocab_workload!r}")
-    paths = cached_paths(model, tokenizer, prompts, path_spec(cfg))
-    return frequent_ids(paths, SplitModel(model, cfg.exit_layer), cfg.head.draft_vocab)
+    keys = RunKeys(cfg.run_id)
+    counts = served_token_counts(client, cfg.run_id, model_config.vocab_size, cfg.vocab_tokens,
+                                 stop=lambda: bool(client.exists(keys.learner_stop)), status=status)
+    return draft_vocab_ids(len(counts), cfg.head.draft_vocab, counts, tuple(eos_ids(model_config)))
 
 
 def build_rank(cfg: LearnerConfig, place: RankPlace = RankPlace(), *, resume: bool = False,
                record_ids: bool = False):
-    """Join the group and build this rank's Learner from the config; returns (learner, its metrics log or None)."""
+    """Join the group and build this rank's Learner from the config; returns (learner, its metrics log or None).
+    Nothing here waits for generation: the held-out paths come on a background thread, and a served
+    draft vocabulary only waits for the actors' first transitions."""
     import torch
 
     from learner.dist import init_distributed
+    from learner.heldout import HeldoutPaths
     from learner.metrics_log import MetricsLog
+    from learner.status import LearnerStatus
     from learner.trainer import Learner, LearnerSetup
 
     client = connect_redis(cfg)  # first: an unreachable server fails in a second, not after loading a model
-    torch.set_num_threads(max(1, int(cfg.placement.num_cpus)))  # more threads than cores: many times slower
     rank, world_size = place.rank, place.world_size
+    status = LearnerStatus(client if rank == 0 else None, cfg.run_id)
+    status.set("setup", "joining the process group")
+    torch.set_num_threads(max(1, int(cfg.placement.num_cpus)))  # more threads than cores: many times slower
     init_distributed(rank, world_size, place.master_addr, place.master_port)
-    choose_vocab = rank == 0 and not resume and cfg.head.draft_vocab is not None and cfg.draft_vocab_from == "prompts"
-    decode = rank == 0 and (cfg.heldout.prompts > 0 or choose_vocab)
-    model, tokenizer = load_model(cfg.model, with_tokenizer=decode)
-    heldout = heldout_paths(cfg, model, tokenizer) if rank == 0 else []
-    vocab = vocab_from_prompts(cfg, model, tokenizer) if choose_vocab else None
+    status.set("setup", f"loading {cfg.model}")
+    score = rank == 0 and cfg.heldout.prompts > 0
+    model, tokenizer = load_model(cfg.model, with_tokenizer=score)
+    heldout = HeldoutPaths.generate(cfg, model, tokenizer, status) if score else None
+    choose_vocab = rank == 0 and not resume and cfg.head.draft_vocab is not None and cfg.draft_vocab_from == "served"
+    vocab = served_vocab(client, cfg, model.config, status) if choose_vocab else None
     log = MetricsLog(Path(cfg.out_dir), append=resume) if rank == 0 else None
     try:
         setup = LearnerSetup(rank, world_size, resume, heldout, vocab, log, record_ids)
@@ -112,6 +99,7 @@ def build_rank(cfg: LearnerConfig, place: RankPlace = RankPlace(), *, resume: bo
         if log is not None:
             log.close()
         raise
+    status.set("setup", f"training; version {learner.version} published")
     return learner, log
 
 
@@ -122,6 +110,7 @@ def summary(learner) -> dict:
 
 def run_rank(cfg: LearnerConfig, *, resume: bool = False, steps: int | None = None) -> dict:
     """The whole learner in this process (world size 1): build, run, close; returns its summary."""
+    clear_stop(cfg)
     learner, log = build_rank(cfg, resume=resume)
     try:
         learner.run(steps)

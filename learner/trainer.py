@@ -24,7 +24,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import redis
@@ -35,9 +35,10 @@ from buffer.stream import ReadBatch, TransitionReader
 from learner.checkpoint import Checkpoints, commit_record, merge, recover_commit
 from learner.config import LearnerConfig, deepspeed_config
 from learner.dist import broadcast_ids, device, sync_min, sync_sum
+from learner.heldout import HeldoutPaths
 from learner.publish import Publisher
-from selfspec.drafter import DrafterHead
-from selfspec.greedy_paths import GreedyPath, mean_accepted_length
+from selfspec.drafter import DrafterHead, head_arrays, head_from_weights
+from selfspec.greedy_paths import mean_accepted_length
 from selfspec.model import model_name
 from selfspec.objectives import TrainState, train_step
 from selfspec.split import SplitModel
@@ -52,18 +53,13 @@ class LearnerSetup:
     rank: int = 0
     world_size: int = 1
     resume: bool = False
-    heldout: Sequence[GreedyPath] = ()  # rank 0 scores every published version on these
+    heldout: HeldoutPaths | None = None  # rank 0 scores every published version on these, once they exist
     vocab_ids: np.ndarray | None = None  # rank 0's draft vocabulary (None: chosen by the head config)
     log: Log | None = None
     record_ids: bool = False  # keep the ids of trained transitions (tests check exactly-once)
 POLL_MS = 100  # longest a read blocks: the ranks meet at least this often
 COUNTERS = ("steps", "zero_steps", "trained_transitions", "trained_positions", "consumed", "stale", "duplicates",
             "deadletter", "published", "commits")
-
-
-def stop_key(run_id: str) -> str:
-    """Setting this key stops every rank of the run's learner at its next step (LearnerGroup.stop)."""
-    return RunKeys(run_id).prefix + "learner:stop"
 
 
 class Learner:
@@ -74,7 +70,8 @@ class Learner:
 
         rank, world_size, resume, log = setup.rank, setup.world_size, setup.resume, setup.log
         self.cfg, self.client, self.rank, self.world_size = cfg, client, rank, world_size
-        self.heldout = list(setup.heldout)
+        self.heldout = setup.heldout
+        self._unscored: list[tuple[dict, dict | None]] = []  # (published entry, its head's arrays) awaiting paths
         self.log = log if rank == 0 and log is not None else (lambda record: None)
         self.ckpt = Checkpoints(cfg.checkpoint_dir, rank, world_size)
         if not resume and self.ckpt.latest_tag() is not None:
@@ -118,7 +115,7 @@ class Learner:
         parameters, the frozen projection rows included)."""
         torch.manual_seed(self.cfg.seed)
         with fixed_kernels():
-            split = SplitModel(model, self.cfg.exit_layer)
+            split = self.split = SplitModel(model, self.cfg.exit_layer)
         head = DrafterHead(split, self.cfg.head, vocab_ids) if self.rank == 0 else None
         ids = broadcast_ids(head.vocab_ids if head is not None else None, self.cfg.head.draft_vocab)
         if head is None:
@@ -131,7 +128,6 @@ class Learner:
         self.version = 0 if latest is None else latest + 1  # a fresh learner on an old run numbers on
         if self.rank == 0:
             self.ckpt.save_vocab(None if self.head.vocab_ids is None else self.head.vocab_ids.cpu().numpy())
-            self.client.delete(stop_key(self.cfg.run_id))
         self._publish(first=True)  # actors get the head (and its vocabulary) before any training
 
     def _resume(self) -> None:
@@ -146,8 +142,6 @@ class Learner:
         self.reader.current_version = self.version
         self.reader.remember(side["dedup"])
         acked = recover_commit(self.reader, side["commit"])
-        if self.rank == 0:
-            self.client.delete(stop_key(self.cfg.run_id))
         self.log({"step": self.step, "version": self.version, "event": "resume", "checkpoint": tag,
                   "recovered_acks": acked})
 
@@ -189,6 +183,8 @@ class Learner:
                     break
                 if any_publish < 0:
                     self._publish()
+                elif self._unscored:
+                    self._score()
                 if any_commit < 0:
                     self._commit()
                 if all_full > 0 or (any_min < 0 and all_waited > 0):
@@ -202,6 +198,7 @@ class Learner:
                     time.sleep(0.005)  # waiting for the other ranks without blocking on a read
             if self.step > self._steps_at_publish:
                 self._publish()
+            self._score(wait=True)
             self._commit()
             for b in self.held:  # read but not trained: pending under this consumer, read again next time
                 self.reader.release(b)
@@ -229,7 +226,7 @@ class Learner:
         return bool(batch.transitions)
 
     def _stop_requested(self) -> bool:
-        return self.rank == 0 and bool(self.client.exists(stop_key(self.cfg.run_id)))
+        return self.rank == 0 and bool(self.client.exists(RunKeys(self.cfg.run_id).learner_stop))
 
     def _catch_sigterm(self):
         if threading.current_thread() is not threading.main_thread():
@@ -292,15 +289,34 @@ class Learner:
             self.version += 1
         if self.rank == 0:
             entry = self.publisher.publish(self.head, self.version, self.step)
-            entry["heldout_mal"] = (mean_accepted_length(self.heldout, self.head, self.cfg.gamma)
-                                    if self.heldout else None)
-            self.publisher.record(entry)
             self.log({"step": self.step, "version": self.version, "charts/publish_latency_ms": entry["latency_ms"],
-                      "charts/publish_mb": entry["bytes"] / 1e6,
-                      **({"charts/heldout_mal": entry["heldout_mal"]} if entry["heldout_mal"] is not None else {})})
+                      "charts/publish_mb": entry["bytes"] / 1e6})
+            ready = self.heldout is None or self.heldout.ready() is not None
+            # scored now, or kept until the held-out paths exist (the head trains on meanwhile)
+            self._unscored.append((entry, None if ready and not self._unscored else head_arrays(self.head)))
+            self._score()
         self.reader.current_version = self.version
         self.counters["published"] += 1
         self._last_publish, self._steps_at_publish = time.monotonic(), self.step
+
+    def _score(self, wait: bool = False) -> None:
+        """Rank 0: the held-out MAL of every published version not scored yet, once the held-out paths
+        exist (`wait`: until they do); each is then recorded in order (versions.jsonl, the scores hash)."""
+        if not self._unscored:
+            return
+        paths = None if self.heldout is None else (self.heldout.wait() if wait else self.heldout.ready())
+        if self.heldout is not None and paths is None:
+            return
+        meta = {"head": self.cfg.head.model_dump(), "exit_layer": self.cfg.exit_layer}
+        for entry, arrays in self._unscored:
+            if paths:
+                head = self.head if arrays is None else head_from_weights(self.split, arrays, meta)
+                entry["heldout_mal"] = mean_accepted_length(paths, head, self.cfg.gamma)
+                self.log({"step": entry["step"], "version": entry["version"], "charts/heldout_mal": entry["heldout_mal"]})
+            else:
+                entry["heldout_mal"] = None
+            self.publisher.record(entry)
+        self._unscored = []
 
     def _commit(self) -> None:
         """Checkpoint everything trained so far, then acknowledge the batches it holds. A crash between

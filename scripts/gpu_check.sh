@@ -17,8 +17,9 @@
 # scripts/gpu_wheels.sh downloads them elsewhere). OUT_DIR receives env.txt, pytest_gpu.log, bench_*.json, profile_*/ and their logs, summary.md.
 # Every step runs even when an earlier check fails (installation aside); the exit status is 1 if any failed.
 # PYTHON (default: python3) picks the interpreter; GPU_CHECK_N / GPU_CHECK_TOKENS shrink the bench;
-# GPU_CHECK_DEADLINE_S (default 460) bounds the optional last step; GPU_CHECK_QUESTIONS points at
-# Spec-Bench's question.jsonl (default ../shared/data/spec_bench/question.jsonl; without it, the built-in
+# GPU_CHECK_DEADLINE_S (default 460) bounds the optional last step; GPU_CHECK_QUESTIONS points at a copy of
+# Spec-Bench's question.jsonl (relative to the repository root; unset: `spec-bench` as dvi resolves it,
+# DVI_SPEC_BENCH or the copy `dvi data fetch spec-bench` cached, if present; without any, the built-in
 # held-out prompts); GPU_CHECK_DEVICE=cpu rehearses the script on a CPU machine (the gpu tests skip
 # themselves there).
 set -euo pipefail
@@ -37,7 +38,9 @@ DEADLINE_S=${GPU_CHECK_DEADLINE_S:-460}  # the optional last step (hf_compile) o
 DEVICE=${GPU_CHECK_DEVICE:-cuda}  # `cpu` rehearses the script itself on a machine without a GPU
 SITE=${GPU_CHECK_SITE:-/tmp/dvi_gpu_site}
 cd "$(dirname "$0")/.."  # the repository root
-QUESTIONS=$(realpath -m "${GPU_CHECK_QUESTIONS:-../shared/data/spec_bench/question.jsonl}")  # relative to the repository root
+if [[ -n ${GPU_CHECK_QUESTIONS:-} ]]; then  # relative to the repository root; `spec-bench` reads it from here on
+    export DVI_SPEC_BENCH=$(realpath -m "$GPU_CHECK_QUESTIONS")
+fi
 
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
@@ -106,10 +109,11 @@ run_tests() {
 check "pytest -m gpu (graph replay == eager, greedy identity, sampling, bench smoke)" run_tests
 
 PROMPTS=(--prompts builtin --offset 28 --n 7)
-if [[ -f $QUESTIONS ]]; then
-    PROMPTS=(--prompts "$QUESTIONS" --offset 440 --n "$N")
+if QUESTIONS=$("$PYTHON" -m dvi.cli data path spec-bench 2>/dev/null); then  # DVI_SPEC_BENCH, else the cache
+    PROMPTS=(--prompts spec-bench --offset 440 --n "$N")
+    log "Spec-Bench questions: $QUESTIONS"
 else
-    log "no $QUESTIONS: the built-in held-out prompts instead"
+    log "no Spec-Bench questions at $QUESTIONS (GPU_CHECK_QUESTIONS=FILE names a copy): the built-in held-out prompts instead"
 fi
 
 bench() {  # bench NAME TIMEOUT_S ARGS...: dvi bench on CUDA into bench_NAME.json

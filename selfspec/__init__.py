@@ -9,5 +9,7 @@ The modules, by what they are about:
 - the drafter head:   drafter (DrafterHead, save/load), transitions (the Transition record)
 - learning:           objectives (losses, schedule, train_step), greedy_paths (exact simulation along
                       greedy paths), path_cache, online (the in-process loop)
-- workloads:          prompts (built-in, Spec-Bench, HumanEval), synthetic_prompts
+- workloads:          prompts (built-in, Spec-Bench, HumanEval), synthetic_prompts, datasets (the registry
+                      `dvi data fetch` downloads from: Spec-Bench), cache (cache_dir, no torch)
+- results:            versions (the package versions every bench and run JSON records, no torch)
 """

@@ -24,33 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
+from selfspec.config import HeadConfig
 from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.model import eos_ids
 from selfspec.small_batch_linear import use_small_batch_linears
 from selfspec.split import SplitModel
-
-
-class HeadConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    adapter_hidden: int = Field(1024, ge=0, description="width of the residual MLP adapter (0: none)")
-    lora_rank: int = Field(16, ge=0, description="LoRA rank on the output projection (0: none)")
-    lora_alpha: float = Field(32.0, gt=0)
-    draft_vocab: int | None = Field(None, ge=16, description="keep only this many output ids (None: full vocab)")
-    attention_layers: int = Field(0, ge=0, le=4, description="decoder layers copied from k, k+1, .. as an attention adapter")
-    context_window: int = Field(0, ge=0, description="committed positions of trunk hidden a transition carries "
-                                                    "(and an attention adapter attends to)")
-
-    @model_validator(mode="after")
-    def _window_for_attention(self):
-        if self.context_window < self.attention_layers:
-            raise ValueError(f"attention_layers {self.attention_layers} needs context_window >= {self.attention_layers} "
-                             f"(each layer looks back context_window / attention_layers positions)")
-        return self
 
 
 def draft_vocab_ids(vocab_size: int, size: int, counts: np.ndarray | None = None,

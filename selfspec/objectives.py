@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from selfspec.config import LossConfig, ScheduleConfig
 from selfspec.transitions import Transition
 
 SCHEDULES = ("kl_rl", "kl_only", "ce_only", "pg_only")
@@ -223,27 +223,6 @@ class EMABaseline:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.init, self.mean, self.updates = (state[k] for k in ("decay", "init", "mean", "updates"))
-
-
-class ScheduleConfig(BaseModel):
-    """KL -> RL: warm-up (KL only) -> linear ramp -> RL (KL at its floor, CE and PG at their targets)."""
-    model_config = ConfigDict(extra="forbid")
-
-    warmup_steps: int = Field(200, ge=0, description="optimizer steps with KL only")
-    ramp_steps: int = Field(800, ge=0, description="steps over which KL decays and CE/PG rise linearly")
-    kl_weight: float = Field(1.0, ge=0, description="KL weight during warm-up")
-    kl_floor: float = Field(0.1, ge=0, le=1, description="KL weight after the ramp, as a fraction of kl_weight")
-    ce_weight: float = Field(1.0, ge=0, description="CE weight after the ramp")
-    pg_weight: float = Field(1.0, ge=0, description="PG weight after the ramp")
-
-
-class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    distill_temperature: float = Field(1.0, gt=0, description="softens both sides of the KL")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the importance ratio")
-    baseline_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the reward baseline")
-    baseline_init: float = Field(0.0, ge=0, le=1, description="baseline before the first batch")
 
 
 @dataclass(frozen=True)

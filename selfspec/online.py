@@ -13,56 +13,23 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from selfspec.drafter import DrafterHead, HeadConfig, draft_vocab_ids
+from selfspec.config import OnlineConfig
+from selfspec.drafter import DrafterHead, draft_vocab_ids
 from selfspec.greedy_paths import (GreedyPath, PathEmit, PathSpec, Sampling, mean_accepted_length, prompt_transitions,
                                    response_transitions, simulate_rounds)
-from selfspec.model import DEFAULT_MODEL, eos_ids, load_model
+from selfspec.model import eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
-from selfspec.objectives import LossConfig, ScheduleConfig, TrainState, train_step
+from selfspec.objectives import TrainState, train_step
 from selfspec.path_cache import cached_paths
 from selfspec.prompts import load_prompts
 from selfspec.split import SplitModel
-
-
-class OnlineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = DEFAULT_MODEL
-    workload: str = Field("builtin", description="prompt source: builtin, humaneval, or a Spec-Bench JSONL path")
-    extra_train_workload: str | None = Field(
-        None, description="more training prompts (e.g. from `dvi synth-prompts`), used after the workload's own")
-    train_prompts: int = Field(28, ge=1)
-    heldout_prompts: int = Field(7, ge=1, description="taken from the end of the workload, never trained on")
-    max_new_tokens: int = Field(128, ge=2)
-    gamma: int = Field(4, ge=1)
-    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
-    head: HeadConfig = HeadConfig()
-    schedule: str = "kl_rl"
-    schedule_config: ScheduleConfig = ScheduleConfig()
-    loss: LossConfig = LossConfig()
-    topk: int = Field(16, ge=1, le=32, description="top-K of draft and verifier distributions kept per position")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(64, ge=1, description="transitions per optimizer step")
-    epochs: int = Field(2, ge=1, description="passes over each chunk's transitions")
-    chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
-    prompt_positions: bool = Field(False, description="also distill (KL only) on the prompts' positions")
-    sampled_responses: int = Field(0, ge=0, description="more responses per training prompt, sampled and distilled "
-                                   "on (KL only): more text from the same prompts")
-    sample_temperature: float = Field(0.8, gt=0)
-    sample_top_p: float = Field(0.95, gt=0, le=1)
-    collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
-    seed: int = 0
-    device: str | None = Field(None, description="cpu, cuda or cuda:N (None: cuda when torch sees a GPU, else cpu)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="model precision (auto: float32, see selfspec.device)")
+from selfspec.versions import package_versions
 
 
 def path_spec(cfg: OnlineConfig) -> PathSpec:
@@ -156,9 +123,10 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, log: Log | None = 
                "mal_ngram_only": mean_accepted_length_with_ngram(paths.heldout, cfg.gamma),
                "mal_after_with_ngram": mean_accepted_length_with_ngram(paths.heldout, cfg.gamma, head),
                "train_prompts": len(paths.train), "heldout_prompts": len(paths.heldout), "steps": result.steps,
-               "versions": result.versions, "sampled_responses": cfg.sampled_responses,
+               "head_versions": result.versions, "sampled_responses": cfg.sampled_responses,
                "schedule": cfg.schedule, "exit_layer": cfg.exit_layer, "workload": cfg.workload,
-               "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump()}
+               "seconds": time.time() - start, "curve": curve, "config": cfg.model_dump(),
+               "versions": package_versions()}  # the packages (selfspec.versions); head versions: head_versions
     return head, summary
 
 

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from selfspec.greedy_paths import GreedyPath, PathSpec, annotate_path, generate_paths
-from selfspec.model import cache_dir, model_name
+from selfspec.cache import cache_dir
+from selfspec.model import model_name
 from selfspec.prompts import Prompt
 
 TOPK_STORED = 32

@@ -1,4 +1,5 @@
-"""Prompt sets: a built-in mix written for this project, HumanEval, or any Spec-Bench-format JSONL file.
+"""Prompt sets: a built-in mix written for this project, HumanEval, Spec-Bench's questions (`spec-bench`,
+fetched by `dvi data fetch spec-bench`), or any Spec-Bench-format JSONL file.
 
 `load_prompts(source, n)` interleaves categories, so the first n prompts cover every kind evenly.
 """
@@ -91,6 +92,7 @@ BUILTIN: dict[str, list[str]] = {
     ],
 }
 BUILTIN_SETS = ("builtin", "humaneval")
+SPEC_BENCH = "spec-bench"  # Spec-Bench's question.jsonl: DVI_SPEC_BENCH, else the cached copy (selfspec.datasets)
 
 
 def _interleave(groups: list[list[Prompt]]) -> list[Prompt]:
@@ -109,11 +111,22 @@ def humaneval_prompts() -> list[Prompt]:
             for task_id, problem in read_problems().items()]
 
 
-def spec_bench_prompts(path: str | Path) -> list[Prompt]:
-    """Spec-Bench question.jsonl format: question_id, category, turns (`text` is the first; the rest in `later_turns`)."""
-    path = Path(path)
+def prompt_file(source: str | Path) -> Path:
+    """The file a Spec-Bench-format source names: a data set's name (`spec-bench`) resolves through
+    `selfspec.datasets` (its environment variable, DVI_SPEC_BENCH, then the cache) and must exist, with an
+    error that says how to get it; anything else is a path, returned as it is."""
+    from selfspec.datasets import DATASETS, require
+
+    return require(str(source)) if str(source) in DATASETS else Path(source)
+
+
+def spec_bench_prompts(path: str | Path = SPEC_BENCH) -> list[Prompt]:
+    """Spec-Bench question.jsonl format: question_id, category, turns (`text` is the first; the rest in `later_turns`).
+    `path` is a file or `spec-bench` (Spec-Bench's own questions, see `prompt_file`)."""
+    path = prompt_file(path)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} not found (Spec-Bench questions live in ../shared/data/spec_bench/question.jsonl)")
+        raise FileNotFoundError(f"prompt file {path} not found (Spec-Bench's questions: `spec-bench`, after "
+                                f"`dvi data fetch spec-bench`)")
     by_category: dict[str, list[Prompt]] = {}
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -132,7 +145,7 @@ def spec_bench_prompts(path: str | Path) -> list[Prompt]:
 
 
 def load_prompts(source: str, n: int | None = None, offset: int = 0) -> list[Prompt]:
-    """`builtin`, `humaneval`, or a path to a Spec-Bench-format JSONL file."""
+    """`builtin`, `humaneval`, `spec-bench` (Spec-Bench's questions), or a path to a Spec-Bench-format JSONL file."""
     if source == "builtin":
         prompts = builtin_prompts()
     elif source == "humaneval":

@@ -14,6 +14,16 @@ import os
 # already in the environment wins.
 os.environ.setdefault("DVI_THIN_GEMM_ROWS", "none")
 
+from pathlib import Path  # noqa: E402
+
+# Spec-Bench's questions (`spec-bench` as prompts, workload or trace source) resolve through DVI_SPEC_BENCH
+# first, then the copy `dvi data fetch spec-bench` caches. A developer checkout has a copy next to the
+# repository; set here, before any test starts a subprocess or Ray, so those inherit it. A value already in
+# the environment wins; tests that need the file take the `spec_bench_file` fixture and skip without it.
+SHARED_SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl"
+if SHARED_SPEC_BENCH.is_file() and not os.environ.get("DVI_SPEC_BENCH"):
+    os.environ["DVI_SPEC_BENCH"] = str(SHARED_SPEC_BENCH)
+
 import pytest  # noqa: E402
 
 from buffer.config import RedisConfig  # noqa: E402
@@ -42,3 +52,15 @@ def redis_client(redis_server):
     client = redis_server.client()
     yield client
     client.close()
+
+
+@pytest.fixture
+def spec_bench_file() -> Path:
+    """Spec-Bench's question.jsonl as `spec-bench` resolves it (DVI_SPEC_BENCH, else the fetched copy); the
+    test skips when neither is there."""
+    from selfspec.datasets import dataset_path
+
+    path = dataset_path("spec-bench")
+    if not path.is_file():
+        pytest.skip(f"Spec-Bench questions not at {path} (`dvi data fetch spec-bench`, or set DVI_SPEC_BENCH)")
+    return path

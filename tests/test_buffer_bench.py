@@ -18,6 +18,7 @@ def test_bench_buffer_writes_every_metric(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench-buffer", "--n", "200", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["records"]) == {"smollm2", "smollm2-int8", "7b", "7b-int8"}
+    assert report["versions"]["redis"]
     for name, row in report["records"].items():
         assert min(row["write_tps"], row["read_tps"], row["redis_mb_per_10k"]) > 0, name
     records = report["records"]

@@ -107,6 +107,7 @@ def test_bench_records_device_and_dtype(model_dir, tmp_path, monkeypatch):
     assert cli.main([*base, "--device", "cpu", "--dtype", "float32"]) == 0
     report = json.loads(out.read_text())
     assert (report["device"], report["dtype"], report["dtype_reason"]) == ("cpu", "float32", "requested")
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["transformers"]
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "hf_static", "dvi_ar", "dvi_spec_ngram"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
     assert report["steps"] == "eager"  # auto on the CPU

@@ -272,6 +272,7 @@ def test_the_study_runs_each_arm_on_one_trace_and_summarizes(tmp_path, monkeypat
     assert arms["frozen_untrained"]["recovery_requests"] == [1]  # flat: recovered at once
     saved = json.loads((drift_dir / "summary.json").read_text())
     assert saved["arms"] == json.loads(json.dumps(arms)) and saved["config"]["rolling"] == 4
+    assert saved["versions"]["transformers"]  # the package versions (selfspec.versions)
     assert load_config(DriftConfig, drift_dir / "config.yaml") == cfg  # rerun from the directory alone
     assert "frozen_offline" in (drift_dir / "report.md").read_text()
 

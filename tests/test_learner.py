@@ -21,6 +21,7 @@ from learner.dist import init_distributed
 from learner.metrics_log import MetricsLog
 from learner.publish import heldout_scores
 from selfspec.drafter import head_from_weights
+from learner.heldout import HeldoutPaths
 from learner.trainer import Learner, LearnerSetup
 from selfspec.drafter import DrafterHead
 from selfspec.greedy_paths import mean_accepted_length
@@ -74,7 +75,7 @@ def trained(server, model, paths, tmp_path_factory):
     client = server.client()
     write(client, cfg.run_id, sent)
     with MetricsLog(cfg.out_dir) as log:
-        learner = Learner(cfg, client, model, LearnerSetup(heldout=paths[48:], vocab_ids=vocab, log=log))
+        learner = Learner(cfg, client, model, LearnerSetup(heldout=HeldoutPaths(paths[48:]), vocab_ids=vocab, log=log))
         learner.run()
     return learner, cfg, client, sent
 
@@ -106,7 +107,9 @@ def test_metrics_are_logged_like_cleanrl(trained):
     assert {"charts/workload/chat", "charts/workload/code"} <= keys  # batch composition
     assert "charts/kind/drafted" in keys
     assert steps[-1]["charts/pg_weight"] > 0, "the schedule moved on by learner step"
-    assert any("charts/publish_latency_ms" in r and "charts/heldout_mal" in r for r in records)
+    published = [r["version"] for r in records if "charts/publish_latency_ms" in r]
+    scored = [r["version"] for r in records if "charts/heldout_mal" in r]
+    assert published and scored == published, "every published version scored once, in order"
     assert any("charts/checkpoint_s" in r for r in records)
     versions = [json.loads(line)["version"] for line in open(f"{cfg.out_dir}/versions.jsonl")]
     assert versions == sorted(set(versions))

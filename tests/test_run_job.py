@@ -63,6 +63,7 @@ def test_ray_job_submit_of_dvi_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["requests_completed"] == len(good)
     assert summary["requests_failed"] == len(bad)
+    assert summary["versions"]["ray"]  # the package versions (selfspec.versions)
     errors = {r["request_id"]: r["error"] for r in read_jsonl(run_dir / "requests.jsonl") if not r["ok"]}
     assert "not JSON" in next(e for k, e in errors.items() if "trace.jsonl:13" in k)
     assert "unknown workload 'poetry'" in errors["r9001"]

@@ -71,6 +71,7 @@ def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
     summary = json.loads((head_dir / "summary.json").read_text())
     assert summary["train_prompts"] == 4 and summary["heldout_prompts"] == 2 and summary["steps"] > 0
     assert summary["sampled_responses"] == 1
+    assert summary["versions"]["torch"] and summary["head_versions"] >= 1
     assert {"head.safetensors", "head.json", "metrics.jsonl", "mal.png", "summary.json"} <= {p.name for p in head_dir.iterdir()}
     code, out, _ = run_cli(capsys, "generate", "--prompt", "Hi!", "--drafter", str(head_dir), "--max-new-tokens", "8",
                            "--policy", "fixed")

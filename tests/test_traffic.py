@@ -3,7 +3,6 @@ replay loop over plain callables, and `dvi trace make`."""
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from actors.trace import ConversationMemory, TraceRequest, read_trace, write_tra
 from actors.traffic import TraceSpec, make_trace
 from actors.workloads import SpecBenchSource
 from dvi.cli import main
-
-SHARED_SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl"
 
 
 def request(i, t=0.0, workload="chat", **kw):
@@ -108,10 +105,8 @@ def test_spec_bench_two_turn_question_becomes_two_requests_with_a_placeholder(tm
         ConversationMemory().messages_for(second.to_dict())
 
 
-def test_the_shared_spec_bench_file_loads_every_turn():
-    if not SHARED_SPEC_BENCH.exists():
-        pytest.skip(f"{SHARED_SPEC_BENCH} is not on this machine")
-    workloads = SpecBenchSource(kind="spec_bench", path=str(SHARED_SPEC_BENCH)).load()
+def test_the_spec_bench_file_loads_every_turn(spec_bench_file):
+    workloads = SpecBenchSource(kind="spec_bench").load()  # no path: Spec-Bench's own questions
     assert sum(map(len, workloads.values())) == 480
     assert all(len(c.turns) == 2 for c in workloads["writing"])
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.model import cache_dir, load_model
+from selfspec.cache import cache_dir
+from selfspec.model import load_model
 from selfspec.online import OnlineConfig, cached_paths_for, frequent_ids, split_prompts
 from selfspec.split import SplitModel
 
