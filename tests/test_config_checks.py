@@ -111,6 +111,11 @@ def test_heldout_max_new_tokens_beyond_the_context(run_config, capsys):
         "reached the runner")
 
 
+def test_more_heldout_prompts_than_the_workload_has(run_config, capsys):
+    line = run_error(capsys, "--config", run_config(learner__heldout__workload="builtin", learner__heldout__prompts=99))
+    assert line.endswith("learner.heldout.prompts = 99: the workload 'builtin' has 35 prompts")
+
+
 def test_draft_vocab_beyond_the_vocabulary(run_config, capsys):
     line = run_error(capsys, "--config", run_config(head__draft_vocab=VOCAB + 1))
     assert "head.draft_vocab = 257: the model" in line and "has a vocabulary of 256 ids" in line
