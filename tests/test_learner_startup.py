@@ -75,7 +75,8 @@ def test_dvi_run_serves_while_the_learner_prepares(tmp_path):
                                           "learner.vocab_tokens": 10**6,
                                           "learner.heldout": {"workload": "builtin", "prompts": 2,
                                                               "max_new_tokens": 6, "collect_batch": 1},
-                                          "trace.arrival": {"kind": "closed_loop", "users": 2}})
+                                          "trace.arrival": {"kind": "closed_loop", "users": 2},
+                                          "drain_timeout_s": 2})  # nothing is consumed before the stop
     env = {**dvi_env(), "DVI_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([DVI, "run", "--config", str(config), "--no-progress"], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -62,10 +62,13 @@ def test_greedy_identical_over_random_prompts(model, k, gamma, policy, noise, vo
     for _ in range(50):
         prompt = rng.integers(0, 256, int(rng.integers(1, 24))).tolist()
         max_new = int(rng.integers(1, 30))  # often lands mid-draft
-        # EOS = a token the model itself emits a few steps in, so it often sits inside a draft.
-        free_run = plain_greedy(model, prompt, 8)
+        # EOS = a token the model itself emits a few steps in, so it often sits inside a draft. One reference
+        # run serves both: greedy output with an EOS is the run without it, cut after the first EOS.
+        run = plain_greedy(model, prompt, max(max_new, 8))
+        free_run = run[:8]
         eos = {free_run[int(rng.integers(0, len(free_run)))]} if rng.random() < 0.5 else set()
-        expected = plain_greedy(model, prompt, max_new, eos)
+        expected = run[:max_new]
+        expected = expected[:next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))]
         result = decoder.generate(prompt, max_new_tokens=max_new, eos_ids=eos)
         assert result.tokens == expected, f"prompt={prompt} max_new={max_new} eos={eos}"
         emitted = 1
