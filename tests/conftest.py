@@ -14,6 +14,11 @@ import os
 # already in the environment wins.
 os.environ.setdefault("DVI_THIN_GEMM_ROWS", "none")
 
+# Under pytest-xdist (`make test-unit` runs two workers on the 2-core machine) each worker is one process:
+# one torch thread each, or the two would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path  # noqa: E402
 
 # Spec-Bench's questions (`spec-bench` as prompts, workload or trace source) resolve through DVI_SPEC_BENCH
