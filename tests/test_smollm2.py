@@ -45,7 +45,7 @@ def run_cli(capsys, *argv):
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "  "], r"empty prompt: give --prompt some text$"),
     (["--prompt", "hi", "--temperature", "-1"], r"--temperature must be >= 0 \(0 = greedy\), got -1.0$"),
-    (["--prompt", "hi", "--exit-layer", "30"], r"exit layer 30 out of range: must be in \[1, 29\] for this 30-layer model$"),
+    (["--prompt", "hi", "--exit-layer", "30"], r"--exit-layer 30: the model smollm2-135m has 30 layers \(--exit-layer must be 1\.\.29\)$"),
     (["--prompt", "word " * 8200, "--raw"],
      r"prompt has 82\d\d tokens but the model has 8192 positions; shorten it to at most 8191$"),
     (["--prompt", "hi", "--model", "/nonexistent/model"], r"model '/nonexistent/model' not found: .* or one of"),
