@@ -26,6 +26,16 @@ def cli_overrides(sets: list[str], flags: dict, example: str) -> dict:
     return {**pairs, **{key: value for key, value in flags.items() if value is not None}}
 
 
+def set_dotted(data: dict, dotted: str, value, sep: str = ".") -> dict:
+    """data["a"]["b"] = value for dotted "a.b", creating the sections on the way; returns data."""
+    *parents, leaf = dotted.split(sep)
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return data
+
+
 def load_config(model: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
     """Read YAML (if given), apply CLI overrides (dotted keys allowed: `head.lora_rank`), validate."""
     data: dict = {}
@@ -40,13 +50,8 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: dict 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        if value is not None:
+            set_dotted(data, dotted, value)
     try:
         return model.model_validate(data)
     except ValidationError as err:

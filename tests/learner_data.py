@@ -11,6 +11,7 @@ from tiny_model import tiny_llama
 
 from buffer.config import StreamConfig
 from buffer.stream import TransitionWriter
+from dvi.config import set_dotted
 from selfspec.greedy_paths import PathEmit, annotate_path, simulate_rounds
 
 K = 1  # exit layer
@@ -72,9 +73,5 @@ def config(tmp: Path, redis_url: str, **overrides):
             "heldout": {"prompts": 0}, "out_dir": str(tmp / "out"), "redis": {"url": redis_url},
             "stream": {"frame_size": 4, "read_block_ms": 100}}
     for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(data, key, value)
     return LearnerConfig.model_validate(data)

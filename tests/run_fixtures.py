@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from tiny_model import byte_tokenizer, tiny_llama
 
+from dvi.config import set_dotted
+
 REPO = Path(__file__).resolve().parents[1]
 DVI = str(Path(sys.executable).parent / "dvi")
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
@@ -52,11 +54,7 @@ def write_run(tmp: Path, rows: list, **overrides) -> Path:
         "metrics_every_s": 1, "drain_timeout_s": 20,
     }
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(config, key, value)
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -15,6 +15,7 @@ import yaml
 
 import dvi.runner
 from dvi.cli import UserError, main
+from dvi.config import set_dotted
 from selfspec.model_facts import gguf_metadata, head_facts, model_facts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +56,7 @@ def run_config(tiny, tmp_path, monkeypatch):
                 "actors": {"count": 1, "gamma": 4},
                 "learner": {"heldout": {"prompts": 2, "max_new_tokens": 16}}}
         for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split("__")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+            set_dotted(data, dotted, value, sep="__")
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(data))
         return str(path)
