@@ -11,7 +11,9 @@ import heapq
 from typing import Annotated, Literal, Protocol, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from selfspec.config import FrozenStrict
 
 
 class Arrivals(Protocol):
@@ -90,11 +92,7 @@ def on_off_times(n: int, rate: float, on_s: float, off_s: float, rng: np.random.
     return on_clock + np.floor(on_clock / on_s) * off_s
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ImmediateSpec(_Strict):
+class ImmediateSpec(FrozenStrict):
     """Everything at 0: the replay's concurrency decides (a closed loop, or a flood)."""
     kind: Literal["immediate"]
 
@@ -102,7 +100,7 @@ class ImmediateSpec(_Strict):
         return np.zeros(n)
 
 
-class PoissonSpec(_Strict):
+class PoissonSpec(FrozenStrict):
     kind: Literal["poisson"]
     rate: float = Field(gt=0, allow_inf_nan=False)  # requests per second
 
@@ -110,7 +108,7 @@ class PoissonSpec(_Strict):
         return poisson_times(n, self.rate, rng)
 
 
-class BurstSpec(_Strict):
+class BurstSpec(FrozenStrict):
     kind: Literal["burst"]
     size: int = Field(ge=1)
     every_s: float = Field(gt=0, allow_inf_nan=False)
@@ -119,7 +117,7 @@ class BurstSpec(_Strict):
         return burst_times(n, self.size, self.every_s)
 
 
-class OnOffSpec(_Strict):
+class OnOffSpec(FrozenStrict):
     kind: Literal["on_off"]
     rate: float = Field(gt=0, allow_inf_nan=False)  # requests per second while on
     on_s: float = Field(gt=0, allow_inf_nan=False)
@@ -129,13 +127,13 @@ class OnOffSpec(_Strict):
         return on_off_times(n, self.rate, self.on_s, self.off_s, rng)
 
 
-class RecordedSpec(_Strict):
+class RecordedSpec(FrozenStrict):
     """The trace's own arrival_s, multiplied by time_scale (0.5 replays twice as fast)."""
     kind: Literal["recorded"]
     time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
 
 
-class ClosedLoopSpec(_Strict):
+class ClosedLoopSpec(FrozenStrict):
     kind: Literal["closed_loop"]
     users: int = Field(ge=1)
     think_s: float = Field(0.0, ge=0, allow_inf_nan=False)

@@ -12,14 +12,12 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from selfspec.config import FrozenStrict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Phase(_Strict):
+class Phase(FrozenStrict):
     workload: str
     requests: int | None = Field(None, ge=1)
     seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -31,7 +29,7 @@ class Phase(_Strict):
         return self
 
 
-class PhasesSpec(_Strict):
+class PhasesSpec(FrozenStrict):
     kind: Literal["phases"]
     phases: list[Phase] = Field(min_length=1)
 
@@ -42,7 +40,7 @@ class PhasesSpec(_Strict):
         return PhaseSchedule(self.phases)
 
 
-class MixturePoint(_Strict):
+class MixturePoint(FrozenStrict):
     at: float = Field(ge=0, allow_inf_nan=False)  # a request index or seconds, by the mixture's axis
     weights: dict[str, float]
 
@@ -53,7 +51,7 @@ class MixturePoint(_Strict):
         return self
 
 
-class MixtureSpec(_Strict):
+class MixtureSpec(FrozenStrict):
     kind: Literal["mixture"]
     axis: Literal["requests", "seconds"] = "requests"
     points: list[MixturePoint] = Field(min_length=1)
@@ -72,7 +70,7 @@ class MixtureSpec(_Strict):
         return MixtureSchedule(self, rng)
 
 
-class UniformSpec(_Strict):
+class UniformSpec(FrozenStrict):
     kind: Literal["uniform"]
 
     def workloads(self) -> set[str]:

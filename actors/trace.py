@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from selfspec.config import FrozenStrict
 
 
-class _Strict(BaseModel):
-    # A misspelt field in a hand-written trace is an error naming it, not a silently ignored key.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Message(_Strict):
+# A misspelt field in a hand-written trace is an error naming it, not a silently ignored key.
+class Message(FrozenStrict):
     role: Literal["system", "user", "assistant"]
     content: str | None  # None only as an assistant placeholder: "the served model's answer to the earlier turn"
 
@@ -44,7 +42,7 @@ class Message(_Strict):
         return self
 
 
-class TraceRequest(_Strict):
+class TraceRequest(FrozenStrict):
     arrival_s: float = Field(ge=0, allow_inf_nan=False)
     request_id: str = Field(min_length=1)
     workload: str = Field(min_length=1)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from selfspec.config import FrozenStrict
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,7 @@ class Conversation:
     turns: tuple[str, ...]  # user turns; the answers come from the served model at replay time
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SpecBenchSource(_Strict):
+class SpecBenchSource(FrozenStrict):
     """A Spec-Bench-format JSONL file, by default (or as `path: spec-bench`) Spec-Bench's own questions
     (DVI_SPEC_BENCH, else the copy `dvi data fetch spec-bench` downloads); the workload is each question's
     category unless `workload` is set."""
@@ -45,7 +43,7 @@ class SpecBenchSource(_Strict):
         return _group([(self.workload or p.category, Conversation(f"spec_bench:{p.id}", p.turns)) for p in prompts])
 
 
-class HumanEvalSource(_Strict):
+class HumanEvalSource(FrozenStrict):
     kind: Literal["humaneval"]
     workload: str = "code"
 
@@ -55,7 +53,7 @@ class HumanEvalSource(_Strict):
         return {self.workload: [Conversation(f"humaneval:{p.id}", p.turns) for p in humaneval_prompts()]}
 
 
-class BuiltinSource(_Strict):
+class BuiltinSource(FrozenStrict):
     """The project's built-in prompts (`selfspec.prompts.BUILTIN`), one workload per category."""
     kind: Literal["builtin"]
     workload: str | None = None
@@ -68,7 +66,7 @@ class BuiltinSource(_Strict):
                        for p in builtin_prompts()[:self.limit]])
 
 
-class PromptsSource(_Strict):
+class PromptsSource(FrozenStrict):
     """A text file with one prompt per line (blank lines skipped); the workload defaults to the file's stem."""
     kind: Literal["prompts"]
     path: str

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+
+from selfspec.config import FrozenStrict
 
 RAY_REDIS_PORT = 6379  # Ray's head node owns this port
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RedisConfig(_Strict):
+class RedisConfig(FrozenStrict):
     url: str | None = None  # redis://HOST:PORT of an external server; None starts our own
     bind: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0 picks a free port
@@ -36,7 +34,7 @@ class RedisConfig(_Strict):
         return port
 
 
-class StreamConfig(_Strict):
+class StreamConfig(FrozenStrict):
     maxlen: int = Field(100_000, gt=0)  # transitions the stream may hold before backpressure applies
     backpressure: Literal["block", "drop_oldest"] = "drop_oldest"
     block_timeout_s: float = Field(30.0, gt=0)  # `block`: how long a writer waits for the learner
@@ -52,11 +50,11 @@ class StreamConfig(_Strict):
     dedup_window: int = Field(100_000, gt=0)  # transition ids remembered for de-duplication (~100 B each)
 
 
-class WeightsConfig(_Strict):
+class WeightsConfig(FrozenStrict):
     keep_last: int = Field(3, ge=1)
 
 
-class BufferConfig(_Strict):
+class BufferConfig(FrozenStrict):
     redis: RedisConfig = RedisConfig()
     stream: StreamConfig = StreamConfig()
     weights: WeightsConfig = WeightsConfig()

@@ -12,18 +12,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from buffer.config import RedisConfig, StreamConfig, WeightsConfig
+from selfspec.config import HeadConfig, LossConfig, ScheduleConfig, Strict
 from selfspec.defaults import DEFAULT_MODEL
-from selfspec.config import HeadConfig, LossConfig, ScheduleConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class HeldoutConfig(_Strict):
+class HeldoutConfig(Strict):
     """Prompts no actor serves: each published version's MAL on their greedy paths is the learning curve."""
     workload: str = Field("builtin", description="builtin, humaneval, or a Spec-Bench JSONL path")
     prompts: int = Field(7, ge=0, description="taken from the end of the workload; 0: no held-out score")
@@ -31,19 +27,19 @@ class HeldoutConfig(_Strict):
     collect_batch: int = Field(8, ge=1, description="batch size of greedy generation (paths are cached)")
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     dir: str | None = Field(None, description="DeepSpeed checkpoints; default: {out_dir}/checkpoints")
     every_steps: int = Field(100, ge=1)
     every_s: float = Field(20.0, gt=0, description="also checkpoint this often: acknowledgements wait for it")
 
 
-class PlacementConfig(_Strict):
+class PlacementConfig(Strict):
     ranks: int = Field(1, ge=1, description="data-parallel ranks; more than 1 runs them as Ray actors")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per rank (and torch threads)")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per rank")
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(Strict):
     run_id: str = Field("default", description="the run's Redis keys live under dvi:{run_id}:")
     model: str = DEFAULT_MODEL
     exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")

@@ -42,9 +42,6 @@ class Publisher:
         # Redis keeps the last few versions for the actors; disk keeps every one, for eval and drift studies
         self.heads_dir = Path(out_dir) / "heads" if save_heads else None
 
-    def latest(self) -> int | None:
-        return self.store.latest_version()
-
     def publish(self, head: DrafterHead, version: int, step: int) -> dict:
         """Publish `head` as `version`; returns {version, step, bytes, latency_ms}."""
         start = time.perf_counter()

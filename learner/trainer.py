@@ -32,6 +32,7 @@ import torch
 
 from buffer.keys import RunKeys
 from buffer.stream import ReadBatch, TransitionReader
+from buffer.weights import WeightStore
 from learner.checkpoint import Checkpoints, commit_record, merge, recover_commit
 from learner.config import LearnerConfig, deepspeed_config
 from learner.dist import broadcast_ids, device, sync_min, sync_sum
@@ -146,9 +147,9 @@ class Learner:
                   "recovered_acks": acked})
 
     def _latest_version(self) -> int | None:
-        latest = self.client.get(RunKeys(self.cfg.run_id).weights_latest)
+        latest = WeightStore(self.client, self.cfg.run_id).latest_version()
         torch.distributed.barrier()  # every rank reads it before rank 0 publishes the next
-        return None if latest is None else int(latest)
+        return latest
 
     # ------------------------------------------------------------------ the loop
 

@@ -20,6 +20,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FrozenStrict(Strict):
+    """A strict section that is a value once built (specs shared between threads and actors)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class HeadConfig(Strict):
     adapter_hidden: int = Field(1024, ge=0, description="width of the residual MLP adapter (0: none)")
     lora_rank: int = Field(16, ge=0, description="LoRA rank on the output projection (0: none)")
