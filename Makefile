@@ -10,8 +10,8 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install lock demo test test-unit bench clean
 
-# Bytecode is compiled once, after pip, on every core (pip compiles file by file: ~50 s of ~85 on 2 cores,
-# against ~25 s here). It must happen at install: with PYTHONDONTWRITEBYTECODE set (as on this machine),
+# Bytecode is compiled once, after pip, on every core (pip compiles file by file, on one: most of an
+# install's time on 2 cores). It must happen at install: with PYTHONDONTWRITEBYTECODE set (as on this machine),
 # every process would compile torch again on import. A few files in wheels are for newer Pythons and do not
 # compile (pip skips them too), hence the ignored status.
 # Every install takes the versions in the lock, constraints.txt: the ones the suite last passed with

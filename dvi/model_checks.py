@@ -93,7 +93,7 @@ def check_saved_head(facts: ModelFacts, path: str | Path, key: str, exit_layer: 
 
 
 def check_run(cfg, facts: ModelFacts | None = None, heads: bool = True) -> ModelFacts:
-    """A `dvi run` config (dvi.run_config.RunConfig). `heads`: also check actors.drafter (a drift study sets it
+    """A `dvi run` config (dvi.run.config.RunConfig). `heads`: also check actors.drafter (a drift study sets it
     to a head it has yet to train)."""
     facts = facts or model_facts(cfg.model)
     check_exit_layer(facts, cfg.exit_layer)
@@ -141,8 +141,9 @@ def check_online(cfg) -> ModelFacts:
 
 
 def check_drift(cfg) -> ModelFacts:
-    """A `dvi drift` study (dvi.drift_config.DriftConfig): every arm's run config, and the offline head's paths."""
-    from dvi.drift_config import arm_config
+    """A `dvi drift` study (dvi.studies.drift_config.DriftConfig): every arm's run config, and the offline head's
+    paths."""
+    from dvi.studies.drift_config import arm_config
 
     facts = model_facts(cfg.model)
     for arm in cfg.arms:

@@ -55,8 +55,8 @@ def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the learner's own
     if not torch.cuda.is_available() and os.environ.get("DVI_SHM_ALLREDUCE") != "1":
         # DeepSpeed's CPU backend JIT-builds a shared-memory allreduce on first use in every new environment
-        # (~40 s on 2 cores: each fresh virtualenv rebuilds it). It only speeds up collectives between CPU
-        # ranks on one machine, and gloo carries the head's small gradients well enough.
+        # (each fresh virtualenv compiles it again, for tens of seconds). It only speeds up collectives between
+        # CPU ranks on one machine, and gloo carries the head's small gradients well enough.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != world_size:

@@ -25,7 +25,7 @@ import torch
 from selfspec.kv_cache import StaticKVCache
 from selfspec.split import SplitModel
 
-STEP_MODES = ("auto", "eager", "static", "graphs")  # dvi.common_args repeats them (no torch import there)
+STEP_MODES = ("auto", "eager", "static", "graphs")  # dvi.cli.args repeats them (no torch import there)
 MAX_GRAPH_TOKENS = 16  # a round passes at most γ+1 <= 9 tokens; longer blocks are prompts
 CAPACITY_STEP = 256  # the shared cache grows in these steps, so that requests of similar length share graphs
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)  # dvi.common_args repeats them: building the CLI parser loads no torch
+DTYPE_CHOICES = ("auto", *DTYPES)  # dvi.cli.args repeats them: building the CLI parser loads no torch
 AUTO_REASONS = {
     "cpu": "auto: float32 on the CPU",
     "cuda": "auto: float32 on CUDA (bfloat16 measured 2-5x slower at batch 1 on an H200 with eager passes and "

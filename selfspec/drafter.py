@@ -12,8 +12,8 @@ Its receptive field is bounded (each of L layers looks back W / L positions) so 
 `context_hidden` (the W committed positions before the draft) holds everything the head saw: training from a transition reproduces the draft
 logits exactly.
 
-An optional reduced draft vocabulary keeps only V rows of the projection (the lm_head is ~14% of a
-token on the 2-core CPU); drafted indices are mapped back to full-vocabulary ids.
+An optional reduced draft vocabulary keeps only V rows of the projection (the full lm_head is a large
+share of a small model's token); drafted indices are mapped back to full-vocabulary ids.
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """Lossless self-speculative decoding of one request (batch 1).
 
 A round: draft (copy what followed an earlier occurrence of the text's suffix, or let the head draft
-from its layer-k hidden state, each draft also going through the trunk) -> verify (layers [k, L) on
-the pending token and all drafts in one pass, reusing the trunk's hidden states and KV) -> accept
-(the longest agreeing prefix plus one verifier token) -> commit (roll the caches back to what was
-kept) -> observe (the length policy learns what paid) -> emit (a Transition for the learner).
-γ=0 is plain decoding.
+from its layer-k hidden state, each draft also going through the trunk; or draft nothing) -> verify
+(layers [k, L) on the pending token and all drafts in one pass, reusing the trunk's hidden states and
+KV) -> accept (the longest agreeing prefix plus one verifier token) -> observe (the length policy
+learns what paid) -> emit (the round's Transition for the learner, built by selfspec.transitions) ->
+commit (roll the caches back to what was kept; the verifier's token becomes the pending one).
+Prefill is no round: it verifies the prompt, whose next token is the first pending one.
+γ=0 is plain decoding: every round is one without drafts.
 """
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
 from selfspec.split import SplitModel
-from selfspec.transitions import (COPIED, DISTILL, DRAFTED, PLAIN, RoundMeta, Transition, make_transition,
-                                  undrafted_fields)
+from selfspec.transitions import RoundMeta, Transition, prompt_transition, round_transition
 
 
 @dataclass
@@ -72,13 +73,12 @@ class Emitter:
 @dataclass
 class Draft:
     """One round's drafts and what verifying them needs."""
-    kind: str  # "copied" (n-gram) or "drafted" (head); a round without drafts is "copied" with none
+    kind: str  # "copied" (n-gram), "drafted" (head) or "none" (a round without drafts)
     hiddens: list[torch.Tensor]  # layer-k hidden [1, m, d]: the pending token, then each draft
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # head drafts, over the draft vocab
     confidences: list[float] = field(default_factory=list)  # head drafts: top probability
     shadow: Shadow | None = None  # the head's greedy choice when the policy drafted nothing
-    t_start: float = 0.0  # wall clock (time.time()) when the round began
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -131,9 +131,10 @@ class SelfSpecDecoder:
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.split.device).flatten()
         budget = self._check(prompt.numel(), opts)
         eos = opts.eos_ids if opts.eos_ids is not None else model_eos_ids(self.split.config)
-        start = time.perf_counter()
-        req = self._prefill(prompt, budget, opts)
-        result = DecodeResult([req.pending], t_prefill=time.perf_counter() - start)
+        clock = _Clock()
+        with clock("prefill"):
+            req = self._prefill(prompt, budget, opts)
+        result = DecodeResult([req.pending], t_prefill=clock["prefill"])
         result.stop_reason = "eos" if req.pending in eos else "length"
         while req.budget > 0 and result.stop_reason != "eos":
             stats, emitted = self._round(req)
@@ -143,7 +144,7 @@ class SelfSpecDecoder:
                 if tok in eos:
                     result.stop_reason = "eos"
                     break
-        result.t_total = time.perf_counter() - start
+        result.t_total = clock.elapsed()
         return result
 
     def _check(self, prompt_len: int, opts: DecodeOptions) -> int:
@@ -161,18 +162,20 @@ class SelfSpecDecoder:
         return min(opts.max_new_tokens, limit - prompt_len)
 
     def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions) -> _Request:
-        """Run the prompt through the whole model; its next token becomes the first pending one."""
+        """Run the prompt through the whole model; its next token, the verifier's own (nothing was
+        drafted), becomes the first pending one."""
         cache = self.steps.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
         generator = None
         if opts.temperature > 0 and opts.seed is not None:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
         hidden = self.steps.trunk(prompt, 0, cache)
         logits = self.steps.verify(hidden, 0, cache)
-        _, first = self._accept(Draft("copied", [hidden]), logits[-1:], opts.temperature, generator)
+        first = _next_token(logits[-1:], opts.temperature, generator)
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
         if self.emit is not None and self.emit.prompt_rows:
-            self.emit.sink(self._prompt_transition(req, prompt, hidden, logits))
+            self.emit.sink(prompt_transition(self._meta(req, 0, time.time()), prompt, first, hidden, logits,
+                                             self.emit.prompt_rows, self._topk()))
         if self.window:
             req.history = list(hidden[0, -self.window:])
         if self.head is not None:
@@ -182,27 +185,33 @@ class SelfSpecDecoder:
         return req
 
     def _round(self, req: _Request) -> tuple[RoundStats, list[int]]:
+        """draft -> verify -> accept -> observe -> emit -> commit."""
         req.rounds += 1
-        wall_start, t0 = time.time(), time.perf_counter()
+        clock, t_start = _Clock(), time.time()
         room = min(self.policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
-        proposal, copied = self._copies(req, room)
-        # Copied drafts need no head: the pending token and they go through the trunk in one pass.
-        trunk_out = self.steps.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
-        t1 = time.perf_counter()
-        draft = Draft("copied", [trunk_out], copied, t_start=wall_start)
-        if not copied and room > 0 and self.head is not None and self.policy.start_round():
-            draft = self._head_draft(req, draft, room)
-        t2 = time.perf_counter()
-        hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
-        target_logits = self.steps.verify(hidden, req.position, req.cache)
-        n_acc, bonus = self._accept(draft, target_logits, req.options.temperature, req.generator)
-        t3 = time.perf_counter()
+        with clock("draft"):
+            proposal, copied = self._copies(req, room)
+        with clock("verify"):  # copied drafts need no head: they go through the trunk with the pending token
+            pending = self.steps.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+        with clock("draft"):
+            if copied:
+                draft = Draft("copied", [pending], copied)
+            elif room > 0 and self.head is not None and self.policy.start_round():
+                draft = self._head_draft(req, pending, room)
+            else:
+                draft = Draft("none", [pending])
+        with clock("verify"):
+            hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
+            logits = self.steps.verify(hidden, req.position, req.cache)
+            n_acc, bonus = self._accept(draft, logits, req.options.temperature, req.generator)
         emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
         self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
-        if self.emit is not None:
-            self.emit.sink(self._transition(req, draft, hidden, target_logits, emitted))
+        if self.emit is not None:  # before commit: the record's context is the window before this round
+            context = req.history[-self.window:] if self.window else []
+            self.emit.sink(round_transition(self._meta(req, req.rounds, t_start), draft, hidden, context,
+                                            logits, emitted, self._topk(), self.head))
         self._commit(req, hidden, n_acc, emitted)
-        return RoundStats(len(draft.tokens), n_acc, t2 - t1, (t1 - t0) + (t3 - t2)), emitted
+        return RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"]), emitted
 
     def _copies(self, req: _Request, room: int) -> tuple[Proposal, list[int]]:
         """The n-gram proposal and as much of it as the length policy expects to pay."""
@@ -214,12 +223,12 @@ class SelfSpecDecoder:
         return proposal, proposal.tokens[:self.policy.ngram_drafts(proposal.ngram,
                                                                   len(proposal.tokens))]
 
-    def _head_draft(self, req: _Request, draft: Draft, room: int) -> Draft:
+    def _head_draft(self, req: _Request, pending: torch.Tensor, room: int) -> Draft:
         """Draft with the head while the length policy keeps going, each draft through the trunk.
-        When it keeps none, the head's greedy choice becomes a shadow, judged for free by this
-        round's token."""
-        temperature, draft.kind = req.options.temperature, "drafted"
-        new, start = self._unseen_by_head(req, draft.hiddens[0])
+        When it keeps none (a round without drafts), the head's greedy choice becomes a shadow,
+        judged for free by this round's token."""
+        temperature, draft = req.options.temperature, Draft("none", [pending])
+        new, start = self._unseen_by_head(req, pending)
         while len(draft.tokens) < room:
             logits = self.steps.head_logits(self.head, new, start, req.head_cache).float()
             logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
@@ -230,6 +239,7 @@ class SelfSpecDecoder:
                 break
             idx = (torch.multinomial(logp.exp(), 1, generator=req.generator)[0] if temperature
                    else logp.argmax())
+            draft.kind = "drafted"
             draft.tokens.append(int(self.head.to_full_ids(idx)))
             draft.logits.append(logits)
             draft.confidences.append(top)
@@ -269,13 +279,13 @@ class SelfSpecDecoder:
                 generator: torch.Generator | None) -> tuple[int, int]:
         """(accepted drafts, the verifier's next token): greedy, or speculative sampling against the
         drafts' own distribution (one-hot for copied drafts, which are deterministic)."""
+        if draft.kind == "none":
+            return 0, _next_token(target_logits, temperature, generator)
         ids = torch.tensor(draft.tokens, dtype=torch.long)
         if temperature == 0:
             return greedy_accept(ids, target_logits)
         p = torch.softmax(target_logits.double() / temperature, -1)
-        if not draft.tokens:
-            q = None
-        elif draft.kind == "copied":
+        if draft.kind == "copied":
             q = torch.nn.functional.one_hot(ids.to(p.device), p.shape[-1]).double()
         else:
             q = self._full_probs(torch.stack(draft.logits), temperature)
@@ -289,61 +299,43 @@ class SelfSpecDecoder:
         full = q.new_zeros(q.shape[0], self.split.config.vocab_size)
         return full.index_copy_(1, self.head.vocab_ids, q)
 
-    def _transition(self, req: _Request, draft: Draft, hidden: torch.Tensor,
-                    target_logits: torch.Tensor, emitted: list[int]) -> Transition:
-        """Every position this round verified is a row (selfspec.transitions): the drafts' (head or
-        copied) and the last one, whose next token nothing drafted (plain)."""
-        rows, n = target_logits.shape[0], len(draft.tokens)
-        kind = np.full(rows, PLAIN, np.int8)
-        kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
-        drafted = undrafted_fields(rows, self._topk())
-        if draft.logits:
-            tau = req.options.temperature or 1.0  # greedy: store the head's own (T=1) distribution
-            draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
-            fields = self.head.draft_fields(draft_logp, self._ids(draft.tokens).cpu(), self._topk())
-            for name, value in fields.items():
-                drafted[name][:n] = value
-        # the verifier's choice: what it emitted up to the first reject, its argmax after
-        target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
-        context = req.history[-self.window:] if self.window else []
-        drafted.update(kind=kind, **_states(hidden, context))
-        return make_transition(self._meta(req, req.rounds, draft.t_start), drafted,
-                               self._verified(req, target_logits, target_tokens), len(emitted) - 1)
-
-    def _prompt_transition(self, req: _Request, prompt: torch.Tensor, hidden: torch.Tensor,
-                           logits: torch.Tensor) -> Transition:
-        """The prompt's last `prompt_rows` positions as KL rows (kind distill, round 0): their next
-        tokens are the prompt's own, then the first generated one."""
-        rows = min(self.emit.prompt_rows, prompt.numel())
-        targets = (prompt[1:].tolist() + [req.pending])[-rows:]
-        drafted = undrafted_fields(rows, self._topk())
-        drafted.update(kind=np.full(rows, DISTILL, np.int8), **_states(hidden[:, -rows:], []))
-        return make_transition(self._meta(req, 0, time.time()), drafted,
-                               self._verified(req, logits[-rows:], targets), -1)
-
-    def _verified(self, req: _Request, target_logits: torch.Tensor, target_tokens: list[int]) -> dict:
-        """The verifier's side of the rows: its top-K at the request's temperature, and its tokens."""
-        tau = req.options.temperature or 1.0
-        target_top = torch.log_softmax(target_logits.float() / tau, -1).topk(self._topk(), -1)
-        return {"target_topk_ids": target_top.indices.int().cpu().numpy(),
-                "target_topk_logprobs": target_top.values.float().cpu().numpy(),
-                "target_tokens": np.asarray(target_tokens, np.int32)}
-
     def _meta(self, req: _Request, round_index: int, t_start: float) -> RoundMeta:
         opts = req.options
         return RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, round_index,
                          self.policy_version, opts.workload, t_start, time.time(), float(opts.temperature))
 
     def _topk(self) -> int:
-        return min(self.emit.topk, self._draft_vocab_size())  # a small draft vocab bounds K for both sides
-
-    def _draft_vocab_size(self) -> int:
-        if self.head is None or self.head.vocab_ids is None:
-            return self.split.config.vocab_size
-        return len(self.head.vocab_ids)
+        """The records' K, for both sides: a small draft vocabulary bounds it."""
+        vocab = self.head.vocab_ids if self.head is not None else None
+        return min(self.emit.topk, self.split.config.vocab_size if vocab is None else len(vocab))
 
 
-def _states(hidden: torch.Tensor, context: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """The layer-k states a transition stores: the rows' own, and the committed window before them."""
-    window = torch.stack(context).half().cpu().numpy() if context else np.zeros((0, 0), np.float16)
-    return {"hidden": hidden[0].half().cpu().numpy(), "context_hidden": window}
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """The verifier's own token after logits [1, V]: its argmax, or a sample at the temperature."""
+    if temperature == 0:
+        return int(logits.argmax(-1)[0])
+    return int(torch.multinomial(torch.softmax(logits.double() / temperature, -1)[0], 1, generator=generator))
+
+
+class _Clock:
+    """Seconds spent in named spans, summed where a name recurs: `with clock("verify"): ...` (spans do
+    not nest), then clock["verify"]."""
+
+    def __init__(self):
+        self.started, self.spans, self._name, self._t = time.perf_counter(), {}, "", 0.0
+
+    def __call__(self, name: str) -> _Clock:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._t = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.spans[self._name] = self[self._name] + time.perf_counter() - self._t
+
+    def __getitem__(self, name: str) -> float:
+        return self.spans.get(name, 0.0)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

@@ -1,8 +1,8 @@
 """Llama decoder layers run as plain tensor code, for the few-token passes of decoding.
 
 A decoding pass through SmolLM2 is ~210 small matrix products. Around them, the Hugging Face
-layer's module calls, keyword plumbing and attention dispatch cost 9-12% of a pass of 1-8 tokens on
-the 2-core CPU (docs/experiments/fused_layers.py).
+layer's module calls, keyword plumbing and attention dispatch cost a measurable share of a pass of 1-8
+tokens on a CPU (docs/results/experiments/fused_layers.py measures it).
 `LeanLlamaLayer` computes what `LlamaDecoderLayer.forward` computes, in the same order with the same
 kernels (HF's own RMSNorm and rotary code, the split's few-row product, SDPA with the same grouped-query
 layout), on the same shared weights, without that machinery. Layers it does not reproduce exactly

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -138,3 +139,13 @@ def eos_ids(config) -> set[int]:
 
 def model_name(spec: str) -> str:
     return spec if spec in BUILTIN_MODELS else Path(spec).resolve().name
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' deprecation chatter and per-call progress bars; keep real errors."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)

@@ -11,12 +11,19 @@ distilled on: a prompt or a sampled response). Rows of any kind but `drafted` ca
 A transition is self-contained: because the trunk is frozen, the stored layer-k hidden states stay
 valid training inputs whatever head version reads them later. Only numpy (no torch tensors) so that
 it crosses Ray and Redis boundaries cheaply and without pickling.
+
+The decoder's records are built here from a round's values (`round_transition`, `prompt_transition`
+for prefill's prompt rows); the greedy-path simulation builds its own through `make_transition`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from selfspec.engine import Draft
 
 KINDS = ("drafted", "copied", "plain", "distill")
 DRAFTED, COPIED, PLAIN, DISTILL = range(len(KINDS))
@@ -149,3 +156,55 @@ def undrafted_fields(rows: int, k: int) -> dict[str, np.ndarray]:
     return {"draft_tokens": np.full(rows, -1, np.int32), "draft_logprobs": np.zeros(rows, np.float32),
             "draft_topk_ids": np.full((rows, k), -1, np.int32),
             "draft_topk_logprobs": np.full((rows, k), -np.inf, np.float32)}
+
+
+def round_transition(meta: RoundMeta, draft: Draft, hidden, context: list, target_logits, emitted: list[int],
+                     k: int, head=None) -> Transition:
+    """A decoding round's record. Every position it verified is a row: the drafts' (head or copied) and the
+    last one, whose next token nothing drafted (plain); a round without drafts is one plain row.
+
+    `hidden` [1, rows, d]: the rows' layer-k states; `context`: the committed window's states before them
+    ([d] each); `target_logits` [rows, V]: the verifier's; `emitted`: the accepted drafts, then the
+    verifier's own token; `head`: the drafter, for the draft side of drafted rows; `k`: the top-K of both."""
+    import torch  # here, not above: the buffer imports this module and never needs torch
+
+    rows, n = target_logits.shape[0], len(draft.tokens)
+    kind = np.full(rows, PLAIN, np.int8)
+    kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
+    drafted = undrafted_fields(rows, k)
+    if draft.kind == "drafted":
+        tau = meta.temperature or 1.0  # greedy: store the head's own (T=1) distribution
+        draft_logp = torch.log_softmax(torch.stack(draft.logits) / tau, -1)
+        for name, value in head.draft_fields(draft_logp, torch.tensor(draft.tokens), k).items():
+            drafted[name][:n] = value
+    # the verifier's choice: what it emitted up to the first reject, its argmax after
+    target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
+    drafted.update(kind=kind, **_states(hidden, torch.stack(context) if context else None))
+    return make_transition(meta, drafted, _verified(target_logits, target_tokens, meta.temperature, k),
+                           len(emitted) - 1)
+
+
+def prompt_transition(meta: RoundMeta, prompt, first: int, hidden, logits, rows: int, k: int) -> Transition:
+    """The prompt's last `rows` positions as KL rows (kind distill, round 0) from prefill's `hidden`
+    [1, len(prompt), d] and `logits` [len(prompt), V]: their next tokens are the prompt's own (`prompt`, a
+    tensor), then the first generated one."""
+    rows = min(rows, prompt.numel())
+    targets = (prompt[1:].tolist() + [first])[-rows:]
+    drafted = undrafted_fields(rows, k)
+    drafted.update(kind=np.full(rows, DISTILL, np.int8), **_states(hidden[:, -rows:], None))
+    return make_transition(meta, drafted, _verified(logits[-rows:], targets, meta.temperature, k), -1)
+
+
+def _verified(target_logits, target_tokens: list[int], temperature: float, k: int) -> dict[str, np.ndarray]:
+    """The verifier's side of the rows: its top-K at the request's temperature, and its tokens."""
+    target_top = (target_logits.float() / (temperature or 1.0)).log_softmax(-1).topk(k, -1)
+    return {"target_topk_ids": target_top.indices.int().cpu().numpy(),
+            "target_topk_logprobs": target_top.values.float().cpu().numpy(),
+            "target_tokens": np.asarray(target_tokens, np.int32)}
+
+
+def _states(hidden, window) -> dict[str, np.ndarray]:
+    """The layer-k states a transition stores: the rows' own, and the committed window before them
+    ([w, d]; None: no window)."""
+    return {"hidden": hidden[0].half().cpu().numpy(),
+            "context_hidden": window.half().cpu().numpy() if window is not None else np.zeros((0, 0), np.float16)}

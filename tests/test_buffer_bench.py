@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_buffer_writes_every_metric(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", {"bench-buffer": "dvi.bench_buffer_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"bench-buffer": "dvi.cli.bench_buffer"})
     out = tmp_path / "bench.json"
     assert cli.main(["bench-buffer", "--n", "200", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

@@ -147,7 +147,7 @@ def test_taken_port_and_bad_config_are_clear(tmp_path, redis_server):
 
 def _dvi(capsys, monkeypatch, *argv) -> tuple[int, str]:
     # only this package's subcommands: the others are built elsewhere and may not import yet
-    monkeypatch.setattr(cli, "COMMANDS", {"redis": "dvi.redis_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"redis": "dvi.cli.redis"})
     code = cli.main(list(argv))
     out = capsys.readouterr()
     return code, (out.out + out.err).strip()

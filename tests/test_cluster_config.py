@@ -159,7 +159,7 @@ def _redis_settings(argv: list[str], password: str, tmp_path: Path) -> list[str]
     """The settings `dvi redis start ARGS` hands redis-server on stdin, built by the project's own code."""
     from buffer.config import RedisConfig
     from buffer.server import RedisServer
-    from dvi import redis_cmd
+    from dvi.cli import redis as redis_cmd
 
     parser = argparse.ArgumentParser()
     redis_cmd.add_parser(parser.add_subparsers(), "redis")

@@ -38,7 +38,7 @@ def test_missing_file():
 
 def test_cli_set_reaches_any_key_and_flags_left_unset_do_not_clobber_it():
     from dvi.cli import build_parser
-    from dvi.online_cmd import overrides
+    from dvi.cli.args import online_overrides as overrides
 
     args = build_parser().parse_args(["online", "--config", "configs/online.yaml", "--set", "train_prompts=50",
                                       "--set", "head.attention_layers=1", "--set", "head.context_window=16",
@@ -50,7 +50,7 @@ def test_cli_set_reaches_any_key_and_flags_left_unset_do_not_clobber_it():
 
 def test_cli_set_without_equals_says_what_to_write():
     from dvi.cli import build_parser
-    from dvi.online_cmd import overrides
+    from dvi.cli.args import online_overrides as overrides
 
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         overrides(build_parser().parse_args(["online", "--set", "train_prompts"]))

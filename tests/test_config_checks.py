@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dvi.runner
+import dvi.run.runner
 from dvi.cli import UserError, main
 from dvi.config import set_dotted
 from selfspec.model_facts import gguf_metadata, head_facts, model_facts
@@ -47,7 +47,7 @@ def run_config(tiny, tmp_path, monkeypatch):
     def reached_the_runner(cfg, **kwargs):
         raise UserError("reached the runner")
 
-    monkeypatch.setattr(dvi.runner, "run", reached_the_runner)
+    monkeypatch.setattr(dvi.run.runner, "run", reached_the_runner)
 
     def write(**overrides) -> str:
         data = {"model": str(tiny / "model"), "exit_layer": 2, "out_dir": str(tmp_path / "run"),
@@ -193,7 +193,7 @@ def _raises(err):
 
 
 def test_a_ray_task_error_is_one_line(monkeypatch, capsys):
-    import dvi.run_cmd
+    import dvi.cli.run
     from ray.exceptions import RayActorError, RayTaskError
 
     def task_error(cause):
@@ -206,7 +206,7 @@ def test_a_ray_task_error_is_one_line(monkeypatch, capsys):
                                        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
                                        "ValueError: exit layer 99 out of range"), 1, "ValueError: exit layer 99 out of range")]
     for err, code, line in cases:
-        monkeypatch.setattr(dvi.run_cmd, "run", _raises(err))
+        monkeypatch.setattr(dvi.cli.run, "run", _raises(err))
         assert main(["run"]) == code
         assert capsys.readouterr().err == f"dvi run: error: {line}\n"
 

@@ -131,7 +131,7 @@ def test_modes():
 
 def test_bench_sizes_the_static_cache_before_anything_is_timed():
     """Growing the cache drops every captured graph: dvi bench sizes it for its longest prompt first."""
-    from dvi.bench import size_static_cache
+    from dvi.studies.bench import size_static_cache
     from selfspec.loading import Drafter
 
     model = tiny_llama(max_positions=600)

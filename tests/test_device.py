@@ -83,7 +83,7 @@ def test_explicit_cpu_float32_decodes_as_the_defaults_did(model_dir):
 
 
 def test_generate_command_with_device_and_dtype(model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", {"generate": "dvi.generate_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"generate": "dvi.cli.generate"})
     args = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "12", "-k", "2",
             "--policy", "fixed"]
     assert cli.main(args) == 0
@@ -99,7 +99,7 @@ def test_generate_command_with_device_and_dtype(model_dir, monkeypatch, capsys):
 
 
 def test_bench_records_device_and_dtype(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.bench_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.cli.bench"})
     prompts = write_prompts(tmp_path / "q.jsonl", PROMPTS)
     out = tmp_path / "bench.json"
     base = ["bench", "--model", str(model_dir), "--prompts", str(prompts), "--n", "2", "--max-new-tokens", "8",
@@ -121,7 +121,7 @@ def test_bench_records_device_and_dtype(model_dir, tmp_path, monkeypatch):
 
 def test_online_config_and_flags_carry_device_and_dtype():
     from dvi.config import ConfigError, load_config
-    from dvi.online_cmd import overrides
+    from dvi.cli.args import online_overrides as overrides
     from selfspec.online import OnlineConfig
 
     cfg = load_config(OnlineConfig, "configs/online.yaml")
@@ -146,7 +146,7 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
     import importlib.util
     from pathlib import Path
 
-    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.bench_cmd", "profile": "dvi.profile_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.cli.bench", "profile": "dvi.cli.profile"})
     prompts = write_prompts(tmp_path / "q.jsonl", PROMPTS)
     common = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8", "-k", "2",
               "--steps", "static", "--methods", "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"]

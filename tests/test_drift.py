@@ -1,6 +1,6 @@
-"""`dvi drift` (dvi/drift*.py): the recovery measure, per-phase numbers from a small requests.jsonl, the arms'
-run configs, config errors, the offline arm's prompts, the study loop with the runner stubbed, and the report
-of a synthetic study directory. No Ray, Redis or real model."""
+"""`dvi drift` (dvi/studies/drift*.py, dvi/report/drift.py): the recovery measure, per-phase numbers from a
+small requests.jsonl, the arms' run configs, config errors, the offline arm's prompts, the study loop with the
+runner stubbed, and the report of a synthetic study directory. No Ray, Redis or real model."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,9 @@ import yaml
 
 from dvi import cli
 from dvi.config import ConfigError, cli_overrides, load_config
-from dvi.drift_analysis import analyze_arm, plateau, recovery, trace_phases
-from dvi.drift_config import ARMS, DriftConfig, arm_config
-from dvi.drift_report import PLOT_FILES, write_drift_report
+from dvi.report.drift import PLOT_FILES, write_drift_report
+from dvi.studies.drift_analysis import analyze_arm, plateau, recovery, trace_phases
+from dvi.studies.drift_config import ARMS, DriftConfig, arm_config
 from run_fixtures import assert_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_per_phase_numbers_from_a_small_requests_file(tmp_path):
         _record("zz", "code", 6.0, 9.0, 9.9),  # not in the trace: ignored
     ]
     _jsonl(tmp_path / "requests.jsonl", records)
-    from dvi.drift_analysis import read_jsonl
+    from dvi.report.format import read_jsonl
 
     arm = analyze_arm(read_jsonl(tmp_path / "requests.jsonl"), trace_phases(trace), recovery_fraction=0.9,
                       plateau_fraction=0.5, rolling=2)
@@ -178,7 +178,7 @@ def test_a_trace_without_phases_is_refused(tmp_path):
 
 
 def test_offline_prompts_are_the_first_phase_with_an_unserved_prompt_held_out(tmp_path):
-    from dvi.drift import offline_config, study_trace, write_offline_prompts
+    from dvi.studies.drift import offline_config, study_trace, write_offline_prompts
     from selfspec.prompts import BUILTIN, load_prompts
 
     cfg = _config(tmp_path, _base(out_dir=str(tmp_path / "study")))
@@ -196,7 +196,7 @@ def test_offline_prompts_are_the_first_phase_with_an_unserved_prompt_held_out(tm
 
 
 def test_offline_prompts_from_a_trace_file_hold_out_the_phase_tail(tmp_path):
-    from dvi.drift import study_trace, write_offline_prompts
+    from dvi.studies.drift import study_trace, write_offline_prompts
 
     rows = [{"arrival_s": 0.0, "request_id": f"r{i}", "workload": "a" if i < 3 else "b", "prompt": f"text {i}",
              "max_new_tokens": 8, "temperature": 0.0} for i in range(5)]
@@ -218,9 +218,9 @@ def test_offline_prompts_from_a_trace_file_hold_out_the_phase_tail(tmp_path):
 
 
 def _fake_run(cfg, overwrite=False, progress=True):
-    """What dvi.runner.run leaves, without Ray: requests whose MAL drops at each shift and climbs back
+    """What dvi.run.runner.run leaves, without Ray: requests whose MAL drops at each shift and climbs back
     when the arm learns."""
-    from dvi.runner import load_trace, prepare_run_dir
+    from dvi.run.runner import load_trace, prepare_run_dir
 
     run_dir = prepare_run_dir(cfg, overwrite)
     if cfg.run_id.startswith("crashes"):
@@ -240,7 +240,7 @@ def _fake_run(cfg, overwrite=False, progress=True):
 
 
 def _fake_offline(cfg, drift_dir, requests, phases):
-    from dvi.drift import write_offline_prompts
+    from dvi.studies.drift import write_offline_prompts
 
     write_offline_prompts(cfg, requests, phases, drift_dir / "offline" / "prompts.jsonl")
     head = drift_dir / "offline" / "head"
@@ -250,12 +250,12 @@ def _fake_offline(cfg, drift_dir, requests, phases):
 
 
 def test_the_study_runs_each_arm_on_one_trace_and_summarizes(tmp_path, monkeypatch):
-    import dvi.drift
-    import dvi.runner
-    from dvi.drift import run_drift
+    import dvi.run.runner
+    import dvi.studies.drift
+    from dvi.studies.drift import run_drift
 
-    monkeypatch.setattr(dvi.runner, "run", _fake_run)
-    monkeypatch.setattr(dvi.drift, "train_offline_head", _fake_offline)
+    monkeypatch.setattr(dvi.run.runner, "run", _fake_run)
+    monkeypatch.setattr(dvi.studies.drift, "train_offline_head", _fake_offline)
     cfg = _config(tmp_path, _base(out_dir=str(tmp_path / "study")))
     drift_dir, summary = run_drift(cfg, progress=False, say=lambda line: None)
     assert summary["phases"] == ["chat", "code"] and summary["arms_run"] == list(ARMS)

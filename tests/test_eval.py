@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dvi import cli
-from dvi.bench import MethodRuns
-from dvi.spec_eval import Turn, conversation, print_table, run_head_dir, select_questions, summarise
+from dvi.cli.eval import print_table
+from dvi.studies.bench import MethodRuns
+from dvi.studies.eval import Turn, conversation, run_head_dir, select_questions, summarise
 from selfspec.drafter import DrafterHead, HeadConfig, save_head
 from selfspec.engine import DecodeResult, RoundStats
 from selfspec.prompts import messages_ids, spec_bench_prompts
@@ -125,7 +126,7 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys):
                 {"question_id": 3, "category": "coding", "turns": ["Skipped"]},
                 {"question_id": 4, "category": "qa", "turns": ["Skipped"]}]
         questions = write_questions(tmp_path / "q.jsonl", rows)
-        monkeypatch.setattr(cli, "COMMANDS", {"eval": "dvi.eval_cmd"})
+        monkeypatch.setattr(cli, "COMMANDS", {"eval": "dvi.cli.eval"})
         out = tmp_path / "eval.json"
         args = ["eval", "--model", str(tmp_path / "model"), "--run", str(tmp_path / "run"), "--questions", str(questions),
                 "--categories", "writing,coding", "--n-per-category", "1", "--max-new-tokens", "8", "--method", "dvi_spec",

@@ -120,7 +120,7 @@ def test_seeded_sampling_repeats_on_cuda():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_on_cuda(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.bench_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.cli.bench"})
     model_dir = save_tiny_model(tmp_path / "model")
     prompts = write_prompts(tmp_path / "q.jsonl", ["Sort a list.", "Why is the sky blue?", "Write a haiku."])
     out = tmp_path / "bench.json"

@@ -15,7 +15,7 @@ import pytest
 from run_fixtures import REPO, dvi_env, read_jsonl, request, write_run
 
 from dvi.config import load_config
-from dvi.run_config import RunConfig
+from dvi.run.config import RunConfig
 
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).parent / "ray")

@@ -1,4 +1,4 @@
-"""The report of a run directory (dvi/run_report.py, `dvi report`): built from a synthetic run directory
+"""The report of a run directory (dvi/report/run.py, `dvi report`): built from a synthetic run directory
 in the contract's format, from a partial one, and refused for a directory that is not a run."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dvi import cli
-from dvi.run_report import PLOT_FILES, write_run_report
+from dvi.report.run import PLOT_FILES, write_run_report
 from run_fixtures import assert_png
 
 ERROR = "ActorDiedError: actor 1 died (OOM) | while decoding"
@@ -140,7 +140,7 @@ def test_a_run_with_only_requests_still_renders_and_names_what_is_missing(tmp_pa
 
 
 def test_dvi_report_prints_the_report_path(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMANDS", {"report": "dvi.report_cmd"})  # only the command under test
+    monkeypatch.setattr(cli, "COMMANDS", {"report": "dvi.cli.report"})  # only the command under test
     make_run_dir(tmp_path, n_requests=4, steps=3)
     assert cli.main(["report", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
@@ -148,7 +148,7 @@ def test_dvi_report_prints_the_report_path(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("exists", [True, False])
 def test_dvi_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys, monkeypatch, exists):
-    monkeypatch.setattr(cli, "COMMANDS", {"report": "dvi.report_cmd"})
+    monkeypatch.setattr(cli, "COMMANDS", {"report": "dvi.cli.report"})
     run_dir = tmp_path / "empty"
     if exists:
         run_dir.mkdir()

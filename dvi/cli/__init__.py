@@ -1,32 +1,32 @@
-"""The `dvi` command line: one entry point, one module per subcommand (each exposes `add_parser`)."""
+"""The `dvi` command line: one entry point, one module per subcommand in this package (each exposes
+`add_parser(sub, name)`; it parses, calls the library in dvi.run, dvi.studies or dvi.report, and prints).
+No library module imports this package."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
+from dvi.errors import USER_ERRORS, UserError  # noqa: F401 (UserError: `from dvi.cli import UserError`)
+
 # subcommand module -> one-line help; modules are imported lazily so `dvi --help` stays fast.
 COMMANDS = {
-    "generate": "dvi.generate_cmd",
-    "bench": "dvi.bench_cmd",
-    "profile": "dvi.profile_cmd",  # where a method's time goes per token (torch.profiler)
-    "online": "dvi.online_cmd",
-    "ablate": "dvi.ablate_cmd",
-    "synth-prompts": "dvi.synth_prompts_cmd",
-    "redis": "dvi.redis_cmd",
-    "bench-buffer": "dvi.bench_buffer_cmd",
-    "trace": "dvi.trace_cmd",
-    "learner": "dvi.learner_cmd", "bench-learner": "dvi.bench_learner_cmd",  # learner/ (DeepSpeed ranks)
-    "run": "dvi.run_cmd",  # actors + learner + Redis, replaying a trace
-    "eval": "dvi.eval_cmd",
-    "report": "dvi.report_cmd",
-    "drift": "dvi.drift_cmd",  # arms of dvi run on one shifting trace
-    "data": "dvi.data_cmd",  # data sets into the cache: `dvi data fetch spec-bench`
+    "generate": "dvi.cli.generate",
+    "bench": "dvi.cli.bench",
+    "profile": "dvi.cli.profile",  # where a method's time goes per token (torch.profiler)
+    "online": "dvi.cli.online",
+    "ablate": "dvi.cli.ablate",
+    "synth-prompts": "dvi.cli.synth_prompts",
+    "redis": "dvi.cli.redis",
+    "bench-buffer": "dvi.cli.bench_buffer",
+    "trace": "dvi.cli.trace",
+    "learner": "dvi.cli.learner", "bench-learner": "dvi.cli.bench_learner",  # learner/ (DeepSpeed ranks)
+    "run": "dvi.cli.run",  # actors + learner + Redis, replaying a trace
+    "eval": "dvi.cli.eval",
+    "report": "dvi.cli.report",
+    "drift": "dvi.cli.drift",  # arms of dvi run on one shifting trace
+    "data": "dvi.cli.data",  # data sets into the cache: `dvi data fetch spec-bench`
 }
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, ConnectionError)
-
-
 def _ray_cause(err: BaseException) -> BaseException | None:
     """The exception raised inside a Ray task or actor (nested task errors unwrapped); None for others."""
     exceptions = sys.modules.get("ray.exceptions")  # only a command that started Ray can get its errors
@@ -84,7 +81,3 @@ def ray_failure(err: BaseException) -> str | None:
     errors = [line for line in lines if not line.startswith(("File ", "^", "Traceback")) and ": " in line
               and line.split(":", 1)[0].replace(".", "").isidentifier() and line.split(":", 1)[0].endswith(("Error", "Exception"))]
     return errors[-1] if errors else (lines[0] if lines else type(cause).__name__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

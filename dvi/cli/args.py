@@ -1,7 +1,6 @@
-"""Arguments shared by the decoding commands."""
+"""Arguments shared by several commands: the decoding commands' model and device flags, and the flags of
+`dvi online` that `dvi ablate` takes too."""
 from __future__ import annotations
-
-import warnings
 
 from selfspec.defaults import DEFAULT_MODEL
 
@@ -41,11 +40,32 @@ def add_device_args(p, dtype_default: str | None = "auto") -> None:
                         "2-5x slower at batch 1 on an H200 and departed from hf_ar's greedy output)")
 
 
-def quiet_transformers() -> None:
-    """Hide transformers' deprecation chatter and per-call progress bars; keep real errors."""
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+def add_online_args(p) -> None:
+    """The flags of `dvi online` and `dvi ablate`: a config file and the keys they may override."""
+    p.add_argument("--config", default=None, help="YAML config (see configs/online.yaml); flags below override it")
+    p.add_argument("--model", default=None)
+    p.add_argument("--workload", default=None, help="builtin, humaneval, spec-bench, or a Spec-Bench-format JSONL path")
+    p.add_argument("--train-prompts", type=int, default=None)
+    p.add_argument("--heldout-prompts", type=int, default=None, help="from the end of the workload, never trained on")
+    p.add_argument("--exit-layer", "-k", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    add_device_args(p, dtype_default=None)  # None: the config's dtype stands
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted for nested ones (YAML value), e.g. "
+                        "--set head.attention_layers=1 --set head.context_window=16; repeatable")
+
+
+def online_overrides(args) -> dict:
+    """add_online_args' flags (and --set) as config overrides of selfspec.config.OnlineConfig."""
+    from dvi.config import cli_overrides
+
+    flags = {"model": args.model, "workload": args.workload, "train_prompts": args.train_prompts,
+             "heldout_prompts": args.heldout_prompts, "exit_layer": args.exit_layer, "gamma": args.gamma,
+             "lr": args.lr, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+             "device": args.device, "dtype": args.dtype}
+    return cli_overrides(args.set, flags, "head.draft_vocab=8192")

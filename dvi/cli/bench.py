@@ -1,15 +1,9 @@
 """`dvi bench`: Hugging Face generate vs dvi on the same prompts; prints a table, writes JSON."""
 from __future__ import annotations
 
-from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
-from dvi.report_file import write_report
-
-# Here rather than in dvi.bench, which loads torch: `dvi --help` must not.
-METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",
-           "dvi_spec_ngram_dynamic")
-# Only when named in --methods: generate with transformers' preallocated ("static") KV cache, uncompiled
-# (hf_static) and as transformers runs it by default, compiled on CUDA (hf_compile).
-EXTRA_METHODS = ("hf_static", "hf_compile")
+from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.report.format import fixed, write_report
+from dvi.studies.methods import EXTRA_METHODS, METHODS, parse_methods
 
 
 def add_parser(sub, name):
@@ -30,15 +24,6 @@ def add_parser(sub, name):
     p.set_defaults(func=run)
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    """--methods: comma-separated names of METHODS and EXTRA_METHODS, in the order given."""
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = set(methods) - set(METHODS) - set(EXTRA_METHODS)
-    if unknown:
-        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
-    return methods
-
-
 def run(args) -> int:
     from dvi.model_checks import check_decoding_args
     from selfspec.prompts import load_prompts
@@ -48,7 +33,8 @@ def run(args) -> int:
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
     check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
-    from dvi.bench import run_bench
+    from dvi.studies.bench import run_bench
+    from selfspec.model import quiet_transformers
 
     quiet_transformers()
     drafter = load_drafter_from(args)
@@ -71,11 +57,7 @@ def print_table(report: dict) -> None:
         table.add_column(col, justify="right")
     for m in report["methods"]:
         split = m.get("time_split")
-        table.add_row(m["name"], f"{m['tokens_per_s']:.2f}", f"{m['speedup']:.2f}x", _fmt(m["mean_accepted_length"]),
-                      _fmt(m["acceptance_rate"]), f"{m['identical_to_ar']:.0%}",
+        table.add_row(m["name"], f"{m['tokens_per_s']:.2f}", f"{m['speedup']:.2f}x", fixed(m["mean_accepted_length"]),
+                      fixed(m["acceptance_rate"]), f"{m['identical_to_ar']:.0%}",
                       f"{split['draft']:.0%}/{split['verify']:.0%}" if split else "-")
     Console(width=120).print(table)
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"

@@ -39,16 +39,18 @@ def add_parser(sub, name):
 def run(args) -> int:
     from pathlib import Path
 
-    from dvi.cli import UserError
     from dvi.config import cli_overrides, load_config
-    from dvi.drift import run_drift
-    from dvi.drift_config import DriftConfig
+    from dvi.errors import UserError
     from dvi.model_checks import check_drift
-    from dvi.drift_report import load_summary, write_drift_report
+    from dvi.report.drift import write_drift_report
+    from dvi.report.format import read_json
+    from dvi.studies.drift import run_drift
+    from dvi.studies.drift_config import DriftConfig
 
     if args.report_only:
-        report = write_drift_report(args.report_only, load_summary(args.report_only))
-        print_table(load_summary(args.report_only) or _fresh(args.report_only))
+        summary_file = Path(args.report_only) / "summary.json"
+        report = write_drift_report(args.report_only, read_json(summary_file))
+        print_table(read_json(summary_file) or _fresh(args.report_only))
         print(f"report: {report}")
         return 0
     config = args.config
@@ -70,7 +72,7 @@ def run(args) -> int:
 
 
 def _fresh(drift_dir) -> dict:
-    from dvi.drift_report import summarize_study
+    from dvi.studies.drift_analysis import summarize_study
 
     return summarize_study(drift_dir)[0]
 
@@ -79,6 +81,8 @@ def print_table(summary: dict) -> None:
     """One row per arm and phase: live MAL, decoding tokens/s, the recovery after the shift into the phase."""
     from rich.console import Console
     from rich.table import Table
+
+    from dvi.report.format import DASH, fixed
 
     phases = summary.get("phases") or []
     table = Table(title="dvi drift: per arm and phase", show_header=True,
@@ -96,14 +100,11 @@ def print_table(summary: dict) -> None:
             if p:
                 n, s = entry["recovery_requests"][p - 1], entry["recovery_seconds"][p - 1]
                 recovered = "never" if n is None else f"{n}" + (f" ({s:.1f} s)" if s is not None else "")
-            table.add_row(arm if p == 0 else "", f"{p + 1}. {workload}", _f(entry["phase_mal"][p], 3),
-                          _f(entry["phase_tokens_per_s"][p], 1), recovered,
-                          _f(entry.get("heldout_mal_last"), 3) if p == 0 else "", end_section=p == len(phases) - 1)
+            table.add_row(arm if p == 0 else "", f"{p + 1}. {workload}", fixed(entry["phase_mal"][p], 3, DASH),
+                          fixed(entry["phase_tokens_per_s"][p], 1, DASH), recovered,
+                          fixed(entry.get("heldout_mal_last"), 3, DASH) if p == 0 else "",
+                          end_section=p == len(phases) - 1)
     Console().print(table)
     if summary.get("arms_failed"):
         for arm, error in summary["arms_failed"].items():
             print(f"arm {arm} failed: {error}")
-
-
-def _f(value, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"

@@ -3,10 +3,10 @@ Hugging Face greedy decoding at batch 1: speedup, mean accepted length, acceptan
 hf_ar per category and overall. Prints a table, writes JSON."""
 from __future__ import annotations
 
-from dvi.bench_cmd import METHODS
-from dvi.cli import UserError
-from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
-from dvi.report_file import write_report
+from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.errors import UserError
+from dvi.report.format import fixed, write_report
+from dvi.studies.methods import METHODS
 
 DEFAULT_QUESTIONS = "spec-bench"  # DVI_SPEC_BENCH, else the copy `dvi data fetch spec-bench` downloads
 DVI_METHODS = tuple(m for m in METHODS if m.startswith("dvi_"))
@@ -35,7 +35,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from dvi.model_checks import check_decoding_args
-    from dvi.spec_eval import EvalSpec, print_table, report, run_eval, run_head_dir, select_questions
+    from dvi.studies.eval import EvalSpec, report, run_eval, run_head_dir, select_questions
     from selfspec.prompts import prompt_file, spec_bench_prompts
 
     if args.run and args.drafter:
@@ -53,6 +53,8 @@ def run(args) -> int:
     head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
     check_decoding_args(args, head_dir)  # the model's layers and positions, the head's shape, before a model loads
 
+    from selfspec.model import quiet_transformers
+
     quiet_transformers()
     drafter = load_drafter_from(args, head_dir)
     drafter.meta.setdefault("base_model", args.model)
@@ -63,3 +65,29 @@ def run(args) -> int:
     print_table(out)
     write_report(out, args.out)
     return 0
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """One row per category, then `overall`: category, turns, speedup, MAL, acceptance, identical turns."""
+    def row(name: str, s: dict) -> list[str]:
+        return [name, str(s["turns"]), f"{s['speedup']:.2f}x", fixed(s["mean_accepted_length"]),
+                fixed(s["acceptance_rate"]), f"{s['identical_turns']}/{s['turns']}"]
+    return [row(c, s) for c, s in summary["categories"].items()] + [row("overall", summary["overall"])]
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    console.print(f"{report['method']} vs hf_ar: {report['model']} on {report['machine']}, "
+                  f"{report['n']['questions']} questions ({report['n']['turns']} turns) x "
+                  f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, "
+                  f"drafter {report.get('drafter') or 'untrained head'}", highlight=False)
+    table = Table()
+    for i, col in enumerate(("category", "turns", "speedup", "MAL", "accept", "identical")):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    rows = table_rows(report)
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=i == len(rows) - 2)
+    console.print(table)

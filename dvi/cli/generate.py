@@ -1,7 +1,7 @@
 """`dvi generate`: decode one prompt with the self-speculative decoder and show per-round stats."""
 from __future__ import annotations
 
-from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
+from dvi.cli.args import add_model_args, load_drafter_from
 from selfspec.defaults import POLICIES
 
 
@@ -27,6 +27,7 @@ def run(args) -> int:
     from selfspec.device import dtype_name
     from selfspec.engine import SelfSpecDecoder
     from selfspec.loading import make_policy
+    from selfspec.model import quiet_transformers
     from selfspec.prompts import chat_ids
 
     quiet_transformers()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvi.common_args import add_model_args, load_drafter_from, quiet_transformers
-from dvi.report_file import write_report
+from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.report.format import write_report
 
 DEFAULT_METHODS = "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"
 
@@ -35,9 +35,10 @@ def run(args) -> int:
     from dvi.model_checks import check_decoding_args
 
     check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
-    from dvi.bench import machine_info, make_runners, size_static_cache
-    from dvi.bench_cmd import parse_methods
-    from selfspec.prompts import chat_ids, load_prompts
+    from dvi.studies.methods import parse_methods
+    from dvi.studies.profile import run_profile
+    from selfspec.model import quiet_transformers
+    from selfspec.prompts import load_prompts
 
     quiet_transformers()
     methods = parse_methods(args.methods)
@@ -45,51 +46,11 @@ def run(args) -> int:
     if not prompts:
         raise ValueError(f"--offset {args.offset}: no prompt there in {args.prompts}")
     drafter = load_drafter_from(args)
-    ids = chat_ids(drafter.tokenizer, prompts[0].text)
-    size_static_cache(drafter, [ids], args.max_new_tokens, args.gamma)
-    runners = make_runners(drafter, args.max_new_tokens, args.gamma, methods)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [profile_method(name, runners[name], ids, drafter.split.device, out, args.trace)
-            for name in methods if name in runners]
-    report = {**machine_info(drafter), "model": args.model, "prompt": prompts[0].id, "max_new_tokens": args.max_new_tokens,
-              "gamma": args.gamma, "methods": rows}
+    report = run_profile(drafter, prompts[0], methods, args.max_new_tokens, args.gamma, out, args.trace, args.model)
     print_table(report)
     write_report(report, out / "profile.json")
     return 0
-
-
-def profile_method(name: str, runner, ids: list[int], device, out: Path, trace: bool) -> dict:
-    """One warm-up run, then one profiled run of `runner` on `ids`: per-token times and kernel counts."""
-    import time
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from selfspec.device import synchronize
-
-    runner(ids)  # allocates, picks kernels, captures graphs: not what a steady-state token costs
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        tokens, _ = runner(ids)
-        synchronize(device)
-        wall = time.perf_counter() - start
-    n = max(len(tokens), 1)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    gpu_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-    averages = prof.key_averages()
-    cpu_s = sum(e.self_cpu_time_total for e in averages) / 1e6
-    sort_by = "self_device_time_total" if kernels else "self_cpu_time_total"
-    (out / f"{name}.txt").write_text(averages.table(sort_by=sort_by, row_limit=30) + "\n")
-    if trace:
-        prof.export_chrome_trace(str(out / f"{name}.trace.json"))
-    return {"name": name, "tokens": len(tokens), "wall_ms_per_token": 1e3 * wall / n,
-            "tokens_per_s": len(tokens) / wall, "cpu_op_ms_per_token": 1e3 * cpu_s / n,
-            "gpu_ms_per_token": 1e3 * gpu_s / n if kernels else None,
-            "kernels_per_token": len(kernels) / n if kernels else None,
-            "gpu_busy": gpu_s / wall if kernels else None}
 
 
 def print_table(report: dict) -> None:

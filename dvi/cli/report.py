@@ -10,7 +10,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from dvi.run_report import write_run_report
+    from dvi.report.run import write_run_report
 
     print(write_run_report(args.run_dir))
     return 0

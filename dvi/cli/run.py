@@ -35,8 +35,8 @@ def add_parser(sub, name):
 def run(args) -> int:
     from dvi.config import cli_overrides, load_config
     from dvi.model_checks import check_run
-    from dvi.run_config import RunConfig
-    from dvi.runner import run as run_system
+    from dvi.run.config import RunConfig
+    from dvi.run.runner import run as run_system
 
     flags = {"out_dir": args.out_dir, "run_id": args.run_id, "redis.url": args.redis_url,
              "actors.count": args.actors, "trace.path": args.trace}
@@ -54,7 +54,7 @@ def run(args) -> int:
 
 
 def _report(run_dir):
-    from dvi.run_report import write_run_report
+    from dvi.report.run import write_run_report
 
     return write_run_report(run_dir)
 

@@ -6,7 +6,6 @@ for `dvi online --set extra_train_workload=FILE`.
 """
 from __future__ import annotations
 
-from dvi.common_args import quiet_transformers
 from selfspec.defaults import DEFAULT_MODEL
 
 
@@ -26,7 +25,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from selfspec.model import load_model
+    from selfspec.model import load_model, quiet_transformers
     from selfspec.prompts import load_prompts
     from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts, write_spec_bench_jsonl
 

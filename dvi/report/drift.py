@@ -8,58 +8,18 @@ run, or stopped early, is named and reported with what it left.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from dvi import plots
-from dvi.drift_analysis import analyze
+from dvi.report import plots
+from dvi.report.format import DASH, fixed, md_cell, md_table, read_json
+from dvi.studies.drift_analysis import study_settings, summarize_study
 
 PLOT_FILES = {"mal": "drift_mal.png", "phases": "drift_phases.png"}
-DEFAULTS = {"recovery_fraction": 0.9, "plateau_fraction": 0.5, "rolling": 4,
-            "arms": ["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]}
 
 
 def is_drift_dir(path: str | Path) -> bool:
     path = Path(path)
     return (path / "arms").is_dir() and (path / "trace.jsonl").is_file()
-
-
-def study_settings(drift_dir: str | Path) -> dict:
-    """recovery_fraction, plateau_fraction, rolling and arms from the study's config.yaml, else defaults."""
-    settings = dict(DEFAULTS)
-    config = Path(drift_dir) / "config.yaml"
-    if config.is_file():
-        import yaml
-
-        try:
-            data = yaml.safe_load(config.read_text())
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict):
-            settings.update({k: data[k] for k in DEFAULTS if data.get(k) is not None})
-    return settings
-
-
-def summarize_study(drift_dir: str | Path, settings: dict | None = None):
-    """(summary.json's data, per-arm analyses) of a study directory."""
-    settings = settings or study_settings(drift_dir)
-    summary, analyses = analyze(drift_dir, list(settings["arms"]), settings["recovery_fraction"],
-                                settings["plateau_fraction"], settings["rolling"])
-    summary["settings"] = {k: settings[k] for k in ("recovery_fraction", "plateau_fraction", "rolling")}
-    return summary, analyses
-
-
-def _f(value, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
-            *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows)]
 
 
 def _recovery_cell(arm: dict, p: int) -> str:
@@ -78,7 +38,7 @@ def write_drift_report(drift_dir: str | Path, summary: dict | None = None) -> Pa
     drift_dir = Path(drift_dir)
     settings = study_settings(drift_dir)
     fresh, analyses = summarize_study(drift_dir, settings)
-    summary = summary if summary is not None else load_summary(drift_dir)
+    summary = summary if summary is not None else read_json(drift_dir / "summary.json")
     summary = {**fresh, **{k: v for k, v in (summary or {}).items() if k not in fresh}}
     phases, arms = summary["phases"], summary["arms"]
     plot_dir = drift_dir / "plots"
@@ -96,8 +56,8 @@ def write_drift_report(drift_dir: str | Path, summary: dict | None = None) -> Pa
              "- **files**: [config.yaml](config.yaml), [trace.jsonl](trace.jsonl), [summary.json](summary.json); "
              "each arm's run directory and its own report under `arms/<arm>/`", ""]
     if summary.get("arms_failed"):
-        lines += ["**Failed arms**: " + "; ".join(f"`{a}`: {_cell(e)}" for a, e in summary["arms_failed"].items()),
-                  ""]
+        failed = summary["arms_failed"].items()
+        lines += ["**Failed arms**: " + "; ".join(f"`{a}`: {md_cell(e, '')}" for a, e in failed), ""]
 
     lines += ["## Plots", ""]
     for key, title, make in (("mal", "Live MAL across the shifts", _plot_mal),
@@ -123,15 +83,16 @@ def write_drift_report(drift_dir: str | Path, summary: dict | None = None) -> Pa
         for p, workload in enumerate(phases):
             rows.append([f"`{arm}`" if p == 0 else "", f"{p + 1}. {workload}",
                          f"{entry['phase_completed'][p]}/{summary['phase_requests'][p]}",
-                         _f(entry["phase_mal"][p]), _f(entry["phase_tokens_per_s"][p], 1), _recovery_cell(entry, p)])
-    lines += _table(["arm", "phase", "completed", "MAL (tokens/round)", "decoding tokens/s", "recovery"], rows)
+                         fixed(entry["phase_mal"][p], 3, DASH), fixed(entry["phase_tokens_per_s"][p], 1, DASH),
+                         _recovery_cell(entry, p)])
+    lines += md_table(["arm", "phase", "completed", "MAL (tokens/round)", "decoding tokens/s", "recovery"], rows, "")
     lines.append("")
     learned = {a: e for a, e in arms.items() if e.get("heldout_mal_last") is not None}
     if learned:
         lines += ["## Held-out MAL of the learning arms", "",
-                  *_table(["arm", "first version", "last version"],
-                          [[f"`{a}`", _f(e.get("heldout_mal_first")), _f(e.get("heldout_mal_last"))]
-                           for a, e in learned.items()]), ""]
+                  *md_table(["arm", "first version", "last version"],
+                            [[f"`{a}`", fixed(e.get("heldout_mal_first"), 3, DASH),
+                              fixed(e.get("heldout_mal_last"), 3, DASH)] for a, e in learned.items()], ""), ""]
     lines += [f"_Regenerate with `dvi report {drift_dir}` (or `dvi drift --report-only {drift_dir}`)._", ""]
     report = drift_dir / "report.md"
     report.write_text("\n".join(lines))
@@ -167,11 +128,3 @@ def _plot_phases(out: Path, summary: dict, analyses: dict, settings: dict) -> st
         out)
     return ("Top: mean live MAL of each phase's completed requests; bottom: their tokens over the seconds actors "
             "spent decoding them.")
-
-
-def load_summary(drift_dir: str | Path) -> dict:
-    path = Path(drift_dir) / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -1,8 +1,10 @@
 """PNG plots for run reports (matplotlib, headless): `dvi online`'s MAL curves and the plots of a
-`dvi run` directory's report (dvi/run_report.py)."""
+`dvi run` directory's report (dvi/report/run.py) and of a drift study's (dvi/report/drift.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from dvi.report.format import PERCENTILES
 
 
 def _pyplot():
@@ -32,7 +34,6 @@ def plot_mal_curves(curves: list[tuple[str, list[dict]]], file: Path, gamma: int
 
 EVENT_STYLES = {"actor_restart": ("tab:red", "actor restart"), "learner_restart": ("tab:purple", "learner restart"),
                 "redis_restart": ("tab:brown", "Redis restart"), "learner_failed": ("black", "learner failed")}
-PERCENTILES = (50, 90, 99)
 
 
 def _save(fig, file: Path) -> None:

@@ -2,7 +2,7 @@
 
     write_run_report("runs/my_run")  # -> runs/my_run/report.md
 
-The directory is read by `dvi.run_files` (leniently: what exists is rendered, what is missing is named);
+The directory is read by `dvi.run.files` (leniently: what exists is rendered, what is missing is named);
 config.yaml and trace.jsonl are only linked.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from bisect import bisect_right
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dvi import plots
-from dvi import run_files as rf  # the run directory read, and its numbers
+from dvi.report import plots
+from dvi.report.format import mean, md_table, number, percentiles, read_yaml, rolling_mean
+from dvi.run import files as rf  # the run directory read leniently
 
 PLOT_FILES = {"heldout_mal": "heldout_mal.png", "live": "live_mal_throughput.png", "learner": "learner.png",
               "latency": "latency_percentiles.png", "policy_lag": "policy_lag.png"}
@@ -65,14 +66,14 @@ FAILED_SHOWN = 20
 def _plot_heldout(files: rf.RunFiles, out: Path):
     points = {}
     for v in files.versions:
-        version, mal = rf.number(v.get("version")), rf.number(v.get("heldout_mal"))
+        version, mal = number(v.get("version")), number(v.get("heldout_mal"))
         if version is not None and mal is not None:
             points[int(version)] = mal
     source = "learner/versions.jsonl"
     if not points:
         by_version = (files.summary or {}).get("heldout_mal_by_version") or {}
         for version, mal in by_version.items() if isinstance(by_version, dict) else ():
-            if str(version).lstrip("-").isdigit() and rf.number(mal) is not None:
+            if str(version).lstrip("-").isdigit() and number(mal) is not None:
                 points[int(version)] = float(mal)
         source = "summary.json heldout_mal_by_version"
     if not points:
@@ -85,15 +86,15 @@ def _plot_heldout(files: rf.RunFiles, out: Path):
 
 
 def _plot_live(files: rf.RunFiles, out: Path, events):
-    ok = [r for r in files.requests if r.get("ok") and rf.number(r.get("done_s")) is not None
-          and rf.number(r.get("mean_accepted_length")) is not None]
+    ok = [r for r in files.requests if r.get("ok") and number(r.get("done_s")) is not None
+          and number(r.get("mean_accepted_length")) is not None]
     mal, windows = {}, []
     for workload, rs in rf.by_workload(ok).items():
         rs = sorted(rs, key=lambda r: r["done_s"])
         window = rf.rolling_window(len(rs))
         windows.append(window)
         mal[f"{workload} (n={len(rs)}" + (f", mean of last {window})" if window > 1 else ")")] = (
-            [r["done_s"] for r in rs], rf.rolling_mean([r["mean_accepted_length"] for r in rs], window))
+            [r["done_s"] for r in rs], rolling_mean([r["mean_accepted_length"] for r in rs], window))
     snapshots = rf.actors_events(files.metrics)
     overall = rf.series(snapshots, "t", "charts/mean_accepted_length")
     served = rf.series(snapshots, "t", "charts/served_tokens_per_s")
@@ -121,8 +122,8 @@ def _plot_live(files: rf.RunFiles, out: Path, events):
 
 
 def _tokens_per_s_from_requests(requests: list[dict]) -> tuple[tuple[list, list] | None, float]:
-    done = [(r["done_s"], rf.number(r.get("tokens")) or 0.0) for r in requests
-            if r.get("ok") and rf.number(r.get("done_s")) is not None]
+    done = [(r["done_s"], number(r.get("tokens")) or 0.0) for r in requests
+            if r.get("ok") and number(r.get("done_s")) is not None]
     if not done:
         return None, 0.0
     end = max(t for t, _ in done)
@@ -138,7 +139,7 @@ def _plot_learner(files: rf.RunFiles, out: Path):
     steps: dict[int, dict] = {}  # the last record of each step: after a resume, steps are trained again
     resumes = []
     for record in files.learner:
-        step = rf.number(record.get("step"))
+        step = number(record.get("step"))
         if step is None:
             continue
         if record.get("event") == "resume":
@@ -170,7 +171,7 @@ def _plot_latency(files: rf.RunFiles, out: Path):
     groups = rf.by_workload(ok)
     if len(groups) > 1:
         groups = {"all": ok, **groups}
-    stats = {w: {"latency": rf.percentiles(rf.values(rs, "latency_s")), "TTFT": rf.percentiles(rf.values(rs, "ttft_s"))}
+    stats = {w: {"latency": percentiles(rf.values(rs, "latency_s")), "TTFT": percentiles(rf.values(rs, "ttft_s"))}
              for w, rs in groups.items()}
     stats = {w: s for w, s in stats.items() if s["latency"] or s["TTFT"]}
     if not stats:
@@ -188,8 +189,8 @@ def _plot_policy_lag(files: rf.RunFiles, out: Path, events):
         return out, ("Policy lag: how many published versions the most out-of-date actor's drafter head is behind "
                      "the latest (metrics.jsonl actor snapshots).")
     timeline = rf.version_timeline(files)
-    served = [(r["done_s"], rf.number(rf.extra(r).get("head_version")), rf.workload(r))
-              for r in files.requests if rf.number(r.get("done_s")) is not None]
+    served = [(r["done_s"], number(rf.extra(r).get("head_version")), rf.workload(r))
+              for r in files.requests if number(r.get("done_s")) is not None]
     served = [(t, v, w) for t, v, w in served if v is not None]
     if not served:
         return None, "no head_lag in metrics.jsonl and no requests with extra.head_version"
@@ -220,22 +221,11 @@ def _plot_policy_lag(files: rf.RunFiles, out: Path, events):
 # ---------------------------------------------------------------- markdown
 
 
-def _cell(value) -> str:
-    text = "—" if value is None or value == "" else str(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
-
-
-def table(headers: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _fmt(value, kind: str = "auto") -> str:
     if value is None:
         return "—"
     if kind == "versions" and isinstance(value, dict):
-        pts = sorted((int(k), rf.number(v)) for k, v in value.items() if str(k).lstrip("-").isdigit())
+        pts = sorted((int(k), number(v)) for k, v in value.items() if str(k).lstrip("-").isdigit())
         pts = [(k, v) for k, v in pts if v is not None]
         if not pts:
             return "—"
@@ -244,7 +234,7 @@ def _fmt(value, kind: str = "auto") -> str:
         return ", ".join(f"{k} {_fmt(v, 'float')}" for k, v in value.items())
     if kind == "counts" and isinstance(value, dict):
         return ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in value.items()) or "none"
-    if kind == "seconds" and rf.number(value) is not None:
+    if kind == "seconds" and number(value) is not None:
         s = float(value)
         return f"{s:.1f} s" + (f" ({int(s // 60)} min {s % 60:.0f} s)" if s >= 60 else "")
     if kind == "code" and isinstance(value, str):
@@ -253,7 +243,7 @@ def _fmt(value, kind: str = "auto") -> str:
         return _short(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (kind == "int" and rf.number(value) is not None and float(value).is_integer()):
+    if isinstance(value, int) or (kind == "int" and number(value) is not None and float(value).is_integer()):
         return f"{int(value):,}"
     if isinstance(value, float):
         digits = {"float": 3, "float1": 1}.get(kind)
@@ -265,7 +255,7 @@ def _fmt(value, kind: str = "auto") -> str:
 
 def _utc(value) -> str:
     """Unix time as UTC text; anything else as it is."""
-    if rf.number(value) is None:
+    if number(value) is None:
         return str(value)
     try:
         return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -291,23 +281,14 @@ def _run_id(files: rf.RunFiles) -> str:
     summary = files.summary or {}
     if summary.get("run_id"):
         return str(summary["run_id"])
-    config = files.dir / "config.yaml"
-    if config.is_file():
-        try:
-            import yaml
-
-            cfg = yaml.safe_load(config.read_text())
-            if isinstance(cfg, dict) and cfg.get("run_id"):
-                return str(cfg["run_id"])
-        except Exception:  # a broken config is only linked, never a reason not to report
-            pass
-    return files.dir.resolve().name
+    run_id = read_yaml(files.dir / "config.yaml").get("run_id")  # a broken config is only linked
+    return str(run_id) if run_id else files.dir.resolve().name
 
 
 def _summary_section(files: rf.RunFiles) -> list[str]:
     if files.summary is None:
         return ["## Summary", "", "_No summary.json (the run did not finish?): numbers below come from "
-                "requests.jsonl alone._", "", *table(["", "value"], _summary_from_requests(files.requests)), ""]
+                "requests.jsonl alone._", "", *md_table(["", "value"], _summary_from_requests(files.requests)), ""]
     s = files.summary
     rows, absent = [], [key for key, _, _, core in SUMMARY_ROWS if core and key not in s]
     changes = {last: (first, label) for first, last, label in CHANGES}
@@ -315,12 +296,12 @@ def _summary_section(files: rf.RunFiles) -> list[str]:
         if core or key in s:
             rows.append([label, _fmt(s.get(key), kind)])
         if key in changes:  # right under the pair it compares
-            a, b = rf.number(s.get(changes[key][0])), rf.number(s.get(key))
+            a, b = number(s.get(changes[key][0])), number(s.get(key))
             if a is not None and b is not None:
                 rows.append([changes[key][1], f"{b - a:+.3f}" + (f" ({(b / a - 1) * 100:+.1f}%)" if a else "")])
     known = {key for key, *_ in SUMMARY_ROWS} | HEADER_KEYS
     rows += [[f"`{k}`", _fmt(v)] for k, v in s.items() if k not in known]
-    lines = ["## Summary", "", *table(["", "value"], rows), ""]
+    lines = ["## Summary", "", *md_table(["", "value"], rows), ""]
     if absent:
         lines += [f"_Not in summary.json: {', '.join(f'`{k}`' for k in absent)}._", ""]
     return lines
@@ -330,7 +311,7 @@ def _summary_from_requests(requests: list[dict]) -> list[list]:
     ok = [r for r in requests if r.get("ok")]
     ends = rf.values(requests, "done_s")
     return [["requests completed", f"{len(ok):,}"], ["requests failed", f"{len(requests) - len(ok):,}"],
-            ["mean MAL (completed requests)", _fmt(rf.mean(rf.values(ok, "mean_accepted_length")), "float")],
+            ["mean MAL (completed requests)", _fmt(mean(rf.values(ok, "mean_accepted_length")), "float")],
             ["last request done at", _fmt(max(ends), "seconds") if ends else "—"]]
 
 
@@ -343,12 +324,12 @@ def _workload_section(files: rf.RunFiles) -> list[str]:
     rows = []
     for workload, rs in groups.items():
         ok = [r for r in rs if r.get("ok")]
-        lat, ttft = rf.percentiles(rf.values(ok, "latency_s")), rf.percentiles(rf.values(ok, "ttft_s"))
+        lat, ttft = percentiles(rf.values(ok, "latency_s")), percentiles(rf.values(ok, "ttft_s"))
         rows.append([workload, len(rs), len(ok), len(rs) - len(ok),
-                     _fmt(rf.mean(rf.values(ok, "mean_accepted_length")), "float"),
-                     _fmt(rf.mean(rf.values(ok, "tokens_per_s")), "float1"),
+                     _fmt(mean(rf.values(ok, "mean_accepted_length")), "float"),
+                     _fmt(mean(rf.values(ok, "tokens_per_s")), "float1"),
                      _fmt(lat[0], "float") if lat else "—", _fmt(ttft[0], "float") if ttft else "—"])
-    return ["## Per workload", "", *table(["workload", "requests", "ok", "failed", "mean MAL (tokens/round)",
+    return ["## Per workload", "", *md_table(["workload", "requests", "ok", "failed", "mean MAL (tokens/round)",
                                            "mean tokens/s", "p50 latency (s)", "p50 TTFT (s)"], rows), ""]
 
 
@@ -359,11 +340,11 @@ def _failed_section(files: rf.RunFiles) -> list[str]:
     if not failed:
         return ["## Failed requests", "", "None.", ""]
     shown = failed[:FAILED_SHOWN]
-    rows = [[r.get("request_id"), rf.workload(r), _fmt(rf.number(r.get("done_s")), "float1"),
+    rows = [[r.get("request_id"), rf.workload(r), _fmt(number(r.get("done_s")), "float1"),
              _short(r.get("error") or "(no error message)")] for r in shown]
     more = f" (the first {len(shown)})" if len(failed) > len(shown) else ""
     return [f"## Failed requests: {len(failed)} of {len(files.requests)}{more}", "",
-            *table(["request", "workload", "done at (s)", "error"], rows), ""]
+            *md_table(["request", "workload", "done at (s)", "error"], rows), ""]
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -382,27 +363,27 @@ def _events_section(files: rf.RunFiles) -> list[str]:
     restarts = rf.restarts(files.metrics)
     if not restarts:
         return [] if "metrics.jsonl" in files.missing else ["## Restarts", "", "None recorded in metrics.jsonl.", ""]
-    rows = [[_fmt(rf.number(e.get("t")), "float1"), e.get("event"), _short(_event_detail(e), 160)]
+    rows = [[_fmt(number(e.get("t")), "float1"), e.get("event"), _short(_event_detail(e), 160)]
             for e in restarts[:FAILED_SHOWN]]
     counts = ", ".join(f"{k.replace('_', ' ')} × {sum(e['event'] == k for e in restarts)}"
                        for k in rf.RESTARTS if any(e["event"] == k for e in restarts))
     more = f" (the first {FAILED_SHOWN})" if len(restarts) > FAILED_SHOWN else ""
-    return [f"## Restarts: {counts}{more}", "", *table(["t (s)", "event", "detail"], rows), ""]
+    return [f"## Restarts: {counts}{more}", "", *md_table(["t (s)", "event", "detail"], rows), ""]
 
 
 def write_run_report(run_dir: str | Path) -> Path:
     """Write `report.md` and `plots/*.png` into `run_dir` from what it holds; returns the report's path.
     Raises FileNotFoundError if `run_dir` has neither summary.json nor requests.jsonl. A `dvi drift` study
-    directory (arms/ and trace.jsonl, no requests.jsonl) gets the study's report (dvi/drift_report.py)."""
+    directory (arms/ and trace.jsonl, no requests.jsonl) gets the study's report (dvi/report/drift.py)."""
     if (Path(run_dir) / "arms").is_dir() and not (Path(run_dir) / "requests.jsonl").exists():
-        from dvi.drift_report import is_drift_dir, write_drift_report
+        from dvi.report.drift import is_drift_dir, write_drift_report
 
         if is_drift_dir(run_dir):
             return write_drift_report(run_dir)
     files = rf.load_run(run_dir)
     plot_dir = files.dir / "plots"
     plot_dir.mkdir(exist_ok=True)
-    events = [(float(e["t"]), e["event"]) for e in rf.restarts(files.metrics) if rf.number(e.get("t")) is not None]
+    events = [(float(e["t"]), e["event"]) for e in rf.restarts(files.metrics) if number(e.get("t")) is not None]
     makers = [("Held-out MAL by version", "heldout_mal", lambda out: _plot_heldout(files, out)),
               ("Live MAL and served throughput", "live", lambda out: _plot_live(files, out, events)),
               ("Learner losses and schedule", "learner", lambda out: _plot_learner(files, out)),

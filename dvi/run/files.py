@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvi.plots import PERCENTILES
+from dvi.report.format import jsonl_records, number
 
 RESTARTS = ("actor_restart", "learner_restart", "redis_restart", "learner_failed")
 
@@ -30,32 +30,12 @@ class RunFiles:
     problems: list[str] = field(default_factory=list)  # one line per file read only in part
 
 
-def number(value) -> float | None:
-    """A finite float, or None for null / NaN / non-numbers."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _read_jsonl(path: Path, files: RunFiles) -> list[dict]:
     rel = path.relative_to(files.dir).as_posix()
     if not path.is_file():
         files.missing.append(rel)
         return []
-    records, bad = [], 0
-    with path.open(errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
+    records, bad = jsonl_records(path)
     if bad:
         files.problems.append(f"`{rel}`: {bad} unreadable line{'s' * (bad != 1)} skipped (a run cut short?)")
     return records
@@ -89,17 +69,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
     return files
 
 
-# ---------------------------------------------------------------- numbers
-
-
-def percentiles(values: list[float]) -> list[float] | None:
-    import numpy as np
-
-    return [float(v) for v in np.percentile(values, PERCENTILES)] if values else None
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+# ---------------------------------------------------------------- numbers (the shared ones: dvi/report/format.py)
 
 
 def values(requests: list[dict], key: str) -> list[float]:
@@ -120,17 +90,6 @@ def by_workload(requests: list[dict]) -> dict[str, list[dict]]:
     for r in requests:
         groups.setdefault(workload(r), []).append(r)
     return dict(sorted(groups.items()))
-
-
-def rolling_mean(values: list[float], window: int) -> list[float]:
-    """Mean of the last `window` values at each position (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def rolling_window(n: int) -> int:

@@ -24,7 +24,8 @@ import yaml
 
 from actors.dispatch import Dispatcher, RequestRecord, line_error_records, replay_trace
 from actors.trace import TraceRequest, read_trace, write_trace
-from dvi.run_config import RUN_OWNED, RunConfig
+from dvi.report.format import fixed, read_jsonl
+from dvi.run.config import RUN_OWNED, RunConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FINISH_TIMEOUT_S = 1800
@@ -137,8 +138,8 @@ def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progre
 
     from actors.generation import start_actor
     from buffer.stream import run_stats
-    from dvi.run_monitor import Monitor
-    from dvi.run_summary import stream_buffered, summarize
+    from dvi.run.monitor import Monitor
+    from dvi.run.summary import stream_buffered, summarize
     from learner.launch import SupervisedLearner
     from learner.metrics_log import MetricsLog
 
@@ -206,8 +207,8 @@ def _replay(cfg: RunConfig, trace: Trace, actors: list, monitor, run_dir: Path, 
         out.flush()
         failed[0] += not record.ok
         snap = monitor.latest
-        bar.set_postfix({"failed": failed[0], "tok/s": _fmt(snap.get("charts/served_tokens_per_s")),
-                         "MAL": _fmt(snap.get("charts/mean_accepted_length")),
+        bar.set_postfix({"failed": failed[0], "tok/s": fixed(snap.get("charts/served_tokens_per_s")),
+                         "MAL": fixed(snap.get("charts/mean_accepted_length")),
                          "head": snap.get("charts/head_version")}, refresh=False)
         bar.update(1)
 
@@ -248,7 +249,7 @@ def _first_answer(records: list[dict]) -> float | None:
 
 def _versions(run_dir: Path) -> list[dict]:
     path = run_dir / "learner" / "versions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 def _last_head(run_dir: Path) -> str | None:
@@ -260,7 +261,3 @@ def _last_head(run_dir: Path) -> str | None:
     link.unlink(missing_ok=True)
     link.symlink_to(heads[-1].relative_to(run_dir), target_is_directory=True)
     return str(heads[-1])
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"

@@ -11,6 +11,7 @@ import numpy as np
 import redis
 
 from buffer.keys import RunKeys
+from dvi.report.format import PERCENTILES, decode_tokens_per_s, percentiles
 from selfspec.versions import package_versions
 
 
@@ -32,22 +33,15 @@ def windows(records: list[dict], fraction: float) -> tuple[list[dict], list[dict
     return done[:k], done[-k:] if k else []
 
 
-def decode_tokens_per_s(records: list[dict]) -> float | None:
-    """Tokens over the seconds actors spent decoding them: the speed one actor serves at."""
-    pairs = [(r["tokens"], r["tokens"] / r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
-    seconds = sum(s for _, s in pairs)
-    return sum(t for t, _ in pairs) / seconds if seconds > 0 else None
-
-
 def mean_mal(records: list[dict]) -> float | None:
     values = [r["mean_accepted_length"] for r in records if r.get("mean_accepted_length") is not None]
     return float(np.mean(values)) if values else None
 
 
-def percentiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
+def named_percentiles(values: list[float]) -> dict[str, float] | None:
+    """{"p50": ..., "p90": ..., "p99": ...} (None for no values)."""
+    found = percentiles(values)
+    return None if found is None else {f"p{q}": v for q, v in zip(PERCENTILES, found)}
 
 
 def per_workload(records: list[dict]) -> dict[str, dict]:
@@ -59,7 +53,7 @@ def per_workload(records: list[dict]) -> dict[str, dict]:
         ok = [r for r in rows if r["ok"]]
         out[name] = {"requests": len(rows), "completed": len(ok), "mean_accepted_length": mean_mal(ok),
                      "tokens_per_s": decode_tokens_per_s(ok),
-                     "latency_s": percentiles([r["latency_s"] for r in ok])}
+                     "latency_s": named_percentiles([r["latency_s"] for r in ok])}
     return out
 
 
@@ -78,8 +72,8 @@ def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None
         "tokens_per_s_all": decode_tokens_per_s(ok),
         "live_mal_first_window": mean_mal(first), "live_mal_last_window": mean_mal(last),
         "window_requests": len(first),
-        "latency_s": percentiles([r["latency_s"] for r in ok]),
-        "ttft_s": percentiles([r["ttft_s"] for r in ok]),
+        "latency_s": named_percentiles([r["latency_s"] for r in ok]),
+        "ttft_s": named_percentiles([r["ttft_s"] for r in ok]),
         "workloads": per_workload(records),
         "versions": package_versions(),  # what the actors and the learner ran with (selfspec.versions)
     }

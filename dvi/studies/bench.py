@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dvi.bench_cmd import METHODS
+from dvi.studies.methods import METHODS
 from selfspec.acceptance import mean_accepted_length
 from selfspec.decode_steps import StaticSteps, steps_mode
 from selfspec.device import dtype_name, synchronize
@@ -31,6 +31,16 @@ class MethodRuns:
     tokens: list[list[int]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     results: list[DecodeResult] = field(default_factory=list)  # dvi methods only
+
+    @property
+    def tokens_per_s(self) -> float:
+        """All its new tokens over all its seconds."""
+        return sum(map(len, self.tokens)) / sum(self.seconds)
+
+    def subset(self, keep: list[int]) -> "MethodRuns":
+        """The runs of prompts number `keep`, in that order."""
+        return MethodRuns(self.name, [self.tokens[i] for i in keep], [self.seconds[i] for i in keep],
+                          [self.results[i] for i in keep] if self.results else [])
 
 
 def _hf_runner(model, max_new_tokens: int, **assist):
@@ -144,14 +154,13 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
             run_prompt(runners, runs, ids, i, bar, split.device)
             bar.update(len(names))
     reference = runs["hf_ar"]
-    ref_tps = sum(map(len, reference.tokens)) / sum(reference.seconds)
     report = {
         "model": drafter.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
         **machine_info(drafter),
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
         "gamma": gamma, "drafter": drafter.meta.get("path"),
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
-        "methods": [_summarise(runs[name], reference, ref_tps, model, encoded) for name in names],
+        "methods": [method_summary(runs[name], reference, model, encoded) for name in names],
     }
     if "dvi_ar" in runs:  # does drafting itself ever change a token? (in bfloat16 hf_ar and dvi_ar may differ)
         for m in report["methods"]:
@@ -162,11 +171,11 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
     return report
 
 
-def _summarise(runs: MethodRuns, reference: MethodRuns, ref_tps: float, model=None, encoded=None) -> dict:
-    """A method's totals against the reference's; with `model` (and the prompts' ids), where each
+def method_summary(runs: MethodRuns, reference: MethodRuns, model=None, encoded=None) -> dict:
+    """A method's totals against the reference's (hf_ar's); with `model` (and the prompts' ids), where each
     output that differs from the reference first departs from it."""
-    tps = sum(map(len, runs.tokens)) / sum(runs.seconds)
-    out = {"name": runs.name, "tokens_per_s": tps, "speedup": tps / ref_tps,
+    tps = runs.tokens_per_s
+    out = {"name": runs.name, "tokens_per_s": tps, "speedup": tps / reference.tokens_per_s,
            "tokens": int(sum(map(len, runs.tokens))), "seconds": float(sum(runs.seconds)),
            "identical_to_ar": _identical(runs.tokens, reference.tokens),
            "mean_accepted_length": 1.0 if runs.name == "hf_ar" else None,

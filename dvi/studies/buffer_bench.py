@@ -1,4 +1,4 @@
-"""`dvi bench-buffer`: throughput of the replay buffer through a real redis-server, and weight sync latency.
+"""Throughput of the replay buffer through a real redis-server, and weight sync latency: `dvi bench-buffer`.
 
 Records are random but shaped like real ones: γ=4 drafted positions, top-16, no context window, at
 SmolLM2's hidden size (576) and a 7B model's (4096). The head blob is the SmolLM2 head we would ship:
@@ -11,50 +11,36 @@ import statistics
 import tempfile
 import time
 
-from dvi.report_file import write_report
 from selfspec.versions import package_versions
 
 RECORDS = {"smollm2": 576, "7b": 4096}  # name -> hidden size
 POSITIONS, TOP_K, VOCAB, LORA_RANK = 4, 16, 49152, 32
 
 
-def add_parser(subparsers, name: str) -> None:
-    p = subparsers.add_parser(name, help="benchmark the Redis replay buffer and weight store",
-                              description="Write and read transitions through a fresh local redis-server, "
-                                          "publish and pull head weights; print a table and write JSON.")
-    p.add_argument("--out", default="runs/bench_buffer.json", help="JSON report (default: runs/bench_buffer.json)")
-    p.add_argument("--n", type=int, default=20_000, help="SmolLM2-sized transitions per run; 7B-sized use n/5")
-    p.add_argument("--frame-size", type=int, default=16, help="transitions per stream entry")
-    p.add_argument("--write-batch", type=int, default=256, help="transitions per pipelined flush")
-    p.add_argument("--persistence", action="store_true",
-                   help="run the server with AOF everysec, as `dvi redis start` does by default")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
+def run_buffer_bench(n: int, frame_size: int, write_batch: int, persistence: bool) -> dict:
+    """Write and read `n` SmolLM2-sized transitions (n/5 7B-sized), each plain and int8-quantized, through a
+    fresh local redis-server, then publish and pull head weights; the report (bench_buffer.json's content)."""
     from buffer.config import RedisConfig, StreamConfig
     from buffer.server import RedisServer
 
-    if args.n < 100:
+    if n < 100:
         raise ValueError("--n must be at least 100")
-    report = {"command": "dvi bench-buffer", "n": args.n, "frame_size": args.frame_size,
-              "write_batch": args.write_batch, "persistence": args.persistence,
+    report = {"command": "dvi bench-buffer", "n": n, "frame_size": frame_size,
+              "write_batch": write_batch, "persistence": persistence,
               "cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2),
               "versions": package_versions(), "records": {}}
-    with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=args.persistence), tmp) as server:
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=persistence), tmp) as server:
         client = server.client()
         report["redis_version"] = client.info("server")["redis_version"]
         for name, hidden in RECORDS.items():
-            n = args.n if name == "smollm2" else args.n // 5
+            count = n if name == "smollm2" else n // 5
             for quantize in (False, True):
-                cfg = StreamConfig(maxlen=2 * n, frame_size=args.frame_size, write_batch=args.write_batch,
+                cfg = StreamConfig(maxlen=2 * count, frame_size=frame_size, write_batch=write_batch,
                                    batch_size=256, quantize_hidden=quantize, read_block_ms=0)
                 label = name + ("-int8" if quantize else "")
-                report["records"][label] = _bench_stream(client, label, hidden, n, cfg)
+                report["records"][label] = _bench_stream(client, label, hidden, count, cfg)
         report["weights"] = _bench_weights(client)
-    _print(report)
-    write_report(report, args.out)
-    return 0
+    return report
 
 
 def _bench_stream(client, run_id: str, hidden: int, n: int, cfg) -> dict:
@@ -137,21 +123,3 @@ def _per_call(fn, repeat: int = 2000) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - start) / repeat
-
-
-def _print(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"replay buffer, redis {report['redis_version']}, frame {report['frame_size']}, "
-                        f"{'AOF everysec' if report['persistence'] else 'no persistence'}")
-    for col in ("record", "n", "write/s", "read+ack/s", "B/transition", "MB/10k", "enc µs", "dec µs"):
-        table.add_column(col, justify="left" if col == "record" else "right")
-    for name, r in report["records"].items():
-        table.add_row(name, str(r["n"]), f"{r['write_tps']:,}", f"{r['read_tps']:,}", f"{r['bytes_per_transition']:,}",
-                      f"{r['redis_mb_per_10k']}", f"{r['encode_us']}", f"{r['decode_us']}")
-    console = Console(width=max(Console().width, 100))  # a pipe reports 80 columns, too few for the table
-    console.print(table)
-    w = report["weights"]
-    console.print(f"weights ({w['blob_mb']} MB float32 head): publish {w['weight_publish_ms']} ms, "
-                  f"pull {w['weight_pull_ms']} ms, poll {w['weight_poll_ms']} ms (medians of 10)")

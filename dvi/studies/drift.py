@@ -1,7 +1,7 @@
 """`dvi drift`: how each way of keeping the drafter head serves a trace whose workload shifts.
 
 All arms replay the same trace (made once, saved as {drift_dir}/trace.jsonl) with the same seed, each as a
-whole `dvi run` (`dvi.runner.run`) in {drift_dir}/arms/<arm> (configs: `dvi.drift_config.arm_config`):
+whole `dvi run` (`dvi.run.runner.run`) in {drift_dir}/arms/<arm> (configs: `dvi.studies.drift_config.arm_config`):
 
     frozen_untrained  serve only, with the untrained head
     frozen_offline    serve only, with a head trained offline (`dvi online`) on the first phase's prompts
@@ -16,8 +16,8 @@ then `dvi report DIR`); here they run in sequence. An arm that fails is recorded
     drift_dir/trace.jsonl   the trace every arm replays
     drift_dir/offline/      prompts.jsonl (the first phase's prompts, Spec-Bench format) and head/
     drift_dir/arms/<arm>/   each arm's run directory (requests.jsonl, summary.json, report.md, ...)
-    drift_dir/summary.json  per arm and phase: MAL, tokens/s, recovery (dvi/drift_analysis.py)
-    drift_dir/report.md     with plots/ (dvi/drift_report.py)
+    drift_dir/summary.json  per arm and phase: MAL, tokens/s, recovery (dvi/studies/drift_analysis.py)
+    drift_dir/report.md     with plots/ (dvi/report/drift.py)
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from typing import Callable
 
 import yaml
 
-from dvi.drift_analysis import Phase, trace_phases
-from dvi.drift_config import ARMS, DriftConfig, arm_config
+from dvi.studies.drift_analysis import Phase, trace_phases
+from dvi.studies.drift_config import ARMS, DriftConfig, arm_config
 from selfspec.versions import package_versions
 
 
@@ -125,8 +125,8 @@ def offline_config(cfg: DriftConfig, prompts: Path, train: int, heldout: int, ma
 
 def train_offline_head(cfg: DriftConfig, drift_dir: Path, requests: list, phases: list[Phase]) -> Path:
     """drift_dir/offline/head: a head trained by `dvi online` on the first phase's prompts only."""
-    from dvi.common_args import quiet_transformers
-    from dvi.online_cmd import train_and_report
+    from dvi.studies.online import train_and_report
+    from selfspec.model import quiet_transformers
 
     offline = drift_dir / "offline"
     train, heldout = write_offline_prompts(cfg, requests, phases, offline / "prompts.jsonl")
@@ -146,9 +146,10 @@ def run_drift(cfg: DriftConfig, *, arms: list[str] | None = None, overwrite: boo
               progress: bool = True, say: Callable[[str], None] = print) -> tuple[Path, dict]:
     """Run the study's arms (default cfg.arms) one after another; returns the study directory and its
     summary. `resume`: keep the directory's trace and offline head, skip arms that finished (summary.json)."""
-    from dvi.drift_report import summarize_study, write_drift_report
-    from dvi.run_report import write_run_report
-    from dvi.runner import run as run_system
+    from dvi.report.drift import write_drift_report
+    from dvi.report.run import write_run_report
+    from dvi.run.runner import run as run_system
+    from dvi.studies.drift_analysis import summarize_study
 
     arms = list(arms or cfg.arms)
     unknown = [a for a in arms if a not in ARMS]

@@ -5,7 +5,7 @@
 - **Series**: a phase's completed requests (ok, with a MAL) in completion order (done_s); their live MAL
   (`mean_accepted_length`, accepted drafts + 1 per round) is the phase's series.
 - **phase_mal**: the mean of the series; **phase_tokens_per_s**: the phase's tokens over the seconds actors
-  spent decoding them (`dvi.run_summary.decode_tokens_per_s`).
+  spent decoding them (`dvi.report.format.decode_tokens_per_s`).
 - **Plateau** of a phase: the mean of the last `plateau_fraction` of its series (at least one request).
 - **Recovery** after the shift into phase p (p >= 1): `recovery(series_p, plateau_{p-1}, recovery_fraction,
   rolling)` requests, and `recovery_seconds`: from the shift (the earliest `sent_s` of phase p's requests)
@@ -13,12 +13,13 @@
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvi.run_files import rolling_mean
+from dvi.report.format import decode_tokens_per_s, mean, number, read_json, read_jsonl, read_yaml, rolling_mean
+
+DEFAULTS = {"recovery_fraction": 0.9, "plateau_fraction": 0.5, "rolling": 4,
+            "arms": ["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]}  # a study without config.yaml
 
 
 @dataclass
@@ -26,25 +27,6 @@ class Phase:
     workload: str
     request_ids: list[str]
     start: int  # index of its first request in the trace
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file; unreadable lines (a run cut short) are skipped."""
-    out = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
 
 
 def trace_phases(trace: list[dict]) -> list[Phase]:
@@ -106,21 +88,14 @@ def split_by_phase(records: list[dict], phases: list[Phase]) -> list[PhaseData]:
         i = where.get(str(r.get("request_id")))
         if i is None:
             continue
-        sent = _number(r.get("sent_s"))
+        sent = number(r.get("sent_s"))
         if sent is not None and (out[i].shift_s is None or sent < out[i].shift_s):
             out[i].shift_s = sent
-        if r.get("ok") and _number(r.get("mean_accepted_length")) is not None and _number(r.get("done_s")) is not None:
+        if r.get("ok") and number(r.get("mean_accepted_length")) is not None and number(r.get("done_s")) is not None:
             out[i].done.append(r)
     for p in out:
         p.done.sort(key=lambda r: r["done_s"])
     return out
-
-
-def _tokens_per_s(records: list[dict]) -> float | None:
-    from dvi.run_summary import decode_tokens_per_s
-
-    usable = [r for r in records if _number(r.get("tokens")) is not None and _number(r.get("tokens_per_s"))]
-    return decode_tokens_per_s(usable)
 
 
 @dataclass
@@ -132,8 +107,8 @@ class ArmAnalysis:
     rolling: int
 
     def summary(self) -> dict:
-        return {"phase_mal": [_mean(p.series) for p in self.phases],
-                "phase_tokens_per_s": [_tokens_per_s(p.done) for p in self.phases],
+        return {"phase_mal": [mean(p.series) for p in self.phases],
+                "phase_tokens_per_s": [decode_tokens_per_s(p.done) for p in self.phases],
                 "phase_completed": [len(p.done) for p in self.phases],
                 "phase_plateau": self.plateaus,
                 "recovery_requests": self.recovery_requests, "recovery_seconds": self.recovery_seconds}
@@ -153,10 +128,6 @@ class ArmAnalysis:
             if n is not None:
                 points.append((p.start + n, rolling_mean(p.series, self.rolling)[n - 1]))
         return points
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def analyze_arm(records: list[dict], phases: list[Phase], recovery_fraction: float, plateau_fraction: float,
@@ -195,7 +166,7 @@ def analyze(drift_dir: str | Path, arms: list[str], recovery_fraction: float, pl
                                plateau_fraction, rolling)
         analyses[arm] = analysis
         entry.update(analysis.summary())
-        summary = _summary(run_dir)
+        summary = read_json(run_dir / "summary.json")
         entry["heldout_mal_last"] = summary.get("mal_last_window")  # present only when the arm learned
         entry["heldout_mal_first"] = summary.get("mal_first_window")
         entry["wall_s"] = summary.get("wall_s")
@@ -206,9 +177,16 @@ def analyze(drift_dir: str | Path, arms: list[str], recovery_fraction: float, pl
             "arms": out}, analyses
 
 
-def _summary(run_dir: Path) -> dict:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+def study_settings(drift_dir: str | Path) -> dict:
+    """recovery_fraction, plateau_fraction, rolling and arms from the study's config.yaml, else DEFAULTS."""
+    data = read_yaml(Path(drift_dir) / "config.yaml")
+    return {**DEFAULTS, **{k: data[k] for k in DEFAULTS if data.get(k) is not None}}
+
+
+def summarize_study(drift_dir: str | Path, settings: dict | None = None):
+    """(summary.json's data, per-arm analyses) of a study directory."""
+    settings = settings or study_settings(drift_dir)
+    summary, analyses = analyze(drift_dir, list(settings["arms"]), settings["recovery_fraction"],
+                                settings["plateau_fraction"], settings["rolling"])
+    summary["settings"] = {k: settings[k] for k in ("recovery_fraction", "plateau_fraction", "rolling")}
+    return summary, analyses

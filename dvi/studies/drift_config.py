@@ -1,6 +1,6 @@
 """Typed settings of `dvi drift` (configs/drift.yaml): a base run config plus the study's own keys.
 
-The base is a `dvi run` config (the same keys as `dvi.run_config.RunConfig`: model, head, actors, learner,
+The base is a `dvi run` config (the same keys as `dvi.run.config.RunConfig`: model, head, actors, learner,
 trace, ...). Every arm replays the same trace with the same seed; what differs per arm is set by the study
 and may not be set in the base (one clear error naming the key):
 
@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dvi.run_config import RUN_OWNED, RunConfig
+from dvi.run.config import RUN_OWNED, RunConfig
 from selfspec.config import Strict
 
 ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]

@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dvi.bench import MethodRuns, _summarise, machine_info, make_runners, run_prompt, warm_up
+from dvi.studies.bench import MethodRuns, machine_info, make_runners, method_summary, run_prompt, warm_up
 from selfspec.loading import Drafter
 from selfspec.prompts import Prompt, messages_ids
 
 REFERENCE = "hf_ar"
-# the numbers reported per category and overall (`_summarise` computes more; these are what a table shows)
+# the numbers reported per category and overall (`method_summary` computes more; these are what a table shows)
 STATS = ("turns", "tokens", "speedup", "mean_accepted_length", "acceptance_rate", "identical_to_ar",
          "identical_turns", "tokens_per_s", "ar_tokens_per_s")
 
@@ -120,19 +120,13 @@ def run_eval(drafter: Drafter, questions: list[Prompt], spec: EvalSpec,
     return turns, runs
 
 
-def _subset(runs: MethodRuns, keep: list[int]) -> MethodRuns:
-    return MethodRuns(runs.name, [runs.tokens[i] for i in keep], [runs.seconds[i] for i in keep],
-                      [runs.results[i] for i in keep] if runs.results else [])
-
-
 def summarise(turns: list[Turn], runs: dict[str, MethodRuns], method: str, model=None) -> dict:
     """{"overall": stats, "categories": {name: stats}} of `method` against hf_ar (dvi bench's formulas);
     with `model`, the overall stats also say where outputs that differ from hf_ar depart from it."""
     def stats(keep: list[int], model=None) -> dict:
-        ref, got = _subset(runs[REFERENCE], keep), _subset(runs[method], keep)
-        ref_tps = sum(map(len, ref.tokens)) / sum(ref.seconds)
-        full = _summarise(got, ref, ref_tps, model, [turns[i].ids for i in keep])
-        full.update(turns=len(keep), ar_tokens_per_s=ref_tps,
+        ref, got = runs[REFERENCE].subset(keep), runs[method].subset(keep)
+        full = method_summary(got, ref, model, [turns[i].ids for i in keep])
+        full.update(turns=len(keep), ar_tokens_per_s=ref.tokens_per_s,
                     identical_turns=sum(a == b for a, b in zip(got.tokens, ref.tokens)))
         out = {k: full[k] for k in STATS}
         if "divergences" in full:
@@ -161,29 +155,3 @@ def report(drafter: Drafter, questions: list[Prompt], turns: list[Turn], runs: d
                    "identical_to_ar": runs[method].tokens[i] == runs[REFERENCE].tokens[i]} for i, t in enumerate(turns)],
     }
 
-
-def table_rows(summary: dict) -> list[list[str]]:
-    """One row per category, then `overall`: category, turns, speedup, MAL, acceptance, identical turns."""
-    def row(name: str, s: dict) -> list[str]:
-        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        return [name, str(s["turns"]), f"{s['speedup']:.2f}x", fmt(s["mean_accepted_length"]),
-                fmt(s["acceptance_rate"]), f"{s['identical_turns']}/{s['turns']}"]
-    return [row(c, s) for c, s in summary["categories"].items()] + [row("overall", summary["overall"])]
-
-
-def print_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=120)
-    console.print(f"{report['method']} vs hf_ar: {report['model']} on {report['machine']}, "
-                  f"{report['n']['questions']} questions ({report['n']['turns']} turns) x "
-                  f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, "
-                  f"drafter {report.get('drafter') or 'untrained head'}", highlight=False)
-    table = Table()
-    for i, col in enumerate(("category", "turns", "speedup", "MAL", "accept", "identical")):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    rows = table_rows(report)
-    for i, row in enumerate(rows):
-        table.add_row(*row, end_section=i == len(rows) - 2)
-    console.print(table)

@@ -1,9 +1,9 @@
-"""`dvi bench-learner`: learner throughput (one rank and several), publish latency, and how many
-generation processes one learner rank keeps up with.
+"""Learner throughput (one rank and several), publish latency, and how many generation processes one
+learner rank keeps up with: `dvi bench-learner`.
 
 The learner runs exactly as `dvi learner` does (DeepSpeed, the config's head, a fresh local
 redis-server) on a stream filled beforehand with random transitions shaped like real ones (the
-config's hidden size, `--positions` verified positions per round, top-16), so it never waits for
+config's hidden size, `positions` verified positions per round, top-16), so it never waits for
 data: what is measured is how fast it consumes. The generation rate is one SmolLM2 decoding process
 (`dvi generate`'s defaults: cost-aware γ<=4, copied n-gram drafts, the untrained head; one thread,
 as a generation actor with num_cpus=1) emitting a transition per round into a counting sink.
@@ -15,73 +15,65 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvi.report_file import write_report
+from dvi.report.format import read_jsonl
 from selfspec.versions import package_versions
 
 
-def add_parser(sub, name):
-    p = sub.add_parser(name, help="benchmark the DeepSpeed learner (1 and 2 ranks) against the generation rate",
-                       description=__doc__)
-    p.add_argument("--config", default="configs/learner.yaml", help="learner config whose head and batch to measure")
-    p.add_argument("--layouts", default="1x1,1x2,2x1",
-                   help="RANKSxTHREADS per rank to measure, comma-separated (more than 1 rank uses a local Ray)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rates")
-    p.add_argument("--positions", type=int, default=4, help="verified positions per transition (γ=4: up to 5)")
-    p.add_argument("--generation-prompts", type=int, default=4, help="builtin prompts decoded for the generation "
-                                                                     "rate (0: skip)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--generation-threads", type=int, default=1,
-                   help="torch threads of the generation process (1: a generation actor with num_cpus=1)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a learner config key")
-    p.add_argument("--out", default="runs/bench_learner.json", help="JSON report")
-    p.set_defaults(func=run)
+@dataclass(frozen=True)
+class LearnerBenchSpec:
+    """What `dvi bench-learner` measures (its flags)."""
+    config: str  # the learner config whose head and batch to measure
+    layouts: list[tuple[int, int]]  # (ranks, torch threads per rank)
+    steps: int = 40  # optimizer steps per measurement (more than warmup)
+    warmup: int = 5  # first steps left out of the rates
+    positions: int = 4  # verified positions per transition
+    generation_prompts: int = 4  # builtin prompts decoded for the generation rate (0: skip)
+    max_new_tokens: int = 128
+    generation_threads: int = 1
+    overrides: dict = field(default_factory=dict)  # learner config keys (--set)
 
 
-def run(args) -> int:
+def run_learner_bench(spec: LearnerBenchSpec) -> dict:
+    """Each layout's learner rates on a pre-filled stream, then the generation rate; the report
+    (bench_learner.json's content)."""
     from buffer.config import RedisConfig
     from buffer.server import RedisServer
-    from dvi.config import cli_overrides, load_config
+    from dvi.config import load_config
     from learner.config import LearnerConfig
 
-    layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",") if item.strip()]
-    if args.steps <= args.warmup:
-        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    sets = cli_overrides(args.set, {}, "batch_size=128")
     cpus = os.cpu_count() or 1
-    report = {"command": "dvi bench-learner", "config": args.config, "steps": args.steps, "warmup": args.warmup,
-              "positions_per_transition": args.positions, "cpus": cpus,
+    report = {"command": "dvi bench-learner", "config": spec.config, "steps": spec.steps, "warmup": spec.warmup,
+              "positions_per_transition": spec.positions, "cpus": cpus,
               "load_avg_1m_before": round(os.getloadavg()[0], 2), "versions": package_versions(), "learner": {}}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(RedisConfig(persistence=False), Path(tmp) / "redis") as srv:
-        for n, threads in layouts:
+        for n, threads in spec.layouts:
             run_id = f"bench{n}x{threads}"
-            cfg = load_config(LearnerConfig, args.config, {
-                **sets, "run_id": run_id, "redis.url": srv.url, "draft_vocab_from": "lowest", "heldout.prompts": 0,
-                "out_dir": str(Path(tmp) / run_id), "max_steps": args.steps, "idle_exit_s": 30,
+            cfg = load_config(LearnerConfig, spec.config, {
+                **spec.overrides, "run_id": run_id, "redis.url": srv.url, "draft_vocab_from": "lowest",
+                "heldout.prompts": 0, "out_dir": str(Path(tmp) / run_id), "max_steps": spec.steps, "idle_exit_s": 30,
                 "publish_every_steps": 5, "publish_every_s": 3600, "checkpoint.every_steps": 10**6,
                 "placement.ranks": n, "placement.num_cpus": threads,
                 "stream.max_policy_lag": 10**9})  # the pre-filled transitions must not go stale as versions move
             report["model"], report["head"] = cfg.model, cfg.head.model_dump()
             report["batch_size"], report["deepspeed"] = cfg.batch_size, cfg.deepspeed
-            _fill(srv.client(), cfg, args)
+            _fill(srv.client(), cfg, spec)
             started = time.perf_counter()
             _learn(cfg)
             report["learner"][f"{n}x{threads}"] = {
-                **_rates(Path(cfg.out_dir), args.warmup), "ranks": n, "threads_per_rank": threads,
+                **_rates(Path(cfg.out_dir), spec.warmup), "ranks": n, "threads_per_rank": threads,
                 "wall_s_with_setup": round(time.perf_counter() - started, 1)}
-        if args.generation_prompts:
-            report["generation"] = _generation(cfg, args)
+        if spec.generation_prompts:
+            report["generation"] = _generation(cfg, spec)
             gen = report["generation"]
             for name, r in report["learner"].items():
                 r["generation_processes_kept_up_with"] = round(r["positions_per_s"] / gen["positions_per_s"], 1)
-    _print(report)
-    write_report(report, args.out)
-    return 0
+    return report
 
 
-def _fill(client, cfg, args) -> None:
+def _fill(client, cfg, spec: LearnerBenchSpec) -> None:
     """Enough transitions for every step, written before the learner starts (it never waits for data)."""
     import numpy as np
 
@@ -91,13 +83,13 @@ def _fill(client, cfg, args) -> None:
 
     model_config = json.loads((resolve_model_dir(cfg.model) / "config.json").read_text())
     rng = np.random.default_rng(0)
-    pool = [random_transition(rng, n=args.positions, d=model_config["hidden_size"], k=16, run_id=cfg.run_id,
+    pool = [random_transition(rng, n=spec.positions, d=model_config["hidden_size"], k=16, run_id=cfg.run_id,
                               request_id=f"q{i}") for i in range(64)]
     for t in pool:  # token ids within this model's vocabulary
         for name in ("draft_tokens", "draft_topk_ids", "target_topk_ids", "target_tokens"):
             setattr(t, name, getattr(t, name) % model_config["vocab_size"])
     with TransitionWriter(client, cfg.run_id, cfg.stream) as writer:
-        for i in range(cfg.batch_size * (args.steps + 2)):
+        for i in range(cfg.batch_size * (spec.steps + 2)):
             t = pool[i % len(pool)]
             t.round = i  # distinct ids: de-duplication keeps all
             writer.write(t)
@@ -124,13 +116,13 @@ def _learn(cfg) -> None:
 
 
 def _rates(out: Path, warmup: int) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "metrics.jsonl")
     steps = [r for r in records if "losses/total" in r][warmup:]
     seconds = sum(1 / r["charts/steps_per_s"] for r in steps)
     train_s = sum(r["charts/train_s"] for r in steps)
     transitions = sum(r["charts/batch_transitions"] for r in steps)
     positions = sum(r["charts/batch_positions"] for r in steps)
-    versions = [json.loads(line) for line in (out / "versions.jsonl").read_text().splitlines()]
+    versions = read_jsonl(out / "versions.jsonl")
     commits = [r["charts/checkpoint_s"] for r in records if "charts/checkpoint_s" in r]
     return {"steps_per_s": round(len(steps) / seconds, 2), "transitions_per_s": round(transitions / seconds),
             "positions_per_s": round(positions / seconds), "train_share": round(train_s / seconds, 2),
@@ -140,17 +132,17 @@ def _rates(out: Path, warmup: int) -> dict:
             "commit_s": round(commits[-1], 2) if commits else None}  # DeepSpeed checkpoint + acknowledgement
 
 
-def _generation(cfg, args) -> dict:
+def _generation(cfg, spec: LearnerBenchSpec) -> dict:
     """One decoding process with the config's (untrained) head, dvi generate's defaults."""
     import torch
 
-    from dvi.common_args import quiet_transformers
     from selfspec.engine import Emitter, SelfSpecDecoder
     from selfspec.loading import load_drafter, make_policy
+    from selfspec.model import quiet_transformers
     from selfspec.prompts import chat_ids, load_prompts
 
     quiet_transformers()
-    torch.set_num_threads(args.generation_threads)
+    torch.set_num_threads(spec.generation_threads)
     drafter = load_drafter(cfg.model, cfg.exit_layer, head_config=cfg.head)
     counts = {"transitions": 0, "positions": 0}
 
@@ -160,28 +152,13 @@ def _generation(cfg, args) -> dict:
 
     decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy("cost_aware", 4, drafter.steps, drafter.head),
                               ngram=1, emit=Emitter(sink), steps=drafter.steps)
-    prompts = load_prompts("builtin")[:args.generation_prompts]
+    prompts = load_prompts("builtin")[:spec.generation_prompts]
     tokens, seconds = 0, 0.0
     for p in prompts:
-        result = decoder.generate(chat_ids(drafter.tokenizer, p.text), max_new_tokens=args.max_new_tokens)
+        result = decoder.generate(chat_ids(drafter.tokenizer, p.text), max_new_tokens=spec.max_new_tokens)
         tokens, seconds = tokens + len(result.tokens), seconds + result.t_total
     return {"prompts": len(prompts), "tokens_per_s": round(tokens / seconds, 1),
             "transitions_per_s": round(counts["transitions"] / seconds, 1),
             "positions_per_s": round(counts["positions"] / seconds, 1),
             "positions_per_transition": round(counts["positions"] / max(counts["transitions"], 1), 2),
-            "threads": args.generation_threads, "policy": "cost_aware gamma<=4, ngram 1, untrained head"}
-
-
-def _print(report: dict) -> None:
-    print(f"learner on {report['cpus']} CPUs, {report['model']} head {report['head']}, batch {report['batch_size']} "
-          f"transitions x {report['positions_per_transition']} positions, {report['deepspeed']}")
-    print(f"{'ranks x threads':<16}{'steps/s':>9}{'trans/s':>9}{'pos/s':>9}{'train':>7}{'publish ms':>12}{'blob MB':>9}"
-          f"{'commit s':>10}{'gen procs':>10}")
-    for name, r in report["learner"].items():
-        print(f"{name:<16}{r['steps_per_s']:>9}{r['transitions_per_s']:>9}{r['positions_per_s']:>9}"
-              f"{r['train_share']:>7}{r['publish_ms_median']:>12}{r['blob_mb']:>9}{r['commit_s']:>10}"
-              f"{r.get('generation_processes_kept_up_with', '-'):>10}")
-    if "generation" in report:
-        g = report["generation"]
-        print(f"one generation process: {g['tokens_per_s']} tokens/s, {g['transitions_per_s']} transitions/s, "
-              f"{g['positions_per_s']} positions/s ({g['positions_per_transition']} per transition; {g['policy']})")
+            "threads": spec.generation_threads, "policy": "cost_aware gamma<=4, ngram 1, untrained head"}

@@ -10,7 +10,7 @@ agreeing prefix of any candidate, as tree verification would. Its cost is a line
 call, 10.5. Plain decoding is 68 per token. The tree's rows are the trie of its candidates.
 
 Run from the project root with the venv, after `dvi online ... --out-dir runs/online_k4_v8k_e6_250`
-(docs/learning.md): python docs/experiments/copy_trees.py   (~2 min)
+(docs/learning.md): python docs/results/experiments/copy_trees.py
 """
 from collections import defaultdict
 

@@ -1,8 +1,9 @@
 """Cost to the decoder of emitting every verified position as a training row (SmolLM2, plain decoding).
 
-Run from the project root with the venv: python docs/experiments/emit_cost.py (prints JSON)."""
+Run from the project root with the venv: python docs/results/experiments/emit_cost.py (prints JSON)."""
 import json, statistics, sys, time
 import torch
+import selfspec.engine as engine
 from selfspec.engine import Emitter, SelfSpecDecoder
 from selfspec.loading import load_drafter, make_policy
 from selfspec.prompts import chat_ids, load_prompts
@@ -13,10 +14,10 @@ sent = []
 timed = []
 plain = SelfSpecDecoder(d.split, None, make_policy("fixed", 0))
 emitting = SelfSpecDecoder(d.split, None, make_policy("fixed", 0), emit=Emitter(sent.append))
-build = emitting._transition
+build = engine.round_transition  # the record of a round, as the decoder builds it
 def timed_build(*a):
     t = time.perf_counter(); tr = build(*a); timed.append(time.perf_counter() - t); return tr
-emitting._transition = timed_build
+engine.round_transition = timed_build
 res = {"off": [], "on": []}
 for ids in prompts * 2:
     for name, dec in (("off", plain), ("on", emitting)):

@@ -9,7 +9,7 @@ ways, interleaved so that the machine's drift hits all alike:
   layer instead of 7; needs a second copy of those weights, so it is not built).
 Then profiles the lean one-token pass to show what share is matrix products.
 
-    python docs/experiments/fused_layers.py   (~3 min)
+    python docs/results/experiments/fused_layers.py
 """
 import statistics
 import time

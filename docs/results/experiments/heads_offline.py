@@ -2,7 +2,7 @@
 the online loop), to see what a head can reach when every position is seen many times. This is the
 script behind the "offline" rows of docs/learning.md ("Heads compared"), kept as it ran.
 
-    python docs/experiments/heads_offline.py attn|mlp|lora PROMPT_POSITIONS(0|1) EPOCHS LR [WINDOW]
+    python docs/results/experiments/heads_offline.py attn|mlp|lora PROMPT_POSITIONS(0|1) EPOCHS LR [WINDOW]
 
 attn: the model's decoder layer 4 copied as a trainable attention adapter over the trunk's hidden
 states (whole causal context, or WINDOW positions), no MLP adapter; mlp: the default MLP adapter;

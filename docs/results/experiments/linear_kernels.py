@@ -10,7 +10,7 @@ ways, medians of 5 passes after a warm-up:
   run with `torch.ops.mkldnn._linear_pointwise`, as Inductor's CPU freezing does (not built).
 Then the whole-pass choice `SplitModel` makes on this machine (`selfspec.step_costs.measure_thin_rows`).
 
-    python docs/experiments/linear_kernels.py   (~1 min)
+    python docs/results/experiments/linear_kernels.py
 """
 import statistics
 import time

@@ -2,8 +2,8 @@
 
 The script behind the n-gram rows and per-category table of docs/learning.md ("Heads compared").
 Run from the project root with the venv, after `dvi online ... --out-dir runs/online_k4_v8k_e6_250`
-(the best MLP head; see docs/learning.md): python docs/experiments/ngram_rules.py RESULTS.md
-(no timing; ~1 min on one thread). Prints the tables and writes them to RESULTS.md.
+(the best MLP head; see docs/learning.md): python docs/results/experiments/ngram_rules.py RESULTS.md
+(exact simulation, nothing timed). Prints the tables and writes them to RESULTS.md.
 """
 import sys
 from collections import defaultdict

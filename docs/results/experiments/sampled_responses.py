@@ -10,7 +10,7 @@ sampled ones, so the held-out curve (greedy, the same 40 questions) shows both. 
 sampled path, "accepted" (the head's argmax equals the path's token) is not what greedy verification
 would decide, so the RL terms' rewards would be off.
 
-    python docs/experiments/sampled_responses.py SAMPLES OUT_DIR
+    python docs/results/experiments/sampled_responses.py SAMPLES OUT_DIR
 """
 import json
 import sys
@@ -22,7 +22,7 @@ import torch
 from dvi.config import load_config
 from selfspec.drafter import DrafterHead
 from selfspec.model import load_model
-from dvi.plots import plot_mal_curves
+from dvi.report.plots import plot_mal_curves
 from selfspec.online import (OnlineConfig, OnlinePaths, cached_paths_for, frequent_ids, sampled_paths_for, split_prompts,
                              train_on_paths)
 from selfspec.split import SplitModel

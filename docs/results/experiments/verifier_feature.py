@@ -6,7 +6,7 @@ token r) is known, and it is far deeper than the layer-k trunk state. EAGLE draf
 model's top-layer features; here the MLP head gets h_k(u) + W·F(r-1) for every drafted position u
 of the round (W zero-initialised, so it starts as the plain head).
 
-    python docs/experiments/verifier_feature.py base|feat EPOCHS LR
+    python docs/results/experiments/verifier_feature.py base|feat EPOCHS LR
 
 Training is teacher forcing over the 250 cached training paths with the staleness u - r drawn from
 0..γ-1; MAL is simulated exactly, round by round, on the 40 held-out paths.
