@@ -63,19 +63,19 @@ demo: install
 		--methods hf_ar,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic --out runs/demo/bench.json
 	@echo "demo report: runs/demo/report.md (summary.json, plots/, tb/) and runs/demo/bench.json"
 
-UNIT := -m "not e2e and not integration"
 # Unit tests are independent processes' work: two pytest-xdist workers on two cores. Integration and e2e
 # tests start Ray, redis-server and DeepSpeed themselves and run one at a time.
 PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider
 
-# Every tier: unit, then integration (real redis-server / local Ray) and e2e (the real SmolLM2).
+# Every tier: tests/unit, then tests/integration (real redis-server / local Ray), tests/e2e (the real
+# SmolLM2) and tests/gpu (skips itself without CUDA).
 test: install
-	$(PYTEST) -n 2 $(UNIT)
-	$(PYTEST) -m "e2e or integration"
+	$(PYTEST) -n 2 tests/unit
+	$(PYTEST) tests/integration tests/e2e tests/gpu
 
 # The fast tier only: tiny models and pure code, no redis-server, no Ray, no SmolLM2.
 test-unit: install
-	$(PYTEST) -n 2 $(UNIT)
+	$(PYTEST) -n 2 tests/unit
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,7 @@ table per model and sub-model: dotted key, type (with its bounds), default and d
 is the field's `description=`, else the comment on the field's line in the model's source. A model used in
 several places has one table, where it appears first; the others link to it. The output depends only on
 the models and this file (no dates, no paths of this machine), so the committed file can be compared with
-a fresh rendering (tests/test_config_docs.py). Importing the models imports no torch.
+a fresh rendering (tests/unit/test_config_docs.py). Importing the models imports no torch.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Shared fixtures. A real redis-server process per test that asks for one: no fakes, no mocks.
 
-Tiers: a module marks itself `e2e` (the real SmolLM2), `integration` (a real redis-server and/or a
-local Ray) and/or `gpu` (a CUDA device; such a module skips itself without one) with a module-level
-`pytestmark`; every other test is marked `unit` here.
+Tiers are folders, and each test is marked with its folder's name: tests/unit (tiny models and pure code,
+under a minute on two xdist workers), tests/integration (a real redis-server and/or a local Ray),
+tests/e2e (the real SmolLM2), tests/gpu (CUDA; skips itself without one).
 """
 from __future__ import annotations
 
@@ -35,14 +35,18 @@ from buffer.config import RedisConfig  # noqa: E402
 from buffer.server import RedisServer  # noqa: E402
 
 
+TIERS = ("unit", "integration", "e2e", "gpu")
+
+
 def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its folder's tier, so `-m` selects the same tests as the folder."""
     for item in items:
-        integration = item.get_closest_marker("integration")
-        if not integration and {"redis_server", "redis_client"} & set(getattr(item, "fixturenames", ())):
-            raise pytest.UsageError(f"{item.nodeid} starts a redis-server: mark its module "
-                                    "`pytestmark = pytest.mark.integration`")
-        if not (integration or item.get_closest_marker("e2e") or item.get_closest_marker("gpu")):
-            item.add_marker(pytest.mark.unit)
+        tier = Path(str(item.fspath)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: put tests in a tier folder, one of tests/{{{','.join(TIERS)}}}")
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier != "integration" and {"redis_server", "redis_client"} & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} starts a redis-server: move it to tests/integration")
 
 
 @pytest.fixture

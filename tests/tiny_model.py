@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from selfspec.config import HeadConfig
+from selfspec.drafter import DrafterHead
+from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
+from selfspec.split import SplitModel
+from selfspec.step_costs import StepCosts
+
 
 def tiny_llama(seed: int = 0, vocab: int = 256, layers: int = 4, max_positions: int = 96,
                damp: float = 0.3, init: float = 0.3) -> LlamaForCausalLM:
@@ -64,3 +70,30 @@ def write_prompts(path, texts: list[str]):
     path.write_text("".join(json.dumps({"question_id": i, "category": "tiny", "turns": [t]}) + "\n"
                             for i, t in enumerate(texts)))
     return path
+
+
+# Heads and length policies on the tiny model, for the lossless tests on the CPU and on CUDA.
+MAX_POS = 96  # the lossless tests' tiny model context
+
+
+def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
+    layers, window = attention or (0, 0)
+    head = DrafterHead(SplitModel(model, k), HeadConfig(adapter_hidden=32, lora_rank=4,
+                                                         draft_vocab=draft_vocab, attention_layers=layers,
+                                                         context_window=window))
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device: the same head everywhere
+    with torch.no_grad():  # perturb so that the head is sometimes right, sometimes wrong
+        head.proj.lora_B.default.weight.copy_(torch.randn(head.proj.lora_B.default.weight.shape, generator=gen,
+                                                          dtype=torch.float64) * noise)
+        for p in head.layers.parameters():
+            p.add_((torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise).to(p.device))
+    return head
+
+
+def make_policy(kind, gamma):
+    if kind == "fixed":
+        return LengthPolicy(gamma)
+    if kind == "threshold":
+        return ConfidenceThreshold(gamma, min_top_prob=0.2, max_entropy=4.0)
+    # Made-up costs where drafting pays, so the cost-aware policy really drafts (and varies lengths).
+    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, Calibration(explore=0.2))

@@ -22,7 +22,6 @@ from learner.dist import free_port
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.split import SplitModel
 
-pytestmark = pytest.mark.integration
 DVI = [sys.executable, "-m", "dvi.cli", "learner"]
 
 

@@ -21,8 +21,7 @@ from buffer.weights import WeightStore
 from dvi import cli
 from buffer.synthetic import random_transition
 
-pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _wait_gone(pid: int, timeout_s: float = 10) -> bool:

@@ -18,7 +18,7 @@ from dvi.studies.drift_analysis import analyze_arm, plateau, recovery, trace_pha
 from dvi.studies.drift_config import ARMS, DriftConfig, arm_config
 from run_fixtures import assert_png
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHASES = ("chat", "code", "math", "translation")
 
 

@@ -1,6 +1,6 @@
 """--device and --dtype on the CPU: how selfspec.device resolves them, its one-line errors, that
 `--device cpu --dtype float32` decodes exactly as the defaults did, and what bench JSON records.
-(The CUDA side is tests/test_gpu.py.)"""
+(The CUDA side is tests/gpu/test_gpu.py.)"""
 from __future__ import annotations
 
 import json
@@ -159,7 +159,7 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
         assert "aten::" in (tmp_path / "profile_cpu" / f"{m['name']}.txt").read_text()
         assert (tmp_path / "profile_cpu" / f"{m['name']}.trace.json").stat().st_size > 0
     assert cli.main(["bench", *common, "--n", "2", "--out", str(tmp_path / "bench_cpu.json")]) == 0
-    spec = importlib.util.spec_from_file_location("gpu_summary", Path(__file__).parents[1] / "scripts" / "gpu_summary.py")
+    spec = importlib.util.spec_from_file_location("gpu_summary", Path(__file__).parents[2] / "scripts" / "gpu_summary.py")
     summary = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summary)
     capsys.readouterr()

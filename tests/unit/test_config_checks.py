@@ -18,7 +18,7 @@ from dvi.cli import UserError, main
 from dvi.config import set_dotted
 from selfspec.model_facts import gguf_metadata, head_facts, model_facts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, VOCAB, POSITIONS = 4, 64, 256, 96  # tests/tiny_model.py's tiny_llama
 
 

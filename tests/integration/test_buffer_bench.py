@@ -5,11 +5,7 @@ import json
 import math
 import re
 
-import pytest
-
 from dvi import cli
-
-pytestmark = pytest.mark.integration
 
 
 def test_bench_buffer_writes_every_metric(tmp_path, monkeypatch, capsys):

@@ -162,7 +162,7 @@ def test_trace_sources_default_to_spec_bench(server, cache, tmp_path, capsys):
     from dvi.config import load_config
 
     fetch("spec-bench", url=f"{server}/question.jsonl", progress=False)
-    spec = load_config(TraceSpec, str(Path(__file__).resolve().parents[1] / "configs/traces/drift_demo.yaml"))
+    spec = load_config(TraceSpec, str(Path(__file__).resolve().parents[2] / "configs/traces/drift_demo.yaml"))
     source = next(s for s in spec.sources if s.kind == "spec_bench")
     assert source.path == "spec-bench"
     workloads = load_workloads([source])

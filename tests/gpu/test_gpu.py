@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_lossless import MAX_POS, make_head, make_policy  # noqa: E402
 from test_decode_steps import run_script  # noqa: E402
 from test_sampling import check_acceptance_rule, check_decoder_samples  # noqa: E402
-from tiny_model import plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402
+from tiny_model import MAX_POS, make_head, make_policy, plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402,E501
 
 from dvi import cli  # noqa: E402
 from selfspec.decode_steps import StaticSteps, decode_steps, steps_mode  # noqa: E402

@@ -26,7 +26,6 @@ from selfspec.split import SplitModel
 from selfspec.transitions import KINDS
 from tiny_model import plain_greedy, tiny_llama
 
-pytestmark = pytest.mark.integration
 
 HEAD = HeadConfig(adapter_hidden=32, lora_rank=4)
 RUN = "gen"

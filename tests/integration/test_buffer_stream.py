@@ -20,8 +20,7 @@ from buffer.stream import BackpressureTimeout, TransitionReader, TransitionWrite
 from buffer.synthetic import random_transition
 from selfspec.transitions import ARRAY_FIELDS
 
-pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEYS = RunKeys("run")
 
 

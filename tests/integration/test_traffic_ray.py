@@ -13,7 +13,6 @@ from actors.arrivals import OpenLoop
 from actors.dispatch import Dispatcher, replay
 from actors.trace import ConversationMemory, TraceRequest
 
-pytestmark = pytest.mark.integration
 
 
 @ray.remote(max_restarts=1)

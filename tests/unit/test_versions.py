@@ -17,7 +17,7 @@ from packaging.version import Version
 
 from selfspec.versions import PACKAGES, package_versions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "constraints.txt"
 # The project's own venv (`make install`): there the installed versions must be the locked ones.
 IN_PROJECT_VENV = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()

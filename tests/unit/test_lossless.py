@@ -2,43 +2,15 @@
 import numpy as np
 import pytest
 import torch
-from tiny_model import plain_greedy, tiny_llama
+from tiny_model import MAX_POS, make_head, make_policy, plain_greedy, tiny_llama
 
-from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
-from selfspec.step_costs import StepCosts
+from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
-
-MAX_POS = 96
-
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(max_positions=MAX_POS)
-
-
-def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
-    layers, window = attention or (0, 0)
-    head = DrafterHead(SplitModel(model, k), HeadConfig(adapter_hidden=32, lora_rank=4,
-                                                         draft_vocab=draft_vocab, attention_layers=layers,
-                                                         context_window=window))
-    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device: the same head everywhere
-    with torch.no_grad():  # perturb so that the head is sometimes right, sometimes wrong
-        head.proj.lora_B.default.weight.copy_(torch.randn(head.proj.lora_B.default.weight.shape, generator=gen,
-                                                          dtype=torch.float64) * noise)
-        for p in head.layers.parameters():
-            p.add_((torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise).to(p.device))
-    return head
-
-
-def make_policy(kind, gamma):
-    if kind == "fixed":
-        return LengthPolicy(gamma)
-    if kind == "threshold":
-        return ConfidenceThreshold(gamma, min_top_prob=0.2, max_entropy=4.0)
-    # Made-up costs where drafting pays, so the cost-aware policy really drafts (and varies lengths).
-    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, Calibration(explore=0.2))
 
 
 SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab, (attention layers, window))

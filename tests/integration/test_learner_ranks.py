@@ -13,7 +13,6 @@ from learner.launch import LearnerGroup
 from selfspec.drafter import DrafterHead
 from selfspec.split import SplitModel
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_lossless import make_head, make_policy
-from tiny_model import plain_greedy, tiny_llama
+from tiny_model import make_head, make_policy, plain_greedy, tiny_llama
 
 from selfspec.decode_steps import StaticSteps, decode_steps, steps_mode
 from selfspec.engine import SelfSpecDecoder

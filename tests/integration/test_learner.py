@@ -29,7 +29,6 @@ from selfspec.objectives import TrainState, train_step
 from selfspec.online import frequent_ids
 from selfspec.split import SplitModel
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", autouse=True)

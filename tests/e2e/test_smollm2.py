@@ -13,7 +13,6 @@ from selfspec.engine import SelfSpecDecoder
 from selfspec.loading import load_drafter, make_policy
 from selfspec.prompts import chat_ids, load_prompts
 
-pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

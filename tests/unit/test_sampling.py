@@ -1,6 +1,6 @@
 """Speculative sampling reproduces the model's own sampling distribution (chi-square tests, fixed seeds).
 
-The checks take a device: tests/test_gpu.py runs the same ones on CUDA, with CUDA random generators."""
+The checks take a device: tests/gpu/test_gpu.py runs the same ones on CUDA, with CUDA random generators."""
 import numpy as np
 import pytest
 import torch

@@ -7,7 +7,6 @@ import pytest
 from buffer.keys import RunKeys
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 
-pytestmark = pytest.mark.integration
 BASE = "SmolLM2-135M-Instruct"
 
 

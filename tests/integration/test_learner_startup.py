@@ -18,7 +18,6 @@ from run_fixtures import DVI, dvi_env, read_jsonl, request, write_run
 from selfspec.drafter import DrafterHead
 from selfspec.split import SplitModel
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

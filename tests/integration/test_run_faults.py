@@ -10,12 +10,9 @@ import signal
 import subprocess
 import time
 
-import pytest
 from run_fixtures import DVI, dvi_env, read_jsonl, request, write_run
 
 from dvi import cli
-
-pytestmark = pytest.mark.integration
 
 
 def wait_for(what: str, check, proc, timeout_s: float = 120):

@@ -11,13 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from run_fixtures import REPO, dvi_env, read_jsonl, request, write_run
 
 from dvi.config import load_config
 from dvi.run.config import RunConfig
 
-pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).parent / "ray")
 
 
