@@ -58,7 +58,7 @@ def load_sections() -> list[Section]:
     owned = ", ".join(f"`{'.'.join(path)}`" for path in STUDY_OWNED)
     return [
         Section("run", "`dvi run`", RunConfig, "`dvi run --config FILE`",
-                ["configs/local.yaml", "configs/gpu.yaml", "configs/spec_bench.yaml"],
+                ["configs/local.yaml", "configs/gpu.yaml", "configs/spec-bench.yaml"],
                 "The whole system on one trace: Redis, generation actors, the learner group and the replay. "
                 "The run sets what its parts must agree on once, at the top level (`model`, `exit_layer`, "
                 "`head`, `redis`, `stream`, ...): the same keys inside `actors:` or `learner:` are errors.",

@@ -26,7 +26,8 @@ from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
 from selfspec.split import SplitModel
-from selfspec.transitions import RoundMeta, Transition, prompt_transition, round_transition
+from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound, prompt_transition,
+                                  round_transition)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class SelfSpecDecoder:
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
         if self.emit is not None and self.emit.prompt_rows:
-            self.emit.sink(prompt_transition(self._meta(req, 0, time.time()), prompt, first, hidden, logits,
+            self.emit.sink(prompt_transition(self._meta(req, 0, time.time()), Prefill(prompt, hidden, logits, first),
                                              self.emit.prompt_rows, self._topk()))
         if self.window:
             req.history = list(hidden[0, -self.window:])
@@ -208,8 +209,8 @@ class SelfSpecDecoder:
         self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
         if self.emit is not None:  # before commit: the record's context is the window before this round
             context = req.history[-self.window:] if self.window else []
-            self.emit.sink(round_transition(self._meta(req, req.rounds, t_start), draft, hidden, context,
-                                            logits, emitted, self._topk(), self.head))
+            verified = VerifiedRound(draft, hidden, context, logits, emitted)
+            self.emit.sink(round_transition(self._meta(req, req.rounds, t_start), verified, self._topk(), self.head))
         self._commit(req, hidden, n_acc, emitted)
         return RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"]), emitted
 

@@ -158,16 +158,33 @@ def undrafted_fields(rows: int, k: int) -> dict[str, np.ndarray]:
             "draft_topk_logprobs": np.full((rows, k), -np.inf, np.float32)}
 
 
-def round_transition(meta: RoundMeta, draft: Draft, hidden, context: list, target_logits, emitted: list[int],
-                     k: int, head=None) -> Transition:
-    """A decoding round's record. Every position it verified is a row: the drafts' (head or copied) and the
-    last one, whose next token nothing drafted (plain); a round without drafts is one plain row.
+@dataclass
+class VerifiedRound:
+    """What a decoding round verified, as the decoder holds it (torch tensors)."""
+    draft: Draft
+    hidden: object  # [1, rows, d]: the rows' layer-k states
+    context: list  # the committed window's states before the rows ([d] each)
+    target_logits: object  # [rows, V]: the verifier's
+    emitted: list[int]  # the accepted drafts, then the verifier's own token
 
-    `hidden` [1, rows, d]: the rows' layer-k states; `context`: the committed window's states before them
-    ([d] each); `target_logits` [rows, V]: the verifier's; `emitted`: the accepted drafts, then the
-    verifier's own token; `head`: the drafter, for the draft side of drafted rows; `k`: the top-K of both."""
+
+@dataclass
+class Prefill:
+    """What prefill verified: the prompt (a tensor of ids), its layer-k states [1, len, d], the verifier's
+    logits [len, V] and the first generated token."""
+    prompt: object
+    hidden: object
+    logits: object
+    first: int
+
+
+def round_transition(meta: RoundMeta, verified: VerifiedRound, k: int, head=None) -> Transition:
+    """A decoding round's record. Every position it verified is a row: the drafts' (head or copied) and the
+    last one, whose next token nothing drafted (plain); a round without drafts is one plain row. `head`:
+    the drafter, for the draft side of drafted rows; `k`: the top-K of both sides."""
     import torch  # here, not above: the buffer imports this module and never needs torch
 
+    draft, target_logits, emitted = verified.draft, verified.target_logits, verified.emitted
     rows, n = target_logits.shape[0], len(draft.tokens)
     kind = np.full(rows, PLAIN, np.int8)
     kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
@@ -179,20 +196,19 @@ def round_transition(meta: RoundMeta, draft: Draft, hidden, context: list, targe
             drafted[name][:n] = value
     # the verifier's choice: what it emitted up to the first reject, its argmax after
     target_tokens = emitted + target_logits[len(emitted):].argmax(-1).tolist()
-    drafted.update(kind=kind, **_states(hidden, torch.stack(context) if context else None))
+    drafted.update(kind=kind, **_states(verified.hidden, torch.stack(verified.context) if verified.context else None))
     return make_transition(meta, drafted, _verified(target_logits, target_tokens, meta.temperature, k),
                            len(emitted) - 1)
 
 
-def prompt_transition(meta: RoundMeta, prompt, first: int, hidden, logits, rows: int, k: int) -> Transition:
-    """The prompt's last `rows` positions as KL rows (kind distill, round 0) from prefill's `hidden`
-    [1, len(prompt), d] and `logits` [len(prompt), V]: their next tokens are the prompt's own (`prompt`, a
-    tensor), then the first generated one."""
-    rows = min(rows, prompt.numel())
-    targets = (prompt[1:].tolist() + [first])[-rows:]
+def prompt_transition(meta: RoundMeta, prefill: Prefill, rows: int, k: int) -> Transition:
+    """The prompt's last `rows` positions as KL rows (kind distill, round 0): their next tokens are the
+    prompt's own, then the first generated one."""
+    rows = min(rows, prefill.prompt.numel())
+    targets = (prefill.prompt[1:].tolist() + [prefill.first])[-rows:]
     drafted = undrafted_fields(rows, k)
-    drafted.update(kind=np.full(rows, DISTILL, np.int8), **_states(hidden[:, -rows:], None))
-    return make_transition(meta, drafted, _verified(logits[-rows:], targets, meta.temperature, k), -1)
+    drafted.update(kind=np.full(rows, DISTILL, np.int8), **_states(prefill.hidden[:, -rows:], None))
+    return make_transition(meta, drafted, _verified(prefill.logits[-rows:], targets, meta.temperature, k), -1)
 
 
 def _verified(target_logits, target_tokens: list[int], temperature: float, k: int) -> dict[str, np.ndarray]:

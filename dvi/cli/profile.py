@@ -36,7 +36,7 @@ def run(args) -> int:
 
     check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
     from dvi.studies.methods import parse_methods
-    from dvi.studies.profile import run_profile
+    from dvi.studies.profile import ProfileSpec, run_profile
     from selfspec.model import quiet_transformers
     from selfspec.prompts import load_prompts
 
@@ -47,7 +47,8 @@ def run(args) -> int:
         raise ValueError(f"--offset {args.offset}: no prompt there in {args.prompts}")
     drafter = load_drafter_from(args)
     out = Path(args.out)
-    report = run_profile(drafter, prompts[0], methods, args.max_new_tokens, args.gamma, out, args.trace, args.model)
+    spec = ProfileSpec(methods, args.max_new_tokens, args.gamma, out, args.trace, args.model)
+    report = run_profile(drafter, prompts[0], spec)
     print_table(report)
     write_report(report, out / "profile.json")
     return 0

@@ -8,6 +8,7 @@ table (<method>.txt) and, with `trace`, a Chrome trace per method into the outpu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dvi.studies.bench import machine_info, make_runners, size_static_cache
@@ -15,18 +16,28 @@ from selfspec.loading import Drafter
 from selfspec.prompts import Prompt, chat_ids
 
 
-def run_profile(drafter: Drafter, prompt: Prompt, methods: tuple[str, ...], max_new_tokens: int, gamma: int,
-                out: Path, trace: bool = False, model: str | None = None) -> dict:
+@dataclass(frozen=True)
+class ProfileSpec:
+    """What `dvi profile` measures and where it writes (traces, profile.json)."""
+    methods: tuple[str, ...]
+    max_new_tokens: int
+    gamma: int
+    out: Path
+    trace: bool = False  # also Chrome traces per method
+    model: str | None = None  # as the report names it
+
+
+def run_profile(drafter: Drafter, prompt: Prompt, spec: ProfileSpec) -> dict:
     """Profile each method on `prompt`; the report (profile.json's content: machine, settings, one row per method)."""
     ids = chat_ids(drafter.tokenizer, prompt.text)
-    size_static_cache(drafter, [ids], max_new_tokens, gamma)
-    runners = make_runners(drafter, max_new_tokens, gamma, methods)
-    out = Path(out)
+    size_static_cache(drafter, [ids], spec.max_new_tokens, spec.gamma)
+    runners = make_runners(drafter, spec.max_new_tokens, spec.gamma, spec.methods)
+    out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [profile_method(name, runners[name], ids, drafter.split.device, out, trace)
-            for name in methods if name in runners]
-    return {**machine_info(drafter), "model": model, "prompt": prompt.id, "max_new_tokens": max_new_tokens,
-            "gamma": gamma, "methods": rows}
+    rows = [profile_method(name, runners[name], ids, drafter.split.device, out, spec.trace)
+            for name in spec.methods if name in runners]
+    return {**machine_info(drafter), "model": spec.model, "prompt": prompt.id, "max_new_tokens": spec.max_new_tokens,
+            "gamma": spec.gamma, "methods": rows}
 
 
 def profile_method(name: str, runner, ids: list[int], device, out: Path, trace: bool) -> dict:

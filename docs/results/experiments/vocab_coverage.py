@@ -2,7 +2,7 @@
 on the tokens the run served after its version 0 (requests.jsonl) and on its held-out greedy paths
 (the path cache), against the lowest ids of the same size.
 
-    python docs/results/experiments/vocab_coverage.py RUN_DIR    # e.g. runs/spec_bench (configs/spec_bench.yaml)
+    python docs/results/experiments/vocab_coverage.py RUN_DIR    # e.g. runs/spec-bench (configs/spec-bench.yaml)
 
 Run it with the cache directory (DVI_CACHE_DIR) the run used: its paths/ hold the held-out paths (every
 *.tokens.npz there is taken, so use a cache only that run filled).
