@@ -111,15 +111,11 @@ def check_run(cfg, facts: ModelFacts | None = None, heads: bool = True) -> Model
 
 def check_heldout(facts: ModelFacts, cfg, prefix: str = "") -> None:
     """A learner config's held-out greedy paths (learner.config.LearnerConfig.heldout)."""
-    from selfspec.prompts import load_prompts
+    from learner.heldout import heldout_prompts
 
-    h = cfg.heldout
-    if h.prompts:
-        check_length(facts, h.max_new_tokens, f"{prefix}heldout.max_new_tokens")
-        available = len(load_prompts(h.workload))  # a missing file says here what to run
-        if h.prompts > available:
-            raise ModelCheckError(f"{prefix}heldout.prompts = {h.prompts}: the workload {h.workload!r} has "
-                                  f"{available} prompts")
+    if cfg.heldout.prompts:
+        check_length(facts, cfg.heldout.max_new_tokens, f"{prefix}heldout.max_new_tokens")
+        heldout_prompts(cfg.heldout, f"{prefix}heldout")  # the learner's own check, before anything starts
 
 
 def check_learner(cfg) -> ModelFacts:

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import threading
 
-from learner.config import LearnerConfig
+from learner.config import HeldoutConfig, LearnerConfig
 from learner.status import LearnerStatus
+
+
+def heldout_prompts(h: HeldoutConfig, key: str = "heldout") -> list:
+    """The last `h.prompts` prompts of the held-out workload; too few is a ValueError naming `key`."""
+    from selfspec.prompts import load_prompts
+
+    prompts = load_prompts(h.workload)  # a missing file says here what to run
+    if h.prompts > len(prompts):
+        raise ValueError(f"{key}.prompts = {h.prompts}: the workload {h.workload!r} has {len(prompts)} prompts")
+    return prompts[len(prompts) - h.prompts:]
 
 
 class HeldoutPaths:
@@ -22,15 +32,9 @@ class HeldoutPaths:
     @classmethod
     def generate(cls, cfg: LearnerConfig, model, tokenizer, status: LearnerStatus) -> "HeldoutPaths":
         """Start generating the paths of `cfg.heldout` (the prompt count is checked here, at once)."""
-        from selfspec.prompts import load_prompts
-
-        h = cfg.heldout
-        prompts = load_prompts(h.workload)
-        if len(prompts) < h.prompts:
-            raise ValueError(f"heldout.prompts = {h.prompts} but the workload {h.workload!r} has {len(prompts)} prompts")
         self = cls()
         self._thread = threading.Thread(target=self._generate, name="dvi-heldout-paths", daemon=True,
-                                        args=(cfg, model, tokenizer, prompts[len(prompts) - h.prompts:], status))
+                                        args=(cfg, model, tokenizer, heldout_prompts(cfg.heldout), status))
         self._thread.start()
         return self
 
