@@ -77,6 +77,8 @@ class LearnerGroup:
         self._pid_refs = [a.pid.remote() for a in self.actors]
         address = self.actors[0].address.remote()  # resolved by Ray before the set-ups start
         # All ranks join at once: joining the group blocks until the last one arrives.
+        # A failed set-up surfaces through that rank's run(); the refs are held so that Ray does not also
+        # report the error as unhandled when they are collected.
         self._setups = [a.setup.remote(r, p.ranks, address, resume, record_ids) for r, a in enumerate(self.actors)]
 
     @property
@@ -84,10 +86,6 @@ class LearnerGroup:
         """The ranks' process ids, once their processes run (never blocks)."""
         ready, _ = ray.wait(self._pid_refs, num_returns=len(self._pid_refs), timeout=0)
         return ray.get(ready) if len(ready) == len(self._pid_refs) else []
-
-    def wait_ready(self) -> None:
-        """Block until every rank has finished its set-up (raises a rank's set-up error)."""
-        ray.get(self._setups)
 
     def run(self, steps: int | None = None) -> list[dict]:
         return ray.get(self.start(steps))
