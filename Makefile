@@ -59,7 +59,7 @@ lock:
 # published head side by side with transformers' generate on the 7 held-out prompts.
 demo: install
 	$(VENV)/bin/dvi run --config configs/local.yaml --out-dir runs/demo --overwrite
-	$(VENV)/bin/dvi bench --prompts builtin --offset 28 --n 7 --max-new-tokens 64 --drafter runs/demo/head \
+	$(VENV)/bin/dvi bench --prompts builtin --offset 28 --n 7 --max-new-tokens 64 --head-path runs/demo/head \
 		--methods hf_ar,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic --out runs/demo/bench.json
 	@echo "demo report: runs/demo/report.md (summary.json, plots/, tb/) and runs/demo/bench.json"
 

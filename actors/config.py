@@ -17,11 +17,11 @@ from selfspec.defaults import DEFAULT_MODEL
 class GenerationConfig(Strict):
     model: str = Field(DEFAULT_MODEL, description="model name or HF model directory")
     exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
-    drafter: str | None = Field(None, description="a saved head (dvi online/train output) to start from; its own "
+    head_path: str | None = Field(None, description="a saved head (dvi online/train output) to start from; its own "
                                                   "exit layer wins. None: an untrained head of config `head`")
     head: HeadConfig = HeadConfig()
     gamma: int = Field(4, ge=0, description="most drafts per round (0: plain decoding)")
-    policy: Literal["fixed", "threshold", "cost_aware"] = "cost_aware"
+    length_policy: Literal["fixed", "threshold", "cost_aware"] = "cost_aware"
     ngram: int = Field(1, ge=0, description="shortest suffix match to copy drafts from the request's own text (0: off)")
     topk: int = Field(16, ge=1, description="K of the top-K draft and target distributions a transition carries")
     prompt_rows: int = Field(64, ge=0, description="also send the prompt's last N positions as KL rows (the "
@@ -35,8 +35,8 @@ class GenerationConfig(Strict):
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor (1 on a GPU cluster: one actor per GPU)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model precision (auto: float32, see selfspec.device)")
-    steps: Literal["auto", "eager", "static", "graphs"] = Field(
-        "auto", description="how decode passes run (selfspec.decode_steps; auto: CUDA graphs on a GPU, else eager)")
+    passes: Literal["auto", "eager", "static", "graphs"] = Field(
+        "auto", description="how decode passes run (selfspec.passes; auto: CUDA graphs on a GPU, else eager)")
     max_restarts: int = Field(3, ge=-1, description="Ray restarts a crashed actor this often (-1: always)")
     max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once; it decodes one at a "
                                                        "time in arrival order, the rest are its queue depth")

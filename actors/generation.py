@@ -1,6 +1,6 @@
 """The generation actor: serves requests with self-speculative decoding and feeds the learner.
 
-`Generator` holds the logic and runs without Ray (tests, a notebook); `GenerationActor` is the thin Ray
+`GenerationWorker` holds the logic and runs without Ray (tests, a notebook); `GenerationActor` is the thin Ray
 actor around it, created by `start_actor(cfg, ...)` with the config's resources (`num_gpus=1` on a GPU
 cluster: one actor per GPU; `num_cpus` and torch threads on CPU) and `max_restarts`.
 
@@ -42,50 +42,50 @@ from actors.trace import ConversationMemory
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightSpec, WeightsRefused, WeightStore
 from selfspec.drafter import head_arrays, head_from_weights
-from selfspec.engine import Emitter, SelfSpecDecoder
-from selfspec.loading import Drafter, Placement, load_drafter, make_policy
+from selfspec.engine import TransitionSink, SelfSpecDecoder
+from selfspec.loading import ModelParts, DeviceSettings, load_model_parts, make_length_policy
 from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
 
 STREAM_ERRORS = (redis.RedisError, BackpressureTimeout, OSError)
 
 
-def load_for_actor(cfg: GenerationConfig, device: str) -> Drafter:
-    """`selfspec.loading.load_drafter` with the actor's settings, on `device` (one GPU per actor on a cluster)."""
-    return load_drafter(cfg.model, cfg.exit_layer, cfg.drafter, cfg.head, Placement(device, cfg.dtype, cfg.steps))
+def load_for_actor(cfg: GenerationConfig, device: str) -> ModelParts:
+    """`selfspec.loading.load_model_parts` with the actor's settings, on `device` (one GPU per actor on a cluster)."""
+    return load_model_parts(cfg.model, cfg.exit_layer, cfg.head_path, cfg.head, DeviceSettings(device, cfg.dtype, cfg.passes))
 
 
-class Generator:
+class GenerationWorker:
     """One model, one decoder, one stream writer; requests decoded one at a time.
 
     `redis_client`: where transitions and weights go (None: no streaming and no weight pulls, e.g. a
-    baseline without learning). `drafter`: an already built model + head (tests pass a tiny model);
+    baseline without learning). `parts`: an already built model + head (tests pass a tiny model);
     None loads `cfg.model` on this process's device. The learner publishes weights under the name
-    `drafter.meta["base_model"]`, else `selfspec.model.model_name(cfg.model)`.
+    `parts.meta["base_model"]`, else `selfspec.model.model_name(cfg.model)`.
     """
 
     def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *,
-                 redis_client: redis.Redis | None = None, drafter: Drafter | None = None):
+                 redis_client: redis.Redis | None = None, parts: ModelParts | None = None):
         self.cfg, self.run_id, self.actor_id = cfg, run_id, actor_id
         threads = cfg.num_threads or (max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None)
         if threads:
             torch.set_num_threads(threads)
-        if drafter is None:
+        if parts is None:
             device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-            drafter = load_for_actor(cfg, device)
-        self.drafter, self.tokenizer = drafter, drafter.tokenizer
-        self.split, self.head = drafter.split, drafter.head
-        policy = make_policy(cfg.policy, cfg.gamma, drafter.steps, self.head)
+            parts = load_for_actor(cfg, device)
+        self.parts, self.tokenizer = parts, parts.tokenizer
+        self.split, self.head = parts.split, parts.head
+        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head)
         self.writer = self.store = None
         if redis_client is not None:
             from selfspec.model import model_name
 
             self.writer = TransitionWriter(redis_client, run_id, cfg.stream)
-            base_model = drafter.meta.get("base_model") or model_name(cfg.model)
+            base_model = parts.meta.get("base_model") or model_name(cfg.model)
             spec = WeightSpec.of(base_model, head_arrays(self.head))
             self.store = WeightStore(redis_client, run_id, expected=spec)
-        emit = Emitter(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
-        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, emit=emit, steps=drafter.steps)
+        sink = TransitionSink(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
+        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes)
         self.memory = ConversationMemory()
         # None: the actor's own starting head, not a published one (its transitions carry version 0)
         self.version: int | None = None
@@ -273,15 +273,15 @@ class Generator:
 
 
 class GenerationActor:
-    """The Ray face of a Generator. `metrics`/`close` run in their own concurrency group, so they answer
+    """The Ray face of a GenerationWorker. `metrics`/`close` run in their own concurrency group, so they answer
     while a request decodes."""
 
     def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *, redis_url: str | None = None,
-                 redis_password: str | None = None, drafter: Drafter | None = None):
+                 redis_password: str | None = None, parts: ModelParts | None = None):
         from buffer.connection import connect
 
         client = connect(redis_url, redis_password) if redis_url else None
-        self.generator = Generator(cfg, run_id, actor_id, redis_client=client, drafter=drafter)
+        self.generator = GenerationWorker(cfg, run_id, actor_id, redis_client=client, parts=parts)
 
     def generate(self, request: dict) -> dict:
         return self.generator.generate(request)

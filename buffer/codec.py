@@ -19,7 +19,7 @@ import numpy as np
 
 from selfspec.transitions import ARRAY_FIELDS, SCALAR_FIELDS, Transition, TransitionError
 
-SCHEMA = 2  # 2: every verified position is a row, with its kind
+SCHEMA = 3  # 2: every verified position is a row, with its kind; 3: `policy_version` renamed `head_version`
 QUANTIZABLE = ("hidden", "context_hidden")  # the big float16 fields; everything else is tiny
 _HEADER_MAX = 128  # a header is ~40 bytes; reading only this much keeps the body uncopied
 _DTYPES = {np.dtype(t).newbyteorder("<").str: np.dtype(t).newbyteorder("<") for t in (

@@ -45,7 +45,7 @@ class StreamConfig(FrozenStrict):
     quantize_hidden: bool = False  # int8 with a per-row scale instead of float16 (about half the bytes)
     batch_size: int = Field(256, ge=1)  # transitions a reader asks for per read
     read_block_ms: int = Field(1000, ge=0)
-    max_policy_lag: int | None = Field(None, ge=0)  # drop transitions this many versions behind; None keeps all
+    max_transition_lag: int | None = Field(None, ge=0)  # drop transitions this many versions behind; None keeps all
     claim_idle_ms: int = Field(60_000, gt=0)  # pending this long means its consumer is gone
     dedup_window: int = Field(100_000, gt=0)  # transition ids remembered for de-duplication (~100 B each)
 

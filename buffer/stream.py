@@ -298,8 +298,8 @@ class TransitionReader:
         tid = t.transition_id
         if tid in self._seen or tid in self._inflight_ids:
             batch.duplicates += 1
-        elif (self.cfg.max_policy_lag is not None and self.current_version is not None
-              and t.policy_version < self.current_version - self.cfg.max_policy_lag):
+        elif (self.cfg.max_transition_lag is not None and self.current_version is not None
+              and t.head_version < self.current_version - self.cfg.max_transition_lag):
             batch.stale += 1
         else:
             batch.transitions.append(t)

@@ -13,7 +13,7 @@ VOCAB = 49152  # SmolLM2's
 def random_transition(rng: np.random.Generator, n: int = 4, d: int = 576, k: int = 16, window: int = 0,
                       **scalars):
     """n drafted positions, hidden size d, top-k, a context window of `window` positions; `scalars`
-    override the RoundMeta fields (run_id, request_id, round, policy_version, ...)."""
+    override the RoundMeta fields (run_id, request_id, round, head_version, ...)."""
     meta = replace(RoundMeta("run", 0, "r0", 0, 0, "random", 0.0, 0.0, 0.0), **scalars)
     drafted = {"hidden": rng.standard_normal((n, d)).astype(np.float16),
                "context_hidden": (rng.standard_normal((window, d)).astype(np.float16) if window

@@ -93,14 +93,14 @@ def check_saved_head(facts: ModelFacts, path: str | Path, key: str, exit_layer: 
 
 
 def check_run(cfg, facts: ModelFacts | None = None, heads: bool = True) -> ModelFacts:
-    """A `dvi run` config (dvi.run.config.RunConfig). `heads`: also check actors.drafter (a drift study sets it
+    """A `dvi run` config (dvi.run.config.RunConfig). `heads`: also check actors.head_path (a drift study sets it
     to a head it has yet to train)."""
     facts = facts or model_facts(cfg.model)
     check_exit_layer(facts, cfg.exit_layer)
     check_head_config(facts, cfg.head, cfg.exit_layer)
-    if heads and cfg.actors.drafter is not None:
+    if heads and cfg.actors.head_path is not None:
         # serving only, the head's own exit layer wins; learning, the learner's versions replace it at exit_layer
-        check_saved_head(facts, cfg.actors.drafter, "actors.drafter", cfg.exit_layer if cfg.learn else None)
+        check_saved_head(facts, cfg.actors.head_path, "actors.head_path", cfg.exit_layer if cfg.learn else None)
     if cfg.trace.make is not None:
         check_length(facts, cfg.trace.make.max_new_tokens, "trace.make.max_new_tokens", cfg.actors.gamma,
                      "actors.gamma")
@@ -152,13 +152,13 @@ def check_drift(cfg) -> ModelFacts:
     return facts
 
 
-def check_decoding_args(args, drafter: str | None = None) -> ModelFacts:
+def check_decoding_args(args, head_path: str | None = None) -> ModelFacts:
     """The flags of a decoding command (dvi generate, bench, eval, profile): --model, --exit-layer (unless a
-    saved head is given: its own exit layer wins), --drafter (or `drafter`), --max-new-tokens and --gamma."""
+    saved head is given: its own exit layer wins), --head-path (or `head_path`), --max-new-tokens and --gamma."""
     facts = model_facts(args.model)
-    drafter = drafter or getattr(args, "drafter", None)
-    if drafter is not None:
-        check_saved_head(facts, drafter, "--drafter")
+    head_path = head_path or getattr(args, "head_path", None)
+    if head_path is not None:
+        check_saved_head(facts, head_path, "--head-path")
     else:
         check_exit_layer(facts, args.exit_layer, "--exit-layer")
     if getattr(args, "max_new_tokens", None) is not None:

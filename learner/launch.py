@@ -35,9 +35,9 @@ class LearnerRank:
         return os.getpid()
 
     def setup(self, rank: int, world_size: int, address: tuple[str, int], resume: bool, record_ids: bool) -> None:
-        from learner.setup import RankPlace, build_rank
+        from learner.rank import RankAddress, build_rank
 
-        place = RankPlace(rank, world_size, *address)
+        place = RankAddress(rank, world_size, *address)
         try:
             self.learner, self.log = build_rank(self.cfg, place, resume=resume, record_ids=record_ids)
         except Exception as err:
@@ -45,7 +45,7 @@ class LearnerRank:
             raise
 
     def run(self, steps: int | None = None) -> dict:
-        from learner.setup import summary
+        from learner.rank import summary
 
         if self.learner is None:  # run() is queued behind setup(): say why there is nothing to run
             raise RuntimeError(f"learner rank set-up failed: {self.setup_error}")
@@ -67,7 +67,7 @@ class LearnerGroup:
     are queued on its actor, so serving starts while the learner prepares."""
 
     def __init__(self, cfg: LearnerConfig, *, resume: bool = False, record_ids: bool = False):
-        from learner.setup import clear_stop
+        from learner.rank import clear_stop
 
         self.cfg = cfg
         p = cfg.placement
@@ -99,7 +99,7 @@ class LearnerGroup:
 
     def stop(self) -> None:
         from buffer.keys import RunKeys
-        from learner.setup import connect_redis
+        from learner.rank import connect_redis
 
         connect_redis(self.cfg).set(RunKeys(self.cfg.run_id).learner_stop, 1)
 

@@ -245,11 +245,11 @@ class Learner:
         metrics record per step; the batches then wait for the next commit to be acknowledged."""
         transitions = [t for b in self.held for t in b.transitions]
         positions = sum(t.n for t in transitions)
-        lags = [self.version - t.policy_version for t in transitions]
+        lags = [self.version - t.head_version for t in transitions]
         total_t, total_p, lag_sum = sync_sum([len(transitions), positions, sum(lags)])
         (neg_lag_max,) = sync_min([-max(lags, default=0)])
         batch = {"charts/batch_transitions": total_t, "charts/batch_positions": total_p,
-                 "charts/policy_lag_mean": lag_sum / max(total_t, 1), "charts/policy_lag_max": -neg_lag_max,
+                 "charts/transition_lag_mean": lag_sum / max(total_t, 1), "charts/transition_lag_max": -neg_lag_max,
                  **composition(transitions)}
         for _ in range(self.cfg.reuse):
             started = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 def bench_rows(path: Path) -> list[str]:
     report = json.loads(path.read_text())
-    where = f"{report['dtype']}, steps {report.get('steps', 'eager')}"
+    where = f"{report['dtype']}, passes {report.get('passes', 'eager')}"
     rows = []
     for m in report["methods"]:
         mal = m.get("mean_accepted_length")
@@ -27,7 +27,7 @@ def bench_rows(path: Path) -> list[str]:
 
 def profile_rows(path: Path) -> list[str]:
     report = json.loads(path.read_text())
-    where = f"{report['dtype']}, steps {report['steps']}"
+    where = f"{report['dtype']}, passes {report['passes']}"
 
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -45,14 +45,14 @@ def main(out_dir: str) -> int:
         first = json.loads(benches[0].read_text())
         print(f"## dvi bench on {first['machine']} ({first['model']}, {first['n_prompts']} prompts x "
               f"{first['max_new_tokens']} new tokens, batch 1, greedy)\n")
-        print("| run | dtype, steps | method | tok/s | vs hf_ar | MAL | identical to hf_ar | identical to dvi_ar "
+        print("| run | dtype, passes | method | tok/s | vs hf_ar | MAL | identical to hf_ar | identical to dvi_ar "
               "| largest margin at a divergence |")
         print("|---|---|---|---|---|---|---|---|---|")
         for path in benches:
             print("\n".join(bench_rows(path)))
     if profiles:
         print("\n## dvi profile, per generated token\n")
-        print("| run | dtype, steps | method | tok/s | wall ms | CPU op ms | GPU kernel ms | kernels | GPU busy |")
+        print("| run | dtype, passes | method | tok/s | wall ms | CPU op ms | GPU kernel ms | kernels | GPU busy |")
         print("|---|---|---|---|---|---|---|---|---|")
         for path in profiles:
             print("\n".join(profile_rows(path)))

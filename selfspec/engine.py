@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
-from selfspec.decode_steps import StaticSteps, decode_steps
+from selfspec.passes import PassRunner, pass_runner
 from selfspec.drafter import DrafterHead
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
@@ -62,9 +62,9 @@ class DecodeOptions:
 
 
 @dataclass
-class Emitter:
-    """Where a decoder sends each round's Transition, and what the record holds."""
-    sink: Callable[[Transition], None]
+class TransitionSink:
+    """Where a decoder sends each round's Transition (`write`), and what the record holds."""
+    write: Callable[[Transition], None]
     run_id: str = "local"
     actor_id: int = 0
     topk: int = 16
@@ -103,25 +103,25 @@ class _Request:
 
 class SelfSpecDecoder:
     def __init__(self, split: SplitModel, head: DrafterHead | None = None,
-                 policy: LengthPolicy | None = None, ngram: int = 0, emit: Emitter | None = None,
-                 steps: SplitModel | StaticSteps | None = None):
-        """`steps`: what runs the passes (selfspec.decode_steps; None: `decode_steps(split)`, CUDA graphs on
+                 length_policy: LengthPolicy | None = None, ngram: int = 0, sink: TransitionSink | None = None,
+                 passes: PassRunner | None = None):
+        """`passes`: what runs the passes (selfspec.passes; None: `pass_runner(split)`, CUDA graphs on
         a GPU, the split itself elsewhere); give the one a cost-aware policy was measured on."""
-        self.split, self.emit = split, emit
-        self.steps = steps if steps is not None else decode_steps(split)
-        self.policy = policy or LengthPolicy(0)
+        self.split, self.sink = split, sink
+        self.passes = passes if passes is not None else pass_runner(split)
+        self.length_policy = length_policy or LengthPolicy(0)
         if not 0 <= ngram <= MAX_NGRAM:
             raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must "
                              f"be in [0, {MAX_NGRAM}], got {ngram}")
         self.ngram = ngram
-        if self.policy.max_drafts > 0 and head is None and not ngram:
+        if self.length_policy.max_drafts > 0 and head is None and not ngram:
             raise ValueError("drafting (gamma > 0) needs a drafter head or n-gram drafts")
         self.set_head(head)
 
     def set_head(self, head: DrafterHead | None, version: int = 0) -> None:
         """Swap the drafter head (between requests): output never changes, only speed. `version`
         goes into the transitions it drafts."""
-        self.head, self.policy_version = head, version
+        self.head, self.head_version = head, version
         self.window = head.config.context_window if head is not None else 0
 
     @torch.inference_mode()
@@ -165,18 +165,18 @@ class SelfSpecDecoder:
     def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions) -> _Request:
         """Run the prompt through the whole model; its next token, the verifier's own (nothing was
         drafted), becomes the first pending one."""
-        cache = self.steps.new_cache(prompt.numel() + budget + self.policy.max_drafts + 1)
+        cache = self.passes.new_cache(prompt.numel() + budget + self.length_policy.max_drafts + 1)
         generator = None
         if opts.temperature > 0 and opts.seed is not None:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
-        hidden = self.steps.trunk(prompt, 0, cache)
-        logits = self.steps.verify(hidden, 0, cache)
+        hidden = self.passes.trunk(prompt, 0, cache)
+        logits = self.passes.verify(hidden, 0, cache)
         first = _next_token(logits[-1:], opts.temperature, generator)
         opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
         req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
-        if self.emit is not None and self.emit.prompt_rows:
-            self.emit.sink(prompt_transition(self._meta(req, 0, time.time()), Prefill(prompt, hidden, logits, first),
-                                             self.emit.prompt_rows, self._topk()))
+        if self.sink is not None and self.sink.prompt_rows:
+            self.sink.write(prompt_transition(self._meta(req, 0, time.time()), Prefill(prompt, hidden, logits, first),
+                                             self.sink.prompt_rows, self._topk()))
         if self.window:
             req.history = list(hidden[0, -self.window:])
         if self.head is not None:
@@ -189,28 +189,28 @@ class SelfSpecDecoder:
         """draft -> verify -> accept -> observe -> emit -> commit."""
         req.rounds += 1
         clock, t_start = _Clock(), time.time()
-        room = min(self.policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
+        room = min(self.length_policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
         with clock("draft"):
             proposal, copied = self._copies(req, room)
         with clock("verify"):  # copied drafts need no head: they go through the trunk with the pending token
-            pending = self.steps.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+            pending = self.passes.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
         with clock("draft"):
             if copied:
                 draft = Draft("copied", [pending], copied)
-            elif room > 0 and self.head is not None and self.policy.start_round():
+            elif room > 0 and self.head is not None and self.length_policy.start_round():
                 draft = self._head_draft(req, pending, room)
             else:
                 draft = Draft("none", [pending])
         with clock("verify"):
             hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
-            logits = self.steps.verify(hidden, req.position, req.cache)
+            logits = self.passes.verify(hidden, req.position, req.cache)
             n_acc, bonus = self._accept(draft, logits, req.options.temperature, req.generator)
         emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
-        self.policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
-        if self.emit is not None:  # before commit: the record's context is the window before this round
+        self.length_policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
+        if self.sink is not None:  # before commit: the record's context is the window before this round
             context = req.history[-self.window:] if self.window else []
             verified = VerifiedRound(draft, hidden, context, logits, emitted)
-            self.emit.sink(round_transition(self._meta(req, req.rounds, t_start), verified, self._topk(), self.head))
+            self.sink.write(round_transition(self._meta(req, req.rounds, t_start), verified, self._topk(), self.head))
         self._commit(req, hidden, n_acc, emitted)
         return RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"]), emitted
 
@@ -221,7 +221,7 @@ class SelfSpecDecoder:
         proposal = req.ngram.propose(room, self.ngram)
         if not proposal.tokens:
             return proposal, []
-        return proposal, proposal.tokens[:self.policy.ngram_drafts(proposal.ngram,
+        return proposal, proposal.tokens[:self.length_policy.ngram_drafts(proposal.ngram,
                                                                   len(proposal.tokens))]
 
     def _head_draft(self, req: _Request, pending: torch.Tensor, room: int) -> Draft:
@@ -231,10 +231,10 @@ class SelfSpecDecoder:
         temperature, draft = req.options.temperature, Draft("none", [pending])
         new, start = self._unseen_by_head(req, pending)
         while len(draft.tokens) < room:
-            logits = self.steps.head_logits(self.head, new, start, req.head_cache).float()
+            logits = self.passes.head_logits(self.head, new, start, req.head_cache).float()
             logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
             top = float(logp.max().exp())
-            if not self.policy.keep(len(draft.tokens), top, float(-(logp.exp() * logp).sum())):
+            if not self.length_policy.keep(len(draft.tokens), top, float(-(logp.exp() * logp).sum())):
                 if not draft.tokens and temperature == 0:
                     draft.shadow = Shadow(top, int(self.head.to_full_ids(logp.argmax())))
                 break
@@ -245,7 +245,7 @@ class SelfSpecDecoder:
             draft.logits.append(logits)
             draft.confidences.append(top)
             start = req.position + len(draft.tokens)
-            new = self.steps.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
+            new = self.passes.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
             draft.hiddens.append(new)
         return draft
 
@@ -302,13 +302,13 @@ class SelfSpecDecoder:
 
     def _meta(self, req: _Request, round_index: int, t_start: float) -> RoundMeta:
         opts = req.options
-        return RoundMeta(self.emit.run_id, self.emit.actor_id, opts.request_id, round_index,
-                         self.policy_version, opts.workload, t_start, time.time(), float(opts.temperature))
+        return RoundMeta(self.sink.run_id, self.sink.actor_id, opts.request_id, round_index,
+                         self.head_version, opts.workload, t_start, time.time(), float(opts.temperature))
 
     def _topk(self) -> int:
         """The records' K, for both sides: a small draft vocabulary bounds it."""
         vocab = self.head.vocab_ids if self.head is not None else None
-        return min(self.emit.topk, self.split.config.vocab_size if vocab is None else len(vocab))
+        return min(self.sink.topk, self.split.config.vocab_size if vocab is None else len(vocab))
 
 
 def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:

@@ -94,9 +94,9 @@ def annotate_path(model, tokens: list[int], prompt_len: int, exit_layer: int, to
 
 
 @dataclass(frozen=True)
-class PathEmit:
+class RecordSpec:
     """How simulated rounds become Transitions: the ids they carry and the top-K they keep."""
-    policy_version: int = 0
+    head_version: int = 0
     topk: int = 16
     run_id: str = "online"
 
@@ -109,11 +109,11 @@ def _head_logp(path: GreedyPath, head, start: int, end: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def simulate_rounds(path: GreedyPath, head, gamma: int, emit: PathEmit | None = None
+def simulate_rounds(path: GreedyPath, head, gamma: int, record: RecordSpec | None = None
                     ) -> tuple[list[int], list[Transition]]:
     """Replay greedy self-speculative decoding of this path with `head` and a fixed γ.
 
-    Returns the accepted drafts per round and, with `emit`, the rounds' transitions. The first
+    Returns the accepted drafts per round and, with `record`, the rounds' transitions. The first
     generated token comes from prefill, so rounds start with the pending token at position prompt_len."""
     tokens, start = path.tokens, path.prompt_len
     end = len(tokens) - 1  # positions start..end-1 draft the token after them
@@ -126,18 +126,18 @@ def simulate_rounds(path: GreedyPath, head, gamma: int, emit: PathEmit | None = 
         n = min(gamma, end - start - p - 1)  # the bonus token needs one slot of what is left
         n_acc = int(np.argmin(np.append(match[p:p + n], False)))
         accepted.append(n_acc)
-        if emit is not None and n > 0:
+        if record is not None and n > 0:
             # Only on-path positions: off the path the simulation would repeat the greedy context of the
             # next round's positions, which adds compute, not information (on-path positions tile the path).
             kept = min(n, n_acc + 1)
-            span = _Span(start + p, n_acc, _meta(path, emit, path.prompt_id, len(accepted)))
-            transitions.append(_path_transition(path, head, logp[p:p + kept], span, emit.topk))
+            span = _Span(start + p, n_acc, _meta(path, record, path.prompt_id, len(accepted)))
+            transitions.append(_path_transition(path, head, logp[p:p + kept], span, record.topk))
         p += n_acc + 1
     return accepted, transitions
 
 
 @torch.no_grad()
-def distill_transitions(path: GreedyPath, head, rows: range, request_id: str, emit: PathEmit) -> list[Transition]:
+def distill_transitions(path: GreedyPath, head, rows: range, request_id: str, record: RecordSpec) -> list[Transition]:
     """Distillation-only transitions over positions rows.start..rows.stop-1 of `path` (each predicting
     the next token), rows.step positions each. Nothing was drafted or judged there, so they carry no
     reward (on_path all False): only the KL term learns from them. Serves two sources of extra
@@ -148,25 +148,25 @@ def distill_transitions(path: GreedyPath, head, rows: range, request_id: str, em
         return []
     logp = _head_logp(path, head, rows.start, rows.stop)
     return [_path_transition(path, head, logp[p - rows.start:min(p + rows.step, rows.stop) - rows.start],
-                             _Span(p, -1, _meta(path, emit, request_id, i)), emit.topk)
+                             _Span(p, -1, _meta(path, record, request_id, i)), record.topk)
             for i, p in enumerate(rows)]
 
 
-def prompt_transitions(path: GreedyPath, head, span: int, emit: PathEmit) -> list[Transition]:
+def prompt_transitions(path: GreedyPath, head, span: int, record: RecordSpec) -> list[Transition]:
     """Distillation-only transitions over the prompt's positions, the last one predicting the first
     generated token."""
-    return distill_transitions(path, head, range(0, path.prompt_len, span), f"{path.prompt_id}:prompt", emit)
+    return distill_transitions(path, head, range(0, path.prompt_len, span), f"{path.prompt_id}:prompt", record)
 
 
-def response_transitions(path: GreedyPath, head, span: int, tag: str, emit: PathEmit) -> list[Transition]:
+def response_transitions(path: GreedyPath, head, span: int, tag: str, record: RecordSpec) -> list[Transition]:
     """Distillation-only transitions over a (sampled) response's positions."""
     return distill_transitions(path, head, range(path.prompt_len, len(path.tokens) - 1, span),
-                               f"{path.prompt_id}:{tag}", emit)
+                               f"{path.prompt_id}:{tag}", record)
 
 
-def _meta(path: GreedyPath, emit: PathEmit, request_id: str, round_no: int) -> RoundMeta:
+def _meta(path: GreedyPath, record: RecordSpec, request_id: str, round_no: int) -> RoundMeta:
     now = time.time()
-    return RoundMeta(emit.run_id, 0, request_id, round_no, emit.policy_version, path.category, now, now, 0.0)
+    return RoundMeta(record.run_id, 0, request_id, round_no, record.head_version, path.category, now, now, 0.0)
 
 
 @dataclass

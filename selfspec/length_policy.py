@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from selfspec.ngram import MAX_NGRAM, Proposal
-from selfspec.step_costs import StepCosts
+from selfspec.pass_costs import PassCosts
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class CostAware(LengthPolicy):
 
     name = "cost_aware"
 
-    def __init__(self, costs: StepCosts, max_drafts: int, calibration: Calibration = Calibration()):
+    def __init__(self, costs: PassCosts, max_drafts: int, calibration: Calibration = Calibration()):
         super().__init__(min(max_drafts, len(costs.verify) - 2))
         c = calibration
         # copied drafts: per matched suffix length, accepted / judged positions, prior `ngram_prior`

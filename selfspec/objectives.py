@@ -47,7 +47,7 @@ class PositionBatch:
     topk_logprobs: torch.Tensor  # [N, K] verifier log-probs (all K, in vocab or not)
     accepted: torch.Tensor  # [N] bool: reward 1
     on_path: torch.Tensor  # [N] bool: carries a reward (accepted or the first reject)
-    policy_version: torch.Tensor  # [N] long
+    head_version: torch.Tensor  # [N] long
     rounds: int  # number of transitions R
     # Attention heads only: each transition's committed context, left-padded to [R, W, d], its valid
     # length [R], and rows [N, 2] = (transition, offset among its drafted positions).
@@ -115,7 +115,7 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
         target_idx=on(target_idx), target_in_vocab=on(target_in), topk_idx=on(topk_idx),
         topk_valid=on(topk_valid), topk_logprobs=as_f(topk_lp),
         accepted=on(torch.as_tensor(cat("accept_mask"))), on_path=on(torch.as_tensor(cat("on_path"))),
-        policy_version=on(torch.as_tensor(per_pos(lambda tr: tr.policy_version), dtype=torch.long)),
+        head_version=on(torch.as_tensor(per_pos(lambda tr: tr.head_version), dtype=torch.long)),
         rounds=len(transitions))
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from selfspec.config import OnlineConfig
 from selfspec.drafter import DrafterHead, draft_vocab_ids
-from selfspec.greedy_paths import (GreedyPath, PathEmit, PathSpec, Sampling, mean_accepted_length, prompt_transitions,
+from selfspec.greedy_paths import (GreedyPath, RecordSpec, PathSpec, Sampling, mean_accepted_length, prompt_transitions,
                                    response_transitions, simulate_rounds)
 from selfspec.model import eos_ids, load_model
 from selfspec.ngram import mean_accepted_length_with_ngram
@@ -136,14 +136,14 @@ def _chunk_transitions(head: DrafterHead, paths: OnlinePaths, chunk: range, cfg:
     transitions, accepted = [], []
     for i in chunk:
         path = paths.train[i]
-        emit = PathEmit(policy_version=version, topk=cfg.topk)
-        acc, trs = simulate_rounds(path, head, cfg.gamma, emit)
+        record = RecordSpec(head_version=version, topk=cfg.topk)
+        acc, trs = simulate_rounds(path, head, cfg.gamma, record)
         transitions += trs
         accepted += acc
         if cfg.prompt_positions:
-            transitions += prompt_transitions(path, head, cfg.gamma, emit)
+            transitions += prompt_transitions(path, head, cfg.gamma, record)
         for seed, response in enumerate(paths.sampled[i]):
-            transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", emit)
+            transitions += response_transitions(response, head, cfg.gamma, f"sampled{seed}", record)
     return transitions, accepted
 
 

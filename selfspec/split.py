@@ -15,7 +15,7 @@ from selfspec.device import decode_attention
 from selfspec.kv_cache import KVCache, StaticKVCache, cache_arg
 from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
-from selfspec.step_costs import measure_thin_rows, parse_rows
+from selfspec.pass_costs import measure_thin_rows, parse_rows
 
 _THIN_ROWS: dict[tuple, frozenset[int]] = {}  # measured once per process for each model shape and thread count
 
@@ -69,7 +69,7 @@ class SplitModel:
     def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int | torch.Tensor,
              cache: KVCache | StaticKVCache) -> torch.Tensor:
         """Layers [lo, hi) on hidden [1, n, d] at positions start..start+n-1, appending to the cache.
-        A StaticKVCache also takes its own `start` tensor as `start` (selfspec.decode_steps)."""
+        A StaticKVCache also takes its own `start` tensor as `start` (selfspec.passes)."""
         n = hidden.shape[1]
         if isinstance(cache, StaticKVCache):
             positions, mask = cache.place(start, n)
@@ -100,5 +100,5 @@ class SplitModel:
 
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
         """A drafting step of `head` (DrafterHead.next_logits): here eager, captured in
-        selfspec.decode_steps.StaticSteps, whose passes the engine calls by these same names."""
+        selfspec.passes.StaticPasses, whose passes the engine calls by these same names."""
         return head.next_logits(hidden, start, head_cache)

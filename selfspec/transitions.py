@@ -55,7 +55,7 @@ class RoundMeta:
     actor_id: int
     request_id: str
     round: int
-    policy_version: int
+    head_version: int
     workload: str
     t_start: float  # wall-clock seconds (time.time()) when the round began drafting
     t_end: float  # ... and when verification finished

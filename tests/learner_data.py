@@ -12,7 +12,7 @@ from tiny_model import tiny_llama
 from buffer.config import StreamConfig
 from buffer.stream import TransitionWriter
 from dvi.config import set_dotted
-from selfspec.greedy_paths import PathEmit, annotate_path, simulate_rounds
+from selfspec.greedy_paths import RecordSpec, annotate_path, simulate_rounds
 
 K = 1  # exit layer
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def greedy_paths(model, count: int, seed: int = 0, new_tokens: int = 32):
 
 def rounds(path, head, gamma: int = 4, version: int = 0, run_id: str = "learn"):
     """On-policy transitions of `head` along `path` (the exact simulation `dvi online` uses)."""
-    return simulate_rounds(path, head, gamma, PathEmit(policy_version=version, topk=16, run_id=run_id))[1]
+    return simulate_rounds(path, head, gamma, RecordSpec(head_version=version, topk=16, run_id=run_id))[1]
 
 
 def write(client, run_id: str, transitions, frame_size: int = 4) -> None:

@@ -9,7 +9,7 @@ from selfspec.config import HeadConfig
 from selfspec.drafter import DrafterHead
 from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.split import SplitModel
-from selfspec.step_costs import StepCosts
+from selfspec.pass_costs import PassCosts
 
 
 def tiny_llama(seed: int = 0, vocab: int = 256, layers: int = 4, max_positions: int = 96,
@@ -90,10 +90,10 @@ def make_head(model, k, noise, draft_vocab=None, seed=0, attention=None):
     return head
 
 
-def make_policy(kind, gamma):
+def make_length_policy(kind, gamma):
     if kind == "fixed":
         return LengthPolicy(gamma)
     if kind == "threshold":
         return ConfidenceThreshold(gamma, min_top_prob=0.2, max_entropy=4.0)
     # Made-up costs where drafting pays, so the cost-aware policy really drafts (and varies lengths).
-    return CostAware(StepCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, Calibration(explore=0.2))
+    return CostAware(PassCosts(trunk=0.1, head=0.02, verify=[0, 1.0] + [1.05] * gamma), gamma, Calibration(explore=0.2))

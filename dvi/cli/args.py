@@ -4,30 +4,30 @@ from __future__ import annotations
 
 from selfspec.defaults import DEFAULT_MODEL
 
-# selfspec.device.DTYPE_CHOICES and selfspec.decode_steps.STEP_MODES, repeated here: building the parser
+# selfspec.device.DTYPE_CHOICES and selfspec.passes.PASS_MODES, repeated here: building the parser
 # (`dvi --help`) must not import torch.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-STEP_MODES = ("auto", "eager", "static", "graphs")
+PASS_MODES = ("auto", "eager", "static", "graphs")
 
 
 def add_model_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a local Hugging Face model directory or `{DEFAULT_MODEL}` (default)")
     p.add_argument("--exit-layer", "-k", type=int, default=4, help="draft from layer k's hidden state (default: 4)")
-    p.add_argument("--drafter", default=None,
+    p.add_argument("--head-path", default=None,
                    help="a trained drafter head directory (from `dvi online`); its exit layer wins")
     add_device_args(p)
-    p.add_argument("--steps", default="auto", choices=STEP_MODES,
+    p.add_argument("--passes", default="auto", choices=PASS_MODES,
                    help="how decode passes run: graphs = CUDA graphs over a static KV cache, static = the same "
                         "passes eagerly, eager = per-layer cache lengths (default: auto = graphs on CUDA, else eager)")
 
 
-def load_drafter_from(args, drafter_path: str | None = None):
-    """selfspec.loading.load_drafter with the arguments add_model_args added (`drafter_path` overrides --drafter)."""
-    from selfspec.loading import Placement, load_drafter
+def load_model_parts_from(args, head_path: str | None = None):
+    """selfspec.loading.load_model_parts with the arguments add_model_args added (`head_path` overrides --head-path)."""
+    from selfspec.loading import DeviceSettings, load_model_parts
 
-    return load_drafter(args.model, args.exit_layer, drafter_path or args.drafter,
-                        placement=Placement(args.device, args.dtype, args.steps))
+    return load_model_parts(args.model, args.exit_layer, head_path or args.head_path,
+                        settings=DeviceSettings(args.device, args.dtype, args.passes))
 
 
 def add_device_args(p, dtype_default: str | None = "auto") -> None:

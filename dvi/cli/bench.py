@@ -1,7 +1,7 @@
 """`dvi bench`: Hugging Face generate vs dvi on the same prompts; prints a table, writes JSON."""
 from __future__ import annotations
 
-from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.cli.args import add_model_args, load_model_parts_from
 from dvi.report.format import fixed, write_report
 from dvi.studies.methods import EXTRA_METHODS, METHODS, parse_methods
 
@@ -32,15 +32,15 @@ def run(args) -> int:
     prompts = load_prompts(args.prompts, args.n, args.offset)  # before torch: a missing file fails at once
     if not prompts:
         raise ValueError(f"--offset {args.offset} --n {args.n}: no prompts left in {args.prompts}")
-    check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
+    check_decoding_args(args)  # --exit-layer, --head-path, --max-new-tokens against the model, before torch loads
     from dvi.studies.bench import run_bench
     from selfspec.model import quiet_transformers
 
     quiet_transformers()
-    drafter = load_drafter_from(args)
-    drafter.meta.setdefault("base_model", args.model)
-    drafter.meta["path"] = args.drafter
-    report = run_bench(drafter, prompts, args.max_new_tokens, args.gamma, methods)
+    parts = load_model_parts_from(args)
+    parts.meta.setdefault("base_model", args.model)
+    parts.meta["path"] = args.head_path
+    report = run_bench(parts, prompts, args.max_new_tokens, args.gamma, methods)
     print_table(report)
     write_report(report, args.out)
     return 0

@@ -3,7 +3,7 @@ Hugging Face greedy decoding at batch 1: speedup, mean accepted length, acceptan
 hf_ar per category and overall. Prints a table, writes JSON."""
 from __future__ import annotations
 
-from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.cli.args import add_model_args, load_model_parts_from
 from dvi.errors import UserError
 from dvi.report.format import fixed, write_report
 from dvi.studies.methods import METHODS
@@ -38,8 +38,8 @@ def run(args) -> int:
     from dvi.studies.eval import EvalSpec, report, run_eval, run_head_dir, select_questions
     from selfspec.prompts import prompt_file, spec_bench_prompts
 
-    if args.run and args.drafter:
-        raise UserError("give --drafter DIR or --run DIR [--version N], not both")
+    if args.run and args.head_path:
+        raise UserError("give --head-path DIR or --run DIR [--version N], not both")
     if args.n_per_category is not None and args.n_per_category < 1:
         raise UserError(f"--n-per-category must be >= 1, got {args.n_per_category}")
     questions_file = prompt_file(args.questions)  # `spec-bench` without the file: how to get it
@@ -50,18 +50,18 @@ def run(args) -> int:
     questions = select_questions(spec_bench_prompts(questions_file), categories, args.n_per_category)
     if not questions:
         raise UserError(f"no questions in {args.questions}")
-    head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.drafter
+    head_dir = str(run_head_dir(args.run, args.version)) if args.run else args.head_path
     check_decoding_args(args, head_dir)  # the model's layers and positions, the head's shape, before a model loads
 
     from selfspec.model import quiet_transformers
 
     quiet_transformers()
-    drafter = load_drafter_from(args, head_dir)
-    drafter.meta.setdefault("base_model", args.model)
-    drafter.meta["path"] = head_dir
+    parts = load_model_parts_from(args, head_dir)
+    parts.meta.setdefault("base_model", args.model)
+    parts.meta["path"] = head_dir
     spec = EvalSpec(args.method, args.max_new_tokens, args.gamma, args.questions)
-    turns, runs = run_eval(drafter, questions, spec)
-    out = report(drafter, questions, turns, runs, spec)
+    turns, runs = run_eval(parts, questions, spec)
+    out = report(parts, questions, turns, runs, spec)
     print_table(out)
     write_report(out, args.out)
     return 0
@@ -83,7 +83,7 @@ def print_table(report: dict) -> None:
     console.print(f"{report['method']} vs hf_ar: {report['model']} on {report['machine']}, "
                   f"{report['n']['questions']} questions ({report['n']['turns']} turns) x "
                   f"{report['max_new_tokens']} new tokens, exit layer {report['exit_layer']}, "
-                  f"drafter {report.get('drafter') or 'untrained head'}", highlight=False)
+                  f"drafter {report.get('head_path') or 'untrained head'}", highlight=False)
     table = Table()
     for i, col in enumerate(("category", "turns", "speedup", "MAL", "accept", "identical")):
         table.add_column(col, justify="left" if i == 0 else "right")

@@ -23,7 +23,7 @@ def add_parser(sub, name):
     p.add_argument("--out-dir", default=None, help="metrics.jsonl, tb/, versions.jsonl, checkpoints/")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, dotted for nested ones (YAML value), e.g. --set stream.max_policy_lag=2")
+                   help="override any config key, dotted for nested ones (YAML value), e.g. --set stream.max_transition_lag=2")
     p.set_defaults(func=run)
 
 
@@ -44,7 +44,7 @@ def run(args) -> int:
     check_learner(cfg)  # the exit layer, lengths and vocabulary against the model
     deepspeed_config(cfg.deepspeed, bf16=False)  # a bad DeepSpeed file fails now, not after loading a model
     if cfg.placement.ranks == 1:
-        from learner.setup import run_rank
+        from learner.rank import run_rank
 
         summaries = [run_rank(cfg, resume=args.resume)]
     else:

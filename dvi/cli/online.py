@@ -30,5 +30,5 @@ def run(args) -> int:
     print(json.dumps({k: summary[k] for k in ("mal_before", "mal_after", "mal_ngram_only", "mal_after_with_ngram",
                                               "train_prompts", "heldout_prompts",
                                               "steps", "schedule", "exit_layer", "gamma")}, indent=2))
-    print(f"head and report in {args.out_dir} (use it with `dvi bench --drafter {args.out_dir}`)")
+    print(f"head and report in {args.out_dir} (use it with `dvi bench --head-path {args.out_dir}`)")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvi.cli.args import add_model_args, load_drafter_from
+from dvi.cli.args import add_model_args, load_model_parts_from
 from dvi.report.format import write_report
 
 DEFAULT_METHODS = "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"
@@ -34,7 +34,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     from dvi.model_checks import check_decoding_args
 
-    check_decoding_args(args)  # --exit-layer, --drafter, --max-new-tokens against the model, before torch loads
+    check_decoding_args(args)  # --exit-layer, --head-path, --max-new-tokens against the model, before torch loads
     from dvi.studies.methods import parse_methods
     from dvi.studies.profile import ProfileSpec, run_profile
     from selfspec.model import quiet_transformers
@@ -45,10 +45,10 @@ def run(args) -> int:
     prompts = load_prompts(args.prompts, 1, args.offset)
     if not prompts:
         raise ValueError(f"--offset {args.offset}: no prompt there in {args.prompts}")
-    drafter = load_drafter_from(args)
+    parts = load_model_parts_from(args)
     out = Path(args.out)
     spec = ProfileSpec(methods, args.max_new_tokens, args.gamma, out, args.trace, args.model)
-    report = run_profile(drafter, prompts[0], spec)
+    report = run_profile(parts, prompts[0], spec)
     print_table(report)
     write_report(report, out / "profile.json")
     return 0
@@ -59,7 +59,7 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report['model']} on {report['machine']} ({report['device']}, {report['dtype']}, "
-                        f"steps {report['steps']}), {report['max_new_tokens']} new tokens")
+                        f"passes {report['passes']}), {report['max_new_tokens']} new tokens")
     for col in ("method", "tok/s", "wall ms/tok", "CPU op ms/tok", "GPU ms/tok", "kernels/tok", "GPU busy"):
         table.add_column(col, justify="right")
     for m in report["methods"]:

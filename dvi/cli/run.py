@@ -49,7 +49,7 @@ def run(args) -> int:
     if report is not None:
         print(f"report: {report}")
     if summary.get("last_head"):
-        print(f"last published head: {summary['last_head']}  (dvi bench --drafter {summary['last_head']})")
+        print(f"last published head: {summary['last_head']}  (dvi bench --head-path {summary['last_head']})")
     return 0
 
 

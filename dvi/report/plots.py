@@ -195,7 +195,7 @@ def plot_latency_percentiles(stats: dict[str, dict[str, list[float | None]]], fi
     _save(fig, file)
 
 
-def plot_policy_lag(series: list[dict], file: Path, *, ylabel: str = "head lag (versions behind latest)",
+def plot_head_lag(series: list[dict], file: Path, *, ylabel: str = "head lag (versions behind latest)",
                     title: str = "Policy lag of the served drafter heads",
                     events: list[tuple[float, str]] = ()) -> None:
     """Lines or points over time: each series {label, t, y, points: bool, jitter: float (points only: a

@@ -253,7 +253,7 @@ def _versions(run_dir: Path) -> list[dict]:
 
 
 def _last_head(run_dir: Path) -> str | None:
-    """The last published head, also linked as run_dir/head (`dvi bench --drafter run_dir/head`)."""
+    """The last published head, also linked as run_dir/head (`dvi bench --head-path run_dir/head`)."""
     heads = sorted((run_dir / "learner" / "heads").glob("v*"))
     if not heads:
         return None

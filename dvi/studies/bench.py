@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from dvi.studies.methods import METHODS
 from selfspec.acceptance import mean_accepted_length
-from selfspec.decode_steps import StaticSteps, steps_mode
+from selfspec.passes import StaticPasses, passes_mode
 from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
-from selfspec.loading import Drafter, make_policy
+from selfspec.loading import ModelParts, make_length_policy
 from selfspec.prompts import Prompt, chat_ids
 from selfspec.versions import cpu_name, package_versions
 
@@ -62,14 +62,14 @@ def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
     return run
 
 
-def make_runners(drafter: Drafter, max_new_tokens: int, gamma: int, methods: tuple[str, ...] = METHODS,
+def make_runners(parts: ModelParts, max_new_tokens: int, gamma: int, methods: tuple[str, ...] = METHODS,
                  prompt_lookup_tokens: int = 10) -> dict[str, Callable[[list[int]], tuple[list[int], DecodeResult | None]]]:
     """One runner per method, hf_ar first (the reference for speedup and identity): ids -> (new tokens, result)."""
-    model, split, head, steps = drafter.model, drafter.split, drafter.head, drafter.steps
+    model, split, head, passes = parts.model, parts.split, parts.head, parts.passes
 
     def dvi(name: str, gamma: int, ngram: int = 0):  # built only when asked for: cost_aware measures costs at start-up
-        policy = make_policy(name, gamma, steps, head)
-        return _dvi_runner(SelfSpecDecoder(split, head, policy, ngram=ngram, steps=steps), max_new_tokens)
+        policy = make_length_policy(name, gamma, passes, head)
+        return _dvi_runner(SelfSpecDecoder(split, head, policy, ngram=ngram, passes=passes), max_new_tokens)
 
     makers = {
         "hf_ar": lambda: _hf_runner(model, max_new_tokens),
@@ -119,33 +119,33 @@ def run_prompt(runners: dict, runs: dict[str, MethodRuns], ids: list[int], i: in
     return out
 
 
-def machine_info(drafter: Drafter) -> dict:
+def machine_info(parts: ModelParts) -> dict:
     """Where the run happened: device, dtype and why, the machine, (CPU) the few-row kernel measured on it, and
     the package versions (selfspec.versions)."""
-    split = drafter.split
+    split = parts.split
     cpu = split.device.type == "cpu"
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(split.device)
-    graphs_off = getattr(drafter.steps, "fallback", None)
-    return {"device": str(split.device), "dtype": dtype_name(split.dtype), "dtype_reason": drafter.dtype_reason,
-            "steps": steps_mode(drafter.steps), **({"steps_fallback": graphs_off} if graphs_off else {}),
+    graphs_off = getattr(parts.passes, "fallback", None)
+    return {"device": str(split.device), "dtype": dtype_name(split.dtype), "dtype_reason": parts.dtype_reason,
+            "passes": passes_mode(parts.passes), **({"passes_fallback": graphs_off} if graphs_off else {}),
             "machine": machine, "cpu": cpu_name(), "thin_gemm_rows": sorted(split.thin_rows) if cpu else [],
             "versions": package_versions()}  # what hf_ar's and dvi's speeds were measured with
 
 
-def size_static_cache(drafter: Drafter, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int) -> None:
-    """Grow a static KV cache (selfspec.decode_steps) to fit the longest prompt before anything is timed or
+def size_static_cache(parts: ModelParts, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int) -> None:
+    """Grow a static KV cache (selfspec.passes) to fit the longest prompt before anything is timed or
     measured: growing it later drops every captured CUDA graph, and recapturing them would land inside a
     timed generation."""
-    if isinstance(drafter.steps, StaticSteps):
-        drafter.steps.new_cache(max(map(len, prompts_ids)) + max_new_tokens + gamma + 1)
+    if isinstance(parts.passes, StaticPasses):
+        parts.passes.new_cache(max(map(len, prompts_ids)) + max_new_tokens + gamma + 1)
 
 
-def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamma: int,
+def run_bench(parts: ModelParts, prompts: list[Prompt], max_new_tokens: int, gamma: int,
               methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
-    model, split = drafter.model, drafter.split
-    encoded = [chat_ids(drafter.tokenizer, p.text) for p in prompts]
-    size_static_cache(drafter, encoded, max_new_tokens, gamma)  # before make_runners: cost-aware ones capture
-    runners = make_runners(drafter, max_new_tokens, gamma, methods, prompt_lookup_tokens)
+    model, split = parts.model, parts.split
+    encoded = [chat_ids(parts.tokenizer, p.text) for p in prompts]
+    size_static_cache(parts, encoded, max_new_tokens, gamma)  # before make_runners: cost-aware ones capture
+    runners = make_runners(parts, max_new_tokens, gamma, methods, prompt_lookup_tokens)
     names = list(runners)
     warm_up(runners, encoded[0])
     runs = {name: MethodRuns(name) for name in names}
@@ -155,10 +155,10 @@ def run_bench(drafter: Drafter, prompts: list[Prompt], max_new_tokens: int, gamm
             bar.update(len(names))
     reference = runs["hf_ar"]
     report = {
-        "model": drafter.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
-        **machine_info(drafter),
+        "model": parts.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
+        **machine_info(parts),
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
-        "gamma": gamma, "drafter": drafter.meta.get("path"),
+        "gamma": gamma, "head_path": parts.meta.get("path"),
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
         "methods": [method_summary(runs[name], reference, model, encoded) for name in names],
     }

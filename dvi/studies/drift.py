@@ -169,7 +169,7 @@ def run_drift(cfg: DriftConfig, *, arms: list[str] | None = None, overwrite: boo
             continue
         try:
             head = None
-            if ARMS[arm]["drafter"] == "offline":
+            if ARMS[arm]["head_path"] == "offline":
                 head = drift_dir / "offline" / "head"
                 if not (resume and (head / "head.json").is_file()):
                     say(f"arm {i}/{len(arms)} {arm}: training the offline head on phase 1 ({phases[0].workload})")

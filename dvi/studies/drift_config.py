@@ -4,7 +4,7 @@ The base is a `dvi run` config (the same keys as `dvi.run.config.RunConfig`: mod
 trace, ...). Every arm replays the same trace with the same seed; what differs per arm is set by the study
 and may not be set in the base (one clear error naming the key):
 
-    arm               learn   actors.drafter                               learner.schedule
+    arm               learn   actors.head_path                               learner.schedule
     frozen_untrained  false   None (the untrained head of config `head`)   -
     frozen_offline    false   {out_dir}/offline/head (trained offline on   -
                               the first phase's prompts, `dvi online`)
@@ -25,13 +25,13 @@ from dvi.run.config import RUN_OWNED, RunConfig
 from selfspec.config import Strict
 
 ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]
-ARMS: dict[str, dict] = {  # arm -> what it sets (drafter: "offline" is the study's offline-trained head)
-    "frozen_untrained": {"learn": False, "drafter": None, "schedule": None},
-    "frozen_offline": {"learn": False, "drafter": "offline", "schedule": None},
-    "online_kl": {"learn": True, "drafter": None, "schedule": "kl_only"},
-    "online_kl_rl": {"learn": True, "drafter": None, "schedule": "kl_rl"},
+ARMS: dict[str, dict] = {  # arm -> what it sets (head_path: "offline" is the study's offline-trained head)
+    "frozen_untrained": {"learn": False, "head_path": None, "schedule": None},
+    "frozen_offline": {"learn": False, "head_path": "offline", "schedule": None},
+    "online_kl": {"learn": True, "head_path": None, "schedule": "kl_only"},
+    "online_kl_rl": {"learn": True, "head_path": None, "schedule": "kl_rl"},
 }
-STUDY_OWNED = (("learn",), ("actors", "drafter"), ("learner", "schedule"))
+STUDY_OWNED = (("learn",), ("actors", "head_path"), ("learner", "schedule"))
 STUDY_KEYS = ("arms", "recovery_fraction", "plateau_fraction", "rolling", "offline")
 
 
@@ -102,7 +102,7 @@ class DriftConfig(RunConfig):
         """The config as YAML data that loads back into the same DriftConfig: the keys the run or the study
         own inside `actors:` and `learner:` (and the Redis password) left out."""
         exclude = {"learn": True, "redis": {"password"},
-                   "actors": {*RUN_OWNED["actors"], "drafter"}, "learner": {*RUN_OWNED["learner"], "schedule"}}
+                   "actors": {*RUN_OWNED["actors"], "head_path"}, "learner": {*RUN_OWNED["learner"], "schedule"}}
         return self.model_dump(mode="json", exclude=exclude)
 
     def base_run_config(self) -> RunConfig:
@@ -114,8 +114,8 @@ class DriftConfig(RunConfig):
 def arm_config(cfg: DriftConfig, arm: str, drift_dir: str | Path | None = None,
                offline_head: str | Path | None = None) -> RunConfig:
     """The arm's `dvi run` config: the base with out_dir {drift_dir}/arms/{arm}, the study's trace file, its
-    own run id and the arm's learn / drafter / schedule. `offline_head` (default {drift_dir}/offline/head)
-    is the frozen_offline arm's drafter."""
+    own run id and the arm's learn / head_path / schedule. `offline_head` (default {drift_dir}/offline/head)
+    is the frozen_offline arm's head."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}: choose from {', '.join(ARMS)}")
     spec = ARMS[arm]
@@ -124,8 +124,8 @@ def arm_config(cfg: DriftConfig, arm: str, drift_dir: str | Path | None = None,
                                                      "learner": set(RUN_OWNED["learner"])})
     data.update(out_dir=str(drift_dir / "arms" / arm), run_id=f"{cfg.study_name}-{arm}", learn=spec["learn"])
     data["trace"] = {**data["trace"], "path": str(drift_dir / "trace.jsonl"), "make": None}
-    data["actors"]["drafter"] = (str(offline_head if offline_head is not None else drift_dir / "offline" / "head")
-                                 if spec["drafter"] == "offline" else None)
+    data["actors"]["head_path"] = (str(offline_head if offline_head is not None else drift_dir / "offline" / "head")
+                                 if spec["head_path"] == "offline" else None)
     if spec["schedule"] is not None:
         data["learner"]["schedule"] = spec["schedule"]
     return RunConfig.model_validate(data)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvi.studies.bench import MethodRuns, machine_info, make_runners, method_summary, run_prompt, warm_up
-from selfspec.loading import Drafter
+from selfspec.loading import ModelParts
 from selfspec.prompts import Prompt, messages_ids
 
 REFERENCE = "hf_ar"
@@ -95,17 +95,17 @@ class EvalSpec:
     source: str  # the question file, recorded in the report
 
 
-def run_eval(drafter: Drafter, questions: list[Prompt], spec: EvalSpec,
+def run_eval(parts: ModelParts, questions: list[Prompt], spec: EvalSpec,
              progress: bool = True) -> tuple[list[Turn], dict[str, MethodRuns]]:
     """Every turn of every question through hf_ar and `method` (dvi bench's runners); each method's
     runs are in turn order."""
     from tqdm import tqdm
 
     method = spec.method
-    runners = make_runners(drafter, spec.max_new_tokens, spec.gamma, (method,))
+    runners = make_runners(parts, spec.max_new_tokens, spec.gamma, (method,))
     runs = {name: MethodRuns(name) for name in runners}
     turns: list[Turn] = []
-    tokenizer = drafter.tokenizer
+    tokenizer = parts.tokenizer
     with tqdm(total=sum(len(q.turns) for q in questions), desc="eval", unit="turn", disable=not progress) as bar:
         for q in questions:
             answers: list[str] = []
@@ -113,7 +113,7 @@ def run_eval(drafter: Drafter, questions: list[Prompt], spec: EvalSpec,
                 ids = messages_ids(tokenizer, conversation(q.turns[: j + 1], answers))
                 if not turns:
                     warm_up(runners, ids)
-                out = run_prompt(runners, runs, ids, len(turns), bar, drafter.split.device)
+                out = run_prompt(runners, runs, ids, len(turns), bar, parts.split.device)
                 turns.append(Turn(q.id, q.category, j, ids))
                 answers.append(tokenizer.decode(out[REFERENCE], skip_special_tokens=True).strip())
                 bar.update()
@@ -138,17 +138,17 @@ def summarise(turns: list[Turn], runs: dict[str, MethodRuns], method: str, model
             "categories": {c: stats([i for i, t in enumerate(turns) if t.category == c]) for c in categories}}
 
 
-def report(drafter: Drafter, questions: list[Prompt], turns: list[Turn], runs: dict[str, MethodRuns],
+def report(parts: ModelParts, questions: list[Prompt], turns: list[Turn], runs: dict[str, MethodRuns],
            spec: EvalSpec) -> dict:
     """The JSON report: run metadata, then the stats overall and per category."""
     method = spec.method
     return {
-        "model": drafter.meta.get("base_model") or getattr(drafter.model.config, "_name_or_path", "") or "unknown",
-        "drafter": drafter.meta.get("path"), "exit_layer": drafter.split.exit_layer,
-        "method": method, "methods": list(runs), **machine_info(drafter),
+        "model": parts.meta.get("base_model") or getattr(parts.model.config, "_name_or_path", "") or "unknown",
+        "head_path": parts.meta.get("path"), "exit_layer": parts.split.exit_layer,
+        "method": method, "methods": list(runs), **machine_info(parts),
         "questions_file": spec.source, "max_new_tokens": spec.max_new_tokens, "gamma": spec.gamma,
         "n": {"questions": len(questions), "turns": len(turns)},
-        **summarise(turns, runs, method, drafter.model),
+        **summarise(turns, runs, method, parts.model),
         "turns": [{"question_id": t.question_id, "category": t.category, "turn": t.index, "prompt_tokens": len(t.ids),
                    "new_tokens": len(runs[method].tokens[i]),
                    "seconds": {name: r.seconds[i] for name, r in runs.items()},

@@ -56,7 +56,7 @@ def run_learner_bench(spec: LearnerBenchSpec) -> dict:
                 "heldout.prompts": 0, "out_dir": str(Path(tmp) / run_id), "max_steps": spec.steps, "idle_exit_s": 30,
                 "publish_every_steps": 5, "publish_every_s": 3600, "checkpoint.every_steps": 10**6,
                 "placement.ranks": n, "placement.num_cpus": threads,
-                "stream.max_policy_lag": 10**9})  # the pre-filled transitions must not go stale as versions move
+                "stream.max_transition_lag": 10**9})  # the pre-filled transitions must not go stale as versions move
             report["model"], report["head"] = cfg.model, cfg.head.model_dump()
             report["batch_size"], report["deepspeed"] = cfg.batch_size, cfg.deepspeed
             _fill(srv.client(), cfg, spec)
@@ -97,7 +97,7 @@ def _fill(client, cfg, spec: LearnerBenchSpec) -> None:
 
 def _learn(cfg) -> None:
     if cfg.placement.ranks == 1:
-        from learner.setup import run_rank
+        from learner.rank import run_rank
 
         run_rank(cfg)
         return
@@ -136,26 +136,26 @@ def _generation(cfg, spec: LearnerBenchSpec) -> dict:
     """One decoding process with the config's (untrained) head, dvi generate's defaults."""
     import torch
 
-    from selfspec.engine import Emitter, SelfSpecDecoder
-    from selfspec.loading import load_drafter, make_policy
+    from selfspec.engine import TransitionSink, SelfSpecDecoder
+    from selfspec.loading import load_model_parts, make_length_policy
     from selfspec.model import quiet_transformers
     from selfspec.prompts import chat_ids, load_prompts
 
     quiet_transformers()
     torch.set_num_threads(spec.generation_threads)
-    drafter = load_drafter(cfg.model, cfg.exit_layer, head_config=cfg.head)
+    parts = load_model_parts(cfg.model, cfg.exit_layer, head_config=cfg.head)
     counts = {"transitions": 0, "positions": 0}
 
     def sink(t):
         counts["transitions"] += 1
         counts["positions"] += t.n
 
-    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy("cost_aware", 4, drafter.steps, drafter.head),
-                              ngram=1, emit=Emitter(sink), steps=drafter.steps)
+    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("cost_aware", 4, parts.passes, parts.head),
+                              ngram=1, sink=TransitionSink(sink), passes=parts.passes)
     prompts = load_prompts("builtin")[:spec.generation_prompts]
     tokens, seconds = 0, 0.0
     for p in prompts:
-        result = decoder.generate(chat_ids(drafter.tokenizer, p.text), max_new_tokens=spec.max_new_tokens)
+        result = decoder.generate(chat_ids(parts.tokenizer, p.text), max_new_tokens=spec.max_new_tokens)
         tokens, seconds = tokens + len(result.tokens), seconds + result.t_total
     return {"prompts": len(prompts), "tokens_per_s": round(tokens / seconds, 1),
             "transitions_per_s": round(counts["transitions"] / seconds, 1),

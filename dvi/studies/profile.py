@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvi.studies.bench import machine_info, make_runners, size_static_cache
-from selfspec.loading import Drafter
+from selfspec.loading import ModelParts
 from selfspec.prompts import Prompt, chat_ids
 
 
@@ -27,16 +27,16 @@ class ProfileSpec:
     model: str | None = None  # as the report names it
 
 
-def run_profile(drafter: Drafter, prompt: Prompt, spec: ProfileSpec) -> dict:
+def run_profile(parts: ModelParts, prompt: Prompt, spec: ProfileSpec) -> dict:
     """Profile each method on `prompt`; the report (profile.json's content: machine, settings, one row per method)."""
-    ids = chat_ids(drafter.tokenizer, prompt.text)
-    size_static_cache(drafter, [ids], spec.max_new_tokens, spec.gamma)
-    runners = make_runners(drafter, spec.max_new_tokens, spec.gamma, spec.methods)
+    ids = chat_ids(parts.tokenizer, prompt.text)
+    size_static_cache(parts, [ids], spec.max_new_tokens, spec.gamma)
+    runners = make_runners(parts, spec.max_new_tokens, spec.gamma, spec.methods)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [profile_method(name, runners[name], ids, drafter.split.device, out, spec.trace)
+    rows = [profile_method(name, runners[name], ids, parts.split.device, out, spec.trace)
             for name in spec.methods if name in runners]
-    return {**machine_info(drafter), "model": spec.model, "prompt": prompt.id, "max_new_tokens": spec.max_new_tokens,
+    return {**machine_info(parts), "model": spec.model, "prompt": prompt.id, "max_new_tokens": spec.max_new_tokens,
             "gamma": spec.gamma, "methods": rows}
 
 

@@ -10,25 +10,25 @@ import torch
 
 from dvi.cli import main
 from selfspec.engine import SelfSpecDecoder
-from selfspec.loading import load_drafter, make_policy
+from selfspec.loading import load_model_parts, make_length_policy
 from selfspec.prompts import chat_ids, load_prompts
 
 
 
 @pytest.fixture(scope="module")
-def drafter():
-    return load_drafter("smollm2-135m", exit_layer=4)
+def parts():
+    return load_model_parts("smollm2-135m", exit_layer=4)
 
 
 # Fixed γ drafts (and is rejected) every round: the hardest case. The other policies are covered on the
 # tiny model (test_lossless); copied drafts on this model also by the bench test below.
 @pytest.mark.parametrize("policy,gamma", [("fixed", 4)])
-def test_identical_to_hf_generate(drafter, policy, gamma):
-    decoder = SelfSpecDecoder(drafter.split, drafter.head, make_policy(policy, gamma, drafter.split, drafter.head))
+def test_identical_to_hf_generate(parts, policy, gamma):
+    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy(policy, gamma, parts.split, parts.head))
     for prompt in load_prompts("builtin", 2):  # a chat and a code prompt; more in `dvi bench` and `dvi eval`
-        ids = chat_ids(drafter.tokenizer, prompt.text)
+        ids = chat_ids(parts.tokenizer, prompt.text)
         with torch.inference_mode():
-            ref = drafter.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+            ref = parts.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
         result = decoder.generate(ids, max_new_tokens=40)
         assert result.tokens == ref, prompt.id
         assert sum(r.accepted for r in result.rounds) + len(result.rounds) + 1 == len(result.tokens) or \
@@ -57,7 +57,7 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 
 def test_cli_generate_prints_text_and_stats(capsys):
     code, out, _ = run_cli(capsys, "generate", "--prompt", "What is 2 + 2?", "--max-new-tokens", "16",
-                           "--policy", "fixed", "--gamma", "3")
+                           "--length-policy", "fixed", "--gamma", "3")
     assert code == 0
     assert "mean accepted length" in out and "exit layer 4, fixed gamma=3" in out
 
@@ -72,24 +72,24 @@ def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
     assert summary["sampled_responses"] == 1
     assert summary["versions"]["torch"] and summary["head_versions"] >= 1
     assert {"head.safetensors", "head.json", "metrics.jsonl", "mal.png", "summary.json"} <= {p.name for p in head_dir.iterdir()}
-    code, out, _ = run_cli(capsys, "generate", "--prompt", "Hi!", "--drafter", str(head_dir), "--max-new-tokens", "8",
-                           "--policy", "fixed")
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "Hi!", "--head-path", str(head_dir), "--max-new-tokens", "8",
+                           "--length-policy", "fixed")
     assert code == 0 and "exit layer 4" in out
     report_file = tmp_path / "bench.json"
     code, out, _ = run_cli(capsys, "bench", "--n", "1", "--max-new-tokens", "16", "--methods", "dvi_ar,dvi_spec_ngram",
-                           "--drafter", str(head_dir), "--out", str(report_file))
+                           "--head-path", str(head_dir), "--out", str(report_file))
     assert code == 0
     report = json.loads(report_file.read_text())
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar", "dvi_spec_ngram"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
-    assert report["drafter"] == str(head_dir)
+    assert report["parts"] == str(head_dir)
 
 
-def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
+def test_synthetic_prompts_imitate_their_seeds(parts, tmp_path):
     from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts, write_spec_bench_jsonl
 
     seeds = [p for p in load_prompts("builtin") if p.category == "translation"]
-    made = synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 4,
+    made = synthesize_prompts(parts.model, parts.tokenizer, seeds, 4,
                               SynthOptions(batch_size=4, max_new_tokens=24, progress=False))
     assert len(made) == 4 and len({p.id for p in made}) == 4
     assert all(p.category == "synthetic-translation" for p in made)
@@ -98,28 +98,28 @@ def test_synthetic_prompts_imitate_their_seeds(drafter, tmp_path):
     assert load_prompts(str(tmp_path / "more.jsonl")) == made
 
 
-def test_synthesis_that_only_repeats_stops_with_a_clear_error(drafter):
+def test_synthesis_that_only_repeats_stops_with_a_clear_error(parts):
     from selfspec.synthetic_prompts import SynthOptions, synthesize_prompts
 
     seeds = [p for p in load_prompts("builtin") if p.category == "qa"][:3]  # 6 shot orders at most
     with pytest.raises(RuntimeError, match="wrote no new prompt .* try a higher temperature"):
-        synthesize_prompts(drafter.model, drafter.tokenizer, seeds, 50,
+        synthesize_prompts(parts.model, parts.tokenizer, seeds, 50,
                            SynthOptions(batch_size=8, max_new_tokens=12, temperature=1e-4, max_barren_batches=2,
                                         progress=False))
 
 
-def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
+def test_greedy_paths_are_cached_per_prompt(parts, tmp_path):
     from selfspec.greedy_paths import PathSpec, Sampling, generate_paths
     from selfspec.path_cache import cached_paths
 
     a, b, c = load_prompts("builtin", 3)
     k4, k2 = PathSpec("smollm2-135m", 8, 4), PathSpec("smollm2-135m", 8, 2)
     sampling = Sampling(0.8, 0.95, seed=3)
-    first = cached_paths(drafter.model, drafter.tokenizer, [a, b], k4, folder=tmp_path)
+    first = cached_paths(parts.model, parts.tokenizer, [a, b], k4, folder=tmp_path)
     files = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
     assert len(files) == 4  # per prompt: its greedy tokens, and their layer-4 annotation
 
-    second = cached_paths(drafter.model, drafter.tokenizer, [b, c], k4, folder=tmp_path)
+    second = cached_paths(parts.model, parts.tokenizer, [b, c], k4, folder=tmp_path)
     new = {f.name for f in tmp_path.iterdir()} - set(files)
     assert len(new) == 2 and all(f.stat().st_mtime_ns == files[f.name] for f in tmp_path.iterdir() if f.name in files)
     assert second[0].prompt_id == b.id and np.array_equal(second[0].tokens, first[1].tokens)
@@ -127,7 +127,7 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
     assert second[1].prompt_len < len(second[1].tokens) <= second[1].prompt_len + 8
 
     # another exit layer annotates the cached tokens again without generating them again
-    at_k2 = cached_paths(drafter.model, drafter.tokenizer, [a], k2, folder=tmp_path)
+    at_k2 = cached_paths(parts.model, parts.tokenizer, [a], k2, folder=tmp_path)
     added = {f.name for f in tmp_path.iterdir()} - set(files) - new
     assert len(added) == 1 and added.pop().endswith(".k2.npz")
     assert np.array_equal(at_k2[0].tokens, first[0].tokens)
@@ -135,28 +135,28 @@ def test_greedy_paths_are_cached_per_prompt(drafter, tmp_path):
 
     # sampled continuations are cached apart from greedy ones, per seed, drawn as generate_paths draws them
     before = {f.name for f in tmp_path.iterdir()}
-    sampled = cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
+    sampled = cached_paths(parts.model, parts.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 2
     torch.manual_seed(3)
-    [(tokens, _)] = generate_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), progress=False)
+    [(tokens, _)] = generate_paths(parts.model, parts.tokenizer, [a], replace(k4, sampling=sampling), progress=False)
     assert sampled[0].tokens.tolist() == tokens
-    again = cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
+    again = cached_paths(parts.model, parts.tokenizer, [a], replace(k4, sampling=sampling), folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 2 and np.array_equal(again[0].tokens, sampled[0].tokens)
-    cached_paths(drafter.model, drafter.tokenizer, [a], replace(k4, sampling=replace(sampling, seed=4)),
+    cached_paths(parts.model, parts.tokenizer, [a], replace(k4, sampling=replace(sampling, seed=4)),
                  folder=tmp_path)
     assert len({f.name for f in tmp_path.iterdir()} - before) == 4
 
 
-def test_sampled_paths_vary_and_repeat_with_the_seed(drafter):
+def test_sampled_paths_vary_and_repeat_with_the_seed(parts):
     from selfspec.greedy_paths import PathSpec, Sampling, generate_paths
 
     prompts = load_prompts("builtin", 2)
     spec = PathSpec("smollm2-135m", 12, 4)
-    greedy = generate_paths(drafter.model, drafter.tokenizer, prompts, spec, progress=False)
+    greedy = generate_paths(parts.model, parts.tokenizer, prompts, spec, progress=False)
     runs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        runs.append(generate_paths(drafter.model, drafter.tokenizer, prompts, replace(spec, sampling=Sampling(0.8, 0.95)),
+        runs.append(generate_paths(parts.model, parts.tokenizer, prompts, replace(spec, sampling=Sampling(0.8, 0.95)),
                                    progress=False))
     assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0] != greedy
     assert [n for _, n in runs[0]] == [n for _, n in greedy]  # the same prompts, only the continuations differ

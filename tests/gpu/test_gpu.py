@@ -14,14 +14,14 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_decode_steps import run_script  # noqa: E402
+from test_passes import run_script  # noqa: E402
 from test_sampling import check_acceptance_rule, check_decoder_samples  # noqa: E402
-from tiny_model import MAX_POS, make_head, make_policy, plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402,E501
+from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402,E501
 
 from dvi import cli  # noqa: E402
-from selfspec.decode_steps import StaticSteps, decode_steps, steps_mode  # noqa: E402
+from selfspec.passes import StaticPasses, pass_runner, passes_mode  # noqa: E402
 from selfspec.engine import SelfSpecDecoder  # noqa: E402
-from selfspec.loading import make_policy as named_policy  # noqa: E402
+from selfspec.loading import make_length_policy as named_policy  # noqa: E402
 from selfspec.split import SplitModel  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -41,7 +41,7 @@ def first_divergence_margin(model, prompt: list[int], ref: list[int], got: list[
 def test_graph_replays_equal_eager_bit_for_bit():
     model = tiny_llama(max_positions=64).to(CUDA, torch.float32)
     split = SplitModel(model, 2)
-    graphs, eager = StaticSteps(split, graphs=True), StaticSteps(split, graphs=False)
+    graphs, eager = StaticPasses(split, graphs=True), StaticPasses(split, graphs=False)
     ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).to(CUDA)
     with torch.inference_mode():
         replayed = run_script(graphs, graphs.new_cache(48), ids)
@@ -64,8 +64,8 @@ def test_greedy_identical_on_cuda(dtype, policy, mode):
     head = make_head(model, 2, 0.05)
     assert head.proj.weight.device.type == "cuda" and head.proj.weight.dtype == dtype
     split = SplitModel(model, 2)
-    steps = decode_steps(split, "auto" if mode == "graphs" else mode)
-    decoder = SelfSpecDecoder(split, head, make_policy(policy, 4), ngram=1, steps=steps)
+    passes = pass_runner(split, "auto" if mode == "graphs" else mode)
+    decoder = SelfSpecDecoder(split, head, make_length_policy(policy, 4), ngram=1, passes=passes)
     rng = np.random.default_rng(3)
     drafted = accepted = identical = 0
     n = 30
@@ -84,14 +84,14 @@ def test_greedy_identical_on_cuda(dtype, policy, mode):
         assert margin <= NEAR_TIE[dtype], f"prompt={prompt} max_new={max_new}: departs where the margin is {margin}"
     assert drafted > 0 and 0 < accepted < drafted
     assert identical >= (n if dtype == torch.float64 else n - 2)
-    assert steps_mode(decoder.steps) == mode  # auto is graphs on CUDA, and no capture fell back
+    assert passes_mode(decoder.passes) == mode  # auto is graphs on CUDA, and no capture fell back
 
 
 def test_measured_costs_on_cuda():
     model = tiny_llama(max_positions=MAX_POS).to(CUDA, torch.float32)
     split = SplitModel(model, 2)
     head = make_head(model, 2, 0.0)
-    policy = named_policy("cost_aware", 4, split, head)  # measure_step_costs, synchronised
+    policy = named_policy("cost_aware", 4, split, head)  # measure_pass_costs, synchronised
     costs = policy.costs
     assert all(0 < c < 1 for c in [costs.trunk, costs.head, *costs.verify[1:], *costs.trunk_block[1:]])
     result = SelfSpecDecoder(split, head, policy).generate([1, 2, 3], max_new_tokens=12, eos_ids=set())
@@ -110,7 +110,7 @@ def test_decoder_samples_from_the_model_distribution_on_cuda(drafts):
 def test_seeded_sampling_repeats_on_cuda():
     model = tiny_llama(seed=2, vocab=32).to(CUDA)
     split = SplitModel(model, 2)
-    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_policy("fixed", 3))
+    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_length_policy("fixed", 3))
     runs = [decoder.generate([5, 9, 2], max_new_tokens=16, temperature=0.8, seed=s, eos_ids=set()).tokens
             for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
@@ -128,7 +128,7 @@ def test_bench_on_cuda(tmp_path, monkeypatch, dtype):
     report = json.loads(out.read_text())
     assert report["device"].startswith("cuda") and report["dtype"] == dtype and report["dtype_reason"] == "requested"
     assert report["machine"] == torch.cuda.get_device_name() and report["thin_gemm_rows"] == []
-    assert report["steps"] == "graphs" and "steps_fallback" not in report
+    assert report["passes"] == "graphs" and "passes_fallback" not in report
     assert [m["name"] for m in report["methods"]] == methods.split(",")
     for m in report["methods"]:
         assert m["tokens"] > 0 and m["tokens_per_s"] > 0

@@ -197,16 +197,16 @@ def test_block_policy_times_out_without_a_learner_and_keeps_the_batch(redis_clie
 
 
 def test_stale_and_duplicate_transitions_are_dropped_and_counted(redis_client):
-    sent = [t for v in range(10) for t in _transitions(10, policy_version=v)]
+    sent = [t for v in range(10) for t in _transitions(10, head_version=v)]
     for i, t in enumerate(sent):
         t.request_id = f"q{i}"
     with TransitionWriter(redis_client, "run", StreamConfig(frame_size=4, write_batch=20)) as writer:
         for t in sent + sent[-5:]:  # the last five again, as a retried flush would
             writer.write(t)
-    reader = TransitionReader(redis_client, "run", StreamConfig(frame_size=4, batch_size=16, max_policy_lag=2))
+    reader = TransitionReader(redis_client, "run", StreamConfig(frame_size=4, batch_size=16, max_transition_lag=2))
     reader.current_version = 9
     ids = _drain(reader)
-    assert sorted(ids) == sorted(t.transition_id for t in sent if t.policy_version >= 7)
+    assert sorted(ids) == sorted(t.transition_id for t in sent if t.head_version >= 7)
     assert reader.counts["stale"] == 70 and reader.counts["duplicates"] == 5
     stats = run_stats(redis_client, "run")
     assert stats["written"] == stats["consumed"] + stats["stale"] + stats["duplicates"] == 105

@@ -14,14 +14,14 @@ from pydantic import ValidationError
 
 from actors.config import GenerationConfig
 from actors.dispatch import read_result
-from actors.generation import Generator, start_actor
+from actors.generation import GenerationWorker, start_actor
 from buffer.config import StreamConfig
 from buffer.keys import RunKeys
 from buffer.stream import TransitionReader
 from buffer.weights import WeightStore
 from selfspec.drafter import head_arrays
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.loading import Drafter
+from selfspec.loading import ModelParts
 from selfspec.split import SplitModel
 from selfspec.transitions import KINDS
 from tiny_model import plain_greedy, tiny_llama
@@ -52,17 +52,17 @@ def model():
     return tiny_llama(seed=3)
 
 
-def drafter(model, noise: float = 0.05) -> Drafter:
+def model_parts(model, noise: float = 0.05) -> ModelParts:
     split = SplitModel(model, 2)
     head = DrafterHead(split, HEAD)
     torch.manual_seed(1)
     with torch.no_grad():  # an untrained LoRA is zero: perturb so drafts are sometimes right, sometimes wrong
         head.proj.lora_B.default.weight.copy_(torch.randn_like(head.proj.lora_B.default.weight) * noise)
-    return Drafter(model, ByteTokenizer(), split, head, {"base_model": "tiny"})
+    return ModelParts(model, ByteTokenizer(), split, head, {"base_model": "tiny"})
 
 
 def config(**kw) -> GenerationConfig:
-    base = dict(model="tiny", exit_layer=2, head=HEAD, gamma=4, policy="fixed", ngram=1, topk=8,
+    base = dict(model="tiny", exit_layer=2, head=HEAD, gamma=4, length_policy="fixed", ngram=1, topk=8,
                 weights_check_every_rounds=1, num_threads=1,
                 stream=StreamConfig(frame_size=4, write_batch=64, flush_interval_s=60))
     return GenerationConfig(**{**base, **kw})
@@ -81,7 +81,7 @@ def read_all(client) -> list:
 
 
 def test_decodes_losslessly_and_streams_the_prompt_and_one_transition_per_round(model, redis_client):
-    gen = Generator(config(), RUN, actor_id=3, redis_client=redis_client, drafter=drafter(model))
+    gen = GenerationWorker(config(), RUN, actor_id=3, redis_client=redis_client, parts=model_parts(model))
     result = gen.generate(request(0))
     assert read_result(result, "r0") is None
     assert result["output_ids"] == plain_greedy(model, PROMPT, 24) and result["tokens"] == 24
@@ -101,13 +101,13 @@ def test_decodes_losslessly_and_streams_the_prompt_and_one_transition_per_round(
 
 
 def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(model, redis_client):
-    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model))
+    gen = GenerationWorker(config(), RUN, redis_client=redis_client, parts=model_parts(model))
     learner = WeightStore(redis_client, RUN)
     meta = {"base_model": "tiny", "head": HEAD.model_dump(), "exit_layer": 2}
 
     assert gen.generate(request(0))["head_version"] is None  # nothing published: its own head
     assert gen.metrics()["head_lag"] is None
-    newer = drafter(model, noise=0.0).head  # a visibly different head: LoRA B all zero
+    newer = model_parts(model, noise=0.0).head  # a visibly different head: LoRA B all zero
     learner.publish(1, head_arrays(newer), meta)
     r1 = gen.generate(request(1))
     assert r1["error"] is None and r1["head_version"] == 1 and r1["output_ids"] == plain_greedy(model, PROMPT, 24)
@@ -127,12 +127,12 @@ def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(mo
     assert torch.equal(gen.head.proj.lora_B.default.weight, kept)
     by_request = {}
     for t in read_all(redis_client):
-        by_request.setdefault(t.request_id, set()).add(t.policy_version)
+        by_request.setdefault(t.request_id, set()).add(t.head_version)
     assert by_request == {"r0": {0}, "r1": {1}, "r2": {1}, "r3": {1}}
 
 
 def test_bad_requests_are_reported_and_the_actor_carries_on(model, redis_client):
-    gen = Generator(config(), RUN, redis_client=redis_client, drafter=drafter(model))
+    gen = GenerationWorker(config(), RUN, redis_client=redis_client, parts=model_parts(model))
     too_long = gen.generate({"request_id": "long", "workload": "x", "prompt": "y" * 200, "max_new_tokens": 4})
     assert too_long["error"].startswith("ValueError: prompt has 200 tokens") and too_long["tokens"] == 0
     malformed = gen.generate({"request_id": "bad", "workload": "x", "max_new_tokens": 4,
@@ -163,7 +163,7 @@ def test_bad_requests_are_reported_and_the_actor_carries_on(model, redis_client)
 def test_concurrent_callers_are_served_one_at_a_time_without_redis(model):
     # no Redis: a serving baseline without streaming or weight pulls; callers on threads (as Ray's
     # threaded actor calls it) queue, and each is decoded alone
-    gen = Generator(config(), RUN, drafter=drafter(model))
+    gen = GenerationWorker(config(), RUN, parts=model_parts(model))
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(gen.generate, [request(i, max_new_tokens=8 + i) for i in range(3)]))
     for i, r in enumerate(results):
@@ -179,10 +179,10 @@ def test_ray_actor_serves_a_request(model, redis_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # the default length policy (cost-aware, measured at start-up) through Ray
-        cfg = config(policy="cost_aware", num_cpus=1, max_restarts=1)
-        tiny = drafter(model)
+        cfg = config(length_policy="cost_aware", num_cpus=1, max_restarts=1)
+        tiny = model_parts(model)
         tiny.tokenizer = None  # the test module's tokenizer class cannot be unpickled in a Ray worker
-        actor = start_actor(cfg, RUN, 0, redis_url=redis_server.url, drafter=tiny)
+        actor = start_actor(cfg, RUN, 0, redis_url=redis_server.url, parts=tiny)
         result = ray.get(actor.generate.remote(request(0)), timeout=120)
         assert read_result(result, "r0") is None and result["tokens"] == 24
         assert result["output_ids"] == plain_greedy(model, PROMPT, 24)
@@ -197,12 +197,12 @@ def test_ray_actor_serves_a_request(model, redis_server):
 def test_actor_loads_its_model_with_the_configs_dtype_and_steps(tmp_path):
     from tiny_model import save_tiny_model
 
-    from selfspec.decode_steps import StaticSteps
+    from selfspec.passes import StaticPasses
 
     model_dir = save_tiny_model(tmp_path / "model")
-    gen = Generator(config(model=str(model_dir), dtype="float32", steps="static"), RUN)
-    assert isinstance(gen.decoder.steps, StaticSteps) and gen.drafter.split.dtype == torch.float32
+    gen = GenerationWorker(config(model=str(model_dir), dtype="float32", passes="static"), RUN)
+    assert isinstance(gen.decoder.passes, StaticPasses) and gen.parts.split.dtype == torch.float32
     result = gen.generate(request(0, max_new_tokens=12))
-    assert result["error"] is None and result["output_ids"] == plain_greedy(gen.drafter.model, PROMPT, 12)
-    with pytest.raises(ValidationError, match="steps"):
-        GenerationConfig(steps="fast")
+    assert result["error"] is None and result["output_ids"] == plain_greedy(gen.parts.model, PROMPT, 12)
+    with pytest.raises(ValidationError, match="passes"):
+        GenerationConfig(passes="fast")

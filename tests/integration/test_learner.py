@@ -99,7 +99,7 @@ def test_metrics_are_logged_like_cleanrl(trained):
     records = [json.loads(line) for line in open(f"{cfg.out_dir}/metrics.jsonl")]
     steps = [r for r in records if "losses/total" in r]
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
-    for key in ("losses/kl", "losses/ce", "losses/pg", "charts/kl_weight", "charts/pg_weight", "charts/policy_lag_mean",
+    for key in ("losses/kl", "losses/ce", "losses/pg", "charts/kl_weight", "charts/pg_weight", "charts/transition_lag_mean",
                 "charts/transitions_per_s", "charts/positions_per_s", "charts/steps_per_s"):
         assert key in steps[-1], key
     keys = {k for r in steps for k in r}
@@ -174,7 +174,7 @@ def test_same_losses_as_the_in_process_loop(server, paths, tmp_path, stage):
 
 
 def test_stale_transitions_are_dropped_and_counted(server, model, paths, tmp_path):
-    cfg = config(tmp_path, server.url, run_id="stale", publish_every_steps=1000, **{"stream.max_policy_lag": 1})
+    cfg = config(tmp_path, server.url, run_id="stale", publish_every_steps=1000, **{"stream.max_transition_lag": 1})
     # an earlier learner of this run published up to version 4: this one starts at 5
     WeightStore(server.client(), cfg.run_id).publish(4, {"w": np.zeros(1, np.float32)}, {"base_model": "x"})
     head0 = fresh_head(model, cfg)

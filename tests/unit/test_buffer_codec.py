@@ -18,10 +18,10 @@ def _transition(**kw):
     return t
 
 
-def _reseal(body: dict, kind: str = "transition") -> bytes:
+def _reseal(body: dict, kind: str = "transition", schema: int = SCHEMA) -> bytes:
     """A blob with a valid header and checksum around a body the test chose."""
     packed = msgpack.packb(body)
-    return msgpack.packb({"schema": SCHEMA, "kind": kind, "crc": zlib.crc32(packed), "size": len(packed)}) + packed
+    return msgpack.packb({"schema": schema, "kind": kind, "crc": zlib.crc32(packed), "size": len(packed)}) + packed
 
 
 def _body(blob: bytes) -> dict:
@@ -32,14 +32,14 @@ def _body(blob: bytes) -> dict:
 
 
 def test_every_field_round_trips_bit_exact():
-    t = _transition(actor_id=np.int64(3), policy_version=np.int32(12))  # numpy scalars, as an engine may hand over
+    t = _transition(actor_id=np.int64(3), head_version=np.int32(12))  # numpy scalars, as an engine may hand over
     back = decode_transition(encode_transition(t))
     for name in ARRAY_FIELDS:
         sent, got = getattr(t, name), getattr(back, name)
         assert got.dtype == sent.dtype and got.shape == sent.shape, name
         assert got.tobytes() == sent.tobytes(), name
     assert back.scalars() == t.scalars()
-    assert type(back.actor_id) is int and type(back.policy_version) is int and type(back.t_start) is float
+    assert type(back.actor_id) is int and type(back.head_version) is int and type(back.t_start) is float
     assert back.transition_id == t.transition_id
 
 
@@ -109,6 +109,12 @@ def _missing_field(blob: bytes) -> bytes:
     return _reseal(body)
 
 
+def _schema_2_frame(blob: bytes) -> bytes:
+    body = _body(blob)
+    body["scalars"]["policy_version"] = body["scalars"].pop("head_version")
+    return _reseal(body, schema=2)
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_flip_last_byte, "checksum"),
     (lambda b: b[: len(b) // 2], "truncated"),
@@ -116,6 +122,7 @@ def _missing_field(blob: bytes) -> bytes:
     (lambda b: b"\x00" * 40, "schema"),
     (lambda b: _reseal({"x": 1}, kind="weights"), "expected 'transition'"),
     (lambda b: msgpack.packb({"schema": SCHEMA + 1, "kind": "transition"}) + b, f"schema {SCHEMA + 1}"),
+    (_schema_2_frame, "schema 2, this build reads schema 3"),  # before policy_version became head_version
     (_wrong_dtype, "dtype float64, expected float32"),
     (_wrong_shape, "do not fill shape"),
     (_inconsistent, "inconsistent transition"),

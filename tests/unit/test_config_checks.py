@@ -128,8 +128,8 @@ def test_saved_head_of_another_hidden_size(run_config, tiny, tmp_path, capsys):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"num_hidden_layers": LAYERS, "hidden_size": 2 * HIDDEN,
                                                    "vocab_size": VOCAB, "max_position_embeddings": POSITIONS}))
-    line = run_error(capsys, "--config", run_config(model=str(other), actors__drafter=str(tiny / "head")))
-    assert f"actors.drafter = {tiny / 'head'}: the head was saved for hidden size 64, the model {other} has hidden size 128" in line
+    line = run_error(capsys, "--config", run_config(model=str(other), actors__head_path=str(tiny / "head")))
+    assert f"actors.head_path = {tiny / 'head'}: the head was saved for hidden size 64, the model {other} has hidden size 128" in line
 
 
 def test_saved_head_of_another_vocabulary(run_config, tiny, tmp_path, capsys):
@@ -137,21 +137,21 @@ def test_saved_head_of_another_vocabulary(run_config, tiny, tmp_path, capsys):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"num_hidden_layers": LAYERS, "hidden_size": HIDDEN,
                                                    "vocab_size": 128, "max_position_embeddings": POSITIONS}))
-    line = run_error(capsys, "--config", run_config(model=str(other), actors__drafter=str(tiny / "head")))
+    line = run_error(capsys, "--config", run_config(model=str(other), actors__head_path=str(tiny / "head")))
     assert "the head drafts over 256 ids" in line and "has a vocabulary of 128" in line
 
 
 def test_saved_head_at_another_exit_layer(run_config, tiny, capsys):
-    line = run_error(capsys, "--config", run_config(exit_layer=3, actors__drafter=str(tiny / "head")))
+    line = run_error(capsys, "--config", run_config(exit_layer=3, actors__head_path=str(tiny / "head")))
     assert "the head was saved at exit layer 2, but exit_layer = 3 (the learner trains at exit_layer" in line
     # serving only, the head's own exit layer wins
-    assert run_error(capsys, "--config", run_config(exit_layer=3, learn=False, actors__drafter=str(tiny / "head"))
+    assert run_error(capsys, "--config", run_config(exit_layer=3, learn=False, actors__head_path=str(tiny / "head"))
                      ).endswith("reached the runner")
 
 
 def test_missing_saved_head(run_config, tmp_path, capsys):
-    line = run_error(capsys, "--config", run_config(actors__drafter=str(tmp_path / "nohead")))
-    assert "actors.drafter: no drafter checkpoint at" in line
+    line = run_error(capsys, "--config", run_config(actors__head_path=str(tmp_path / "nohead")))
+    assert "actors.head_path: no drafter checkpoint at" in line
 
 
 def test_missing_model(run_config, tmp_path, capsys):

@@ -13,7 +13,7 @@ from dvi import cli
 from selfspec.device import DeviceError, decode_attention, resolve_device, resolve_dtype, synchronize
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
-from selfspec.loading import Placement, load_drafter
+from selfspec.loading import DeviceSettings, load_model_parts
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
 
@@ -67,10 +67,10 @@ def test_synchronize_waits_on_cuda_only(monkeypatch):
 
 
 def test_explicit_cpu_float32_decodes_as_the_defaults_did(model_dir):
-    """load_drafter's defaults (what every command used before --device/--dtype) and an explicit
+    """load_model_parts's defaults (what every command used before --device/--dtype) and an explicit
     cpu/float32 give the same model, and the same tokens as a plain greedy reference."""
-    before = load_drafter(str(model_dir), 2)
-    explicit = load_drafter(str(model_dir), 2, placement=Placement("cpu", "float32"))
+    before = load_model_parts(str(model_dir), 2)
+    explicit = load_model_parts(str(model_dir), 2, settings=DeviceSettings("cpu", "float32"))
     assert explicit.split.device == torch.device("cpu") and explicit.split.dtype == torch.float32
     assert before.dtype_reason == explicit.dtype_reason == "requested"
     for a, b in zip(before.model.state_dict().values(), explicit.model.state_dict().values()):
@@ -85,7 +85,7 @@ def test_explicit_cpu_float32_decodes_as_the_defaults_did(model_dir):
 def test_generate_command_with_device_and_dtype(model_dir, monkeypatch, capsys):
     monkeypatch.setattr(cli, "COMMANDS", {"generate": "dvi.cli.generate"})
     args = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "12", "-k", "2",
-            "--policy", "fixed"]
+            "--length-policy", "fixed"]
     assert cli.main(args) == 0
     plain = capsys.readouterr().out
     assert cli.main([*args, "--device", "cpu", "--dtype", "float32"]) == 0
@@ -110,7 +110,7 @@ def test_bench_records_device_and_dtype(model_dir, tmp_path, monkeypatch):
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["transformers"]
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "hf_static", "dvi_ar", "dvi_spec_ngram"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
-    assert report["steps"] == "eager"  # auto on the CPU
+    assert report["passes"] == "eager"  # auto on the CPU
     spec = report["methods"][-1]
     assert spec["identical_to_dvi_ar"] == 1.0 and spec["divergences_from_dvi_ar"] == []
     if NO_CUDA:
@@ -149,10 +149,10 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "COMMANDS", {"bench": "dvi.cli.bench", "profile": "dvi.cli.profile"})
     prompts = write_prompts(tmp_path / "q.jsonl", PROMPTS)
     common = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8", "-k", "2",
-              "--steps", "static", "--methods", "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"]
+              "--passes", "static", "--methods", "hf_ar,dvi_ar,dvi_spec_ngram_dynamic"]
     assert cli.main(["profile", *common, "--out", str(tmp_path / "profile_cpu"), "--trace"]) == 0
     report = json.loads((tmp_path / "profile_cpu" / "profile.json").read_text())
-    assert report["steps"] == "static" and [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar",
+    assert report["passes"] == "static" and [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar",
                                                                                        "dvi_spec_ngram_dynamic"]
     for m in report["methods"]:
         assert m["tokens"] == 8 and m["cpu_op_ms_per_token"] > 0 and m["gpu_ms_per_token"] is None
@@ -165,8 +165,8 @@ def test_profile_and_gpu_summary(model_dir, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert summary.main(str(tmp_path)) == 0
     table = capsys.readouterr().out
-    assert "| cpu | float32, steps static | dvi_spec_ngram_dynamic |" in table
-    assert "| cpu | float32, steps static | dvi_ar |" in table
+    assert "| cpu | float32, passes static | dvi_spec_ngram_dynamic |" in table
+    assert "| cpu | float32, passes static | dvi_ar |" in table
 
 
 def test_decode_passes_leave_out_cudnn_attention_on_cuda(monkeypatch):

@@ -123,13 +123,13 @@ def test_the_shipped_config_loads_and_builds_every_arm():
         assert (run.model, run.exit_layer, run.head, run.seed) == (cfg.model, cfg.exit_layer, cfg.head, cfg.seed)
         assert run.actors.count == cfg.actors.count and run.learner.batch_size == cfg.learner.batch_size
     assert len({r.run_id for r in runs.values()}) == 4 and runs["online_kl"].run_id == "drift-online_kl"
-    assert not runs["frozen_untrained"].learn and runs["frozen_untrained"].actors.drafter is None
+    assert not runs["frozen_untrained"].learn and runs["frozen_untrained"].actors.head_path is None
     assert not runs["frozen_offline"].learn
-    assert runs["frozen_offline"].actors.drafter == str(Path("study") / "offline" / "head")
+    assert runs["frozen_offline"].actors.head_path == str(Path("study") / "offline" / "head")
     assert runs["online_kl"].learn and runs["online_kl"].learner.schedule == "kl_only"
-    assert runs["online_kl"].actors.drafter is None
+    assert runs["online_kl"].actors.head_path is None
     assert runs["online_kl_rl"].learn and runs["online_kl_rl"].learner.schedule == "kl_rl"
-    assert arm_config(cfg, "frozen_offline", "s", offline_head="h").actors.drafter == "h"
+    assert arm_config(cfg, "frozen_offline", "s", offline_head="h").actors.head_path == "h"
     with pytest.raises(ValueError, match="unknown arm"):
         arm_config(cfg, "bogus")
 
@@ -143,7 +143,7 @@ def test_the_resolved_config_loads_back_and_overrides_apply(tmp_path):
 
 @pytest.mark.parametrize("change, key", [
     ({"learn": False}, "learn"),
-    ({"actors": {"drafter": "heads/x"}}, "actors.drafter"),
+    ({"actors": {"head_path": "heads/x"}}, "actors.head_path"),
     ({"learner": {"schedule": "kl_only"}}, "learner.schedule"),
     ({"arms": ["frozen_untrained", "bogus"]}, "arms"),
     ({"arms": ["online_kl", "online_kl"]}, "arms"),
@@ -230,7 +230,7 @@ def _fake_run(cfg, overwrite=False, progress=True):
     for r in requests:
         k = 0 if r.workload != last else k + 1
         last = r.workload
-        mal = 1.1 + (0.2 * k if cfg.learn else 0.0) + (0.5 if cfg.actors.drafter and r.workload == "chat" else 0)
+        mal = 1.1 + (0.2 * k if cfg.learn else 0.0) + (0.5 if cfg.actors.head_path and r.workload == "chat" else 0)
         records.append(_record(r.request_id, r.workload, t, t + 1.0, mal, tokens=16, decode_s=0.5))
         t += 1.0
     _jsonl(run_dir / "requests.jsonl", records)

@@ -6,7 +6,7 @@ import torch
 from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
 from selfspec.transitions import DISTILL, DRAFTED, PLAIN
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
@@ -48,7 +48,7 @@ def test_verification_after_rejection_equals_fresh_forward(model):
     split = SplitModel(model, k)
     transitions = []
     decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)),
-                              LengthPolicy(4), emit=Emitter(transitions.append, topk=8))
+                              LengthPolicy(4), sink=TransitionSink(transitions.append, topk=8))
     prompt = [3, 14, 15, 92, 65, 35]
     result = decoder.generate(prompt, max_new_tokens=40, eos_ids=set())
     assert len(transitions) == len(result.rounds)  # every round's verified positions are data
@@ -74,7 +74,7 @@ def test_transition_fields(model):
     head = DrafterHead(split, HeadConfig(adapter_hidden=8, lora_rank=2, context_window=4))
     transitions = []
     decoder = SelfSpecDecoder(split, head, LengthPolicy(3),
-                              emit=Emitter(transitions.append, run_id="r", actor_id=2, topk=5))
+                              sink=TransitionSink(transitions.append, run_id="r", actor_id=2, topk=5))
     decoder.set_head(head, version=7)  # as an actor swaps in a published head
     decoder.generate([1, 2, 3], max_new_tokens=20, eos_ids=set(), request_id="q", workload="w")
     assert transitions
@@ -83,7 +83,7 @@ def test_transition_fields(model):
         assert tr.transition_id == f"r:2:q:{i + 1}"
         # up to W committed positions before the draft: the 3-token prompt first, then a full window
         assert tr.hidden.shape == (tr.n, 64) and tr.context_hidden.shape == ((3 if i == 0 else 4), 64)
-        assert tr.policy_version == 7 and tr.workload == "w"
+        assert tr.head_version == 7 and tr.workload == "w"
         assert tr.draft_topk_ids.shape == (tr.n, 5)
         drafted = tr.kind == DRAFTED
         # the head drafted every row but the last, whose next token nothing proposed (plain, KL only)
@@ -110,7 +110,7 @@ def test_prompt_positions_are_kl_rows(model):
     split = SplitModel(model, k)
     transitions = []
     decoder = SelfSpecDecoder(split, DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)), LengthPolicy(3),
-                              emit=Emitter(transitions.append, topk=8, prompt_rows=4))
+                              sink=TransitionSink(transitions.append, topk=8, prompt_rows=4))
     prompt = [3, 14, 15, 92, 65, 35]
     result = decoder.generate(prompt, max_new_tokens=12, eos_ids=set(), request_id="q")
     first, rest = transitions[0], transitions[1:]

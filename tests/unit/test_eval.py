@@ -135,7 +135,7 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
-    assert report["drafter"].endswith("v0002") and report["methods"] == ["hf_ar", "dvi_spec"]
+    assert report["head_path"].endswith("v0002") and report["methods"] == ["hf_ar", "dvi_spec"]
     assert report["versions"]["transformers"]
     assert report["n"] == {"questions": 2, "turns": 3} and report["max_new_tokens"] == 8
     assert list(report["categories"]) == ["writing", "coding"]

@@ -7,9 +7,9 @@ import torch
 from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
 from selfspec.transitions import DRAFTED
-from selfspec.greedy_paths import (PathEmit, annotate_path, mean_accepted_length, prompt_transitions, response_transitions,
+from selfspec.greedy_paths import (RecordSpec, annotate_path, mean_accepted_length, prompt_transitions, response_transitions,
                                    simulate_rounds)
 from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import collate_for
@@ -33,7 +33,7 @@ def test_simulation_matches_real_decoding(attention_layers, window):
     split = SplitModel(model, k)
     head = perturbed_head(split, attention_layers, window)
     real_transitions = []
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(gamma), emit=Emitter(real_transitions.append, topk=8))
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(gamma), sink=TransitionSink(real_transitions.append, topk=8))
     rng = np.random.default_rng(0)
     all_rounds = []
     for i in range(12):
@@ -42,7 +42,7 @@ def test_simulation_matches_real_decoding(attention_layers, window):
         result = decoder.generate(prompt, max_new_tokens=30, eos_ids=set())
         assert result.tokens == plain_greedy(model, prompt, 30)
         path = annotate_path(model, prompt + result.tokens, len(prompt), k, topk=8)
-        accepted, transitions = simulate_rounds(path, head, gamma, PathEmit(topk=8))
+        accepted, transitions = simulate_rounds(path, head, gamma, RecordSpec(topk=8))
         assert accepted == [r.accepted for r in result.rounds]
         all_rounds += accepted
         # the decoder also sends the rounds without drafts (their rows are KL targets only)
@@ -71,7 +71,7 @@ def test_small_draft_vocab_gives_matching_topk_widths():
     prompt = [5, 6, 7]
     tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=20, eos_ids=set()).tokens
     path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=32)
-    _, transitions = simulate_rounds(path, head, 4, PathEmit(topk=24))  # > the 16-id draft vocab
+    _, transitions = simulate_rounds(path, head, 4, RecordSpec(topk=24))  # > the 16-id draft vocab
     assert transitions
     for tr in transitions:
         tr.validate()
@@ -86,7 +86,7 @@ def test_training_from_transitions_sees_what_drafting_saw():
     split = SplitModel(model, 2)
     head = perturbed_head(split, attention_layers=2, window=6)
     transitions = []
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(4), emit=Emitter(transitions.append, topk=8))
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(4), sink=TransitionSink(transitions.append, topk=8))
     rng = np.random.default_rng(1)
     for _ in range(6):
         decoder.generate(rng.integers(0, 256, int(rng.integers(1, 12))).tolist(), max_new_tokens=25, eos_ids=set())
@@ -109,7 +109,7 @@ def test_prompt_transitions_cover_the_prompt_without_reward():
     prompt = [3, 1, 4, 1, 5, 9, 2]
     tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=6, eos_ids=set()).tokens
     path = annotate_path(model, prompt + tokens, len(prompt), 2, topk=8)
-    transitions = prompt_transitions(path, head, 3, PathEmit(topk=8))
+    transitions = prompt_transitions(path, head, 3, RecordSpec(topk=8))
     assert [t.n for t in transitions] == [3, 3, 1]
     # position i predicts token i + 1: the prompt's own tokens, then the first generated one
     np.testing.assert_array_equal(np.concatenate([t.target_tokens for t in transitions]), (prompt + tokens)[1:8])
@@ -126,7 +126,7 @@ def test_response_transitions_cover_a_sampled_response_without_reward():
     prompt = [3, 1, 4, 1, 5, 9, 2]
     tokens = SelfSpecDecoder(split).generate(prompt, max_new_tokens=7, temperature=1.0, seed=0, eos_ids=set()).tokens
     path = replace(annotate_path(model, prompt + tokens, len(prompt), 2, topk=8), prompt_id="p")
-    transitions = response_transitions(path, head, 4, "sampled0", PathEmit(topk=8))
+    transitions = response_transitions(path, head, 4, "sampled0", RecordSpec(topk=8))
     assert [t.n for t in transitions] == [4, 2]  # positions 7..12 predict the response's tokens 2..7
     np.testing.assert_array_equal(np.concatenate([t.target_tokens for t in transitions]), tokens[1:])
     assert {t.request_id for t in transitions} == {"p:sampled0"}
@@ -139,4 +139,4 @@ def test_response_transitions_cover_a_sampled_response_without_reward():
     drafted = head.to_full_ids(full.argmax(-1)).numpy()[len(prompt):]
     np.testing.assert_array_equal(np.concatenate([t.draft_tokens for t in transitions]), drafted)
     np.testing.assert_allclose(stored, full.max(-1).values.numpy()[len(prompt):], atol=1e-5)
-    assert response_transitions(annotate_path(model, prompt, len(prompt), 2, topk=8), head, 4, "sampled0", PathEmit()) == []
+    assert response_transitions(annotate_path(model, prompt, len(prompt), 2, topk=8), head, 4, "sampled0", RecordSpec()) == []

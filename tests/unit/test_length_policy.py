@@ -1,10 +1,10 @@
 """The cost-aware policy drafts only what pays: nothing for a useless head, long drafts for a good one,
 and never a round length whose verification shape is too slow."""
 from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware
-from selfspec.step_costs import StepCosts
+from selfspec.pass_costs import PassCosts
 
 # Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
-COSTS = StepCosts(trunk=0.11, head=0.16, verify=[0.0, 0.89, 1.5, 1.7, 1.3, 1.3])
+COSTS = PassCosts(trunk=0.11, head=0.16, verify=[0.0, 0.89, 1.5, 1.7, 1.3, 1.3])
 
 
 def run_rounds(policy, accept: bool, confidence: float, rounds: int = 2000) -> tuple[int, list[int]]:
@@ -58,7 +58,7 @@ def test_copied_drafts_only_when_their_match_length_pays():
     copies are mostly wrong is not verified (plain decoding instead), one whose copies are right is
     verified to the cap; both learned from outcomes, including unverified proposals judged against
     the emitted token."""
-    costs = StepCosts(trunk=0.11, head=0.16, verify=COSTS.verify, trunk_block=[0.0, 0.11, 0.15, 0.17, 0.18, 0.19])
+    costs = PassCosts(trunk=0.11, head=0.16, verify=COSTS.verify, trunk_block=[0.0, 0.11, 0.15, 0.17, 0.18, 0.19])
     policy = CostAware(costs, 4)
     for _ in range(200):
         for match, right in ((1, False), (4, True)):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from tiny_model import MAX_POS, make_head, make_policy, plain_greedy, tiny_llama
+from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, tiny_llama
 
 from selfspec.engine import SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
@@ -28,7 +28,7 @@ SETTINGS = [  # (exit layer k, gamma, policy, head noise, reduced draft vocab, (
 def test_greedy_identical_over_random_prompts(model, k, gamma, policy, noise, vocab, attention):
     rng = np.random.default_rng(k * 100 + gamma)
     head = make_head(model, k, noise, vocab, attention=attention)
-    decoder = SelfSpecDecoder(SplitModel(model, k), head, make_policy(policy, gamma))
+    decoder = SelfSpecDecoder(SplitModel(model, k), head, make_length_policy(policy, gamma))
     per_position = np.zeros((gamma, 2))  # [accepted, rejected] at each draft position
     eos_inside_draft = 0
     for _ in range(50):
@@ -87,7 +87,7 @@ def test_copied_ngram_drafts_are_lossless(model, drafter, policy):
     proposed, accepted and rejected; with a head, rounds without a match draft with it."""
     rng = np.random.default_rng(5)
     head = None if drafter is None else make_head(model, 2, 0.05, attention=(1, 6) if drafter == "attention" else None)
-    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_policy(policy, 4), ngram=1)
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_length_policy(policy, 4), ngram=1)
     drafted = accepted = rejected = 0
     for _ in range(25):
         base = rng.integers(0, 256, int(rng.integers(2, 6))).tolist()

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
 from selfspec.objectives import (EMABaseline, LossConfig, Schedule, ScheduleConfig, TrainState, accepted_ce, collate,
                                  collate_for, distill_kl, make_schedule, policy_gradient, total_loss)
@@ -26,7 +26,7 @@ def make_tr(draft, target, topk_ids, topk_lp, n_acc, draft_lp=None, temperature=
     k = topk_ids.shape[1]
     draft = np.asarray(draft, np.int32)
     return Transition(
-        run_id="t", actor_id=0, request_id="r", round=0, policy_version=version, workload="hand",
+        run_id="t", actor_id=0, request_id="r", round=0, head_version=version, workload="hand",
         t_start=0.0, t_end=0.0, temperature=temperature, hidden=np.zeros((n, d), np.float16),
         draft_tokens=draft, draft_logprobs=np.asarray(draft_lp if draft_lp is not None else [-1.0] * n, np.float32),
         draft_topk_ids=np.repeat(draft[:, None], k, 1), draft_topk_logprobs=np.full((n, k), -1.0, np.float32),
@@ -276,7 +276,7 @@ def test_collate_flattens_pads_top_k_and_maps_temperature():
     b = make_tr([2], [2], [[2, 1, 0]], [[-0.5, -1.5, -2.0]], n_acc=1, version=4)
     batch = collate([a, b], dtype=F64)
     assert len(batch) == 3 and batch.rounds == 2 and batch.hidden.dtype == F64
-    assert batch.tau.tolist() == [0.7, 0.7, 1.0] and batch.policy_version.tolist() == [3, 3, 4]
+    assert batch.tau.tolist() == [0.7, 0.7, 1.0] and batch.head_version.tolist() == [3, 3, 4]
     assert batch.topk_valid.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
     assert batch.topk_logprobs[0, 2].item() == -math.inf
     assert batch.accepted.tolist() == [True, False, True] and batch.on_path.tolist() == [True, True, True]
@@ -303,7 +303,7 @@ def real_transitions(draft_vocab, attention=False):
         head = DrafterHead(split, head_config(draft_vocab, attention))
         topk = model.config.vocab_size if draft_vocab is None else 8  # full vocab: the KL is exact
         out = []
-        SelfSpecDecoder(split, head, LengthPolicy(4), emit=Emitter(out.append, topk=topk)).generate(
+        SelfSpecDecoder(split, head, LengthPolicy(4), sink=TransitionSink(out.append, topk=topk)).generate(
             [5, 9, 2, 7, 11, 4], max_new_tokens=24, eos_ids=set())
         _decoded[draft_vocab, attention] = out
     return _decoded[draft_vocab, attention]

@@ -72,7 +72,7 @@ def make_run_dir(out: Path, n_requests: int = 8, workloads=("chat", "code"), ste
         learner.append({"step": step, "version": step // 3, "losses/kl": 2.0 * math.exp(-step / (steps / 3)),
                         "losses/ce": 3.0 - 1.5 * step / steps, "losses/pg": -0.1 * f + rng.gauss(0, 0.02),
                         "losses/total": 0.0, "charts/kl_weight": 1 - 0.7 * f, "charts/ce_weight": 0.5 * f,
-                        "charts/pg_weight": f, "charts/policy_lag_mean": 0.5})
+                        "charts/pg_weight": f, "charts/transition_lag_mean": 0.5})
         learner[-1]["losses/total"] = (learner[-1]["losses/kl"] * learner[-1]["charts/kl_weight"]
                                        + learner[-1]["losses/ce"] * learner[-1]["charts/ce_weight"])
         if step % 3 == 0:
@@ -133,7 +133,7 @@ def test_a_run_with_only_requests_still_renders_and_names_what_is_missing(tmp_pa
         assert f"`{name}`" in text, name
     assert "1 unreadable line skipped" in text and ERROR.replace("|", "\\|") in text
     assert "_Not plotted: learner/versions.jsonl has no held-out MAL" in text and "_Not plotted: no learner/metrics.jsonl" in text
-    for key in ("live", "latency", "policy_lag"):  # from requests.jsonl alone
+    for key in ("live", "latency", "head_lag"):  # from requests.jsonl alone
         assert f"](plots/{PLOT_FILES[key]})" in text, key
         assert_png(tmp_path / "plots" / PLOT_FILES[key])
     assert not (tmp_path / "plots" / PLOT_FILES["learner"]).exists()

@@ -8,7 +8,7 @@ from tiny_model import plain_greedy, tiny_llama
 
 from selfspec.acceptance import sampling_accept
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
 from selfspec.transitions import COPIED, DRAFTED, PLAIN
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
@@ -69,7 +69,7 @@ def check_decoder_samples(drafts: str, device) -> None:
     head = DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0)) if drafts == "head" else None
     transitions = []
     decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=int(drafts == "ngram"),
-                              emit=Emitter(transitions.append))
+                              sink=TransitionSink(transitions.append))
     prompt, temperature, samples = [5, 9, 2, 30], 0.8, 3000
     if head is None:  # copied drafts (q one-hot): the prompt repeats, with the model's own continuation between
         prompt = [*prompt, *plain_greedy(model, prompt, 4), *prompt]

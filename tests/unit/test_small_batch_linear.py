@@ -8,7 +8,7 @@ from torch import nn
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH, SmallBatchLinear, small_batch_copy
 from selfspec.split import SplitModel
-from selfspec.step_costs import CALIBRATED_ROWS, measure_step_costs, measure_thin_rows
+from selfspec.pass_costs import CALIBRATED_ROWS, measure_pass_costs, measure_thin_rows
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -88,7 +88,7 @@ def test_measuring_on_the_machine_leaves_the_global_random_state_alone():
     state = torch.get_rng_state()
     split = SplitModel(model, 1)
     measure_thin_rows(split)
-    measure_step_costs(split, None, max_drafts=2, context=16, reps=1)
+    measure_pass_costs(split, None, max_drafts=2, context=16, reps=1)
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -4,7 +4,7 @@ Run from the project root with the venv: python docs/results/experiments/emit_co
 import json, statistics, sys, time
 import torch
 import selfspec.engine as engine
-from selfspec.engine import Emitter, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
 from selfspec.loading import load_drafter, make_policy
 from selfspec.prompts import chat_ids, load_prompts
 
@@ -13,7 +13,7 @@ prompts = [chat_ids(d.tokenizer, p.text) for p in load_prompts("builtin")[28:34]
 sent = []
 timed = []
 plain = SelfSpecDecoder(d.split, None, make_policy("fixed", 0))
-emitting = SelfSpecDecoder(d.split, None, make_policy("fixed", 0), emit=Emitter(sent.append))
+emitting = SelfSpecDecoder(d.split, None, make_policy("fixed", 0), sink=TransitionSink(sent.append))
 build = engine.round_transition  # the record of a round, as the decoder builds it
 def timed_build(*a):
     t = time.perf_counter(); tr = build(*a); timed.append(time.perf_counter() - t); return tr

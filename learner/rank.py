@@ -16,7 +16,7 @@ from learner.config import LearnerConfig
 
 
 @dataclass(frozen=True)
-class RankPlace:
+class RankAddress:
     """Where a rank sits in the DeepSpeed process group."""
     rank: int = 0
     world_size: int = 1
@@ -66,7 +66,7 @@ def served_vocab(client: redis.Redis, cfg: LearnerConfig, model_config, status) 
     return draft_vocab_ids(len(counts), cfg.head.draft_vocab, counts, tuple(eos_ids(model_config)))
 
 
-def build_rank(cfg: LearnerConfig, place: RankPlace = RankPlace(), *, resume: bool = False,
+def build_rank(cfg: LearnerConfig, place: RankAddress = RankAddress(), *, resume: bool = False,
                record_ids: bool = False):
     """Join the group and build this rank's Learner from the config; returns (learner, its metrics log or None).
     Nothing here waits for generation: the held-out paths come on a background thread, and a served

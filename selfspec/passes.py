@@ -5,50 +5,62 @@ On a GPU a 135M model at batch 1 is bound by launches, not by arithmetic: an eag
 removes the gap: a KV cache at fixed addresses whose positions live in device tensors, so that a pass of
 m tokens can be captured once as a CUDA graph and replayed at every position.
 
-Modes (`--steps`, the `steps` config key):
+Modes (`--passes`, the `passes` config key):
 - `eager`: SplitModel itself, per-layer cache lengths and attention over exactly the filled part (the
   CPU path).
-- `static`: StaticSteps without graphs: positions in device tensors over one reused StaticKVCache,
+- `static`: StaticPasses without graphs: positions in device tensors over one reused StaticKVCache,
   attention over its whole capacity masked by position, run eagerly. What the graphs replay, and a path
   the CPU tests check against `eager`.
-- `graphs`: StaticSteps capturing each pass shape (kind, m tokens) the first time it runs and replaying
+- `graphs`: StaticPasses capturing each pass shape (kind, m tokens) the first time it runs and replaying
   it after that; the prompt's prefill and anything longer than MAX_GRAPH_TOKENS stay eager.
 - `auto`: `graphs` on CUDA, `eager` elsewhere.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from selfspec.kv_cache import StaticKVCache
 from selfspec.split import SplitModel
 
-STEP_MODES = ("auto", "eager", "static", "graphs")  # dvi.cli.args repeats them (no torch import there)
+PASS_MODES = ("auto", "eager", "static", "graphs")  # dvi.cli.args repeats them (no torch import there)
 MAX_GRAPH_TOKENS = 16  # a round passes at most γ+1 <= 9 tokens; longer blocks are prompts
 CAPACITY_STEP = 256  # the shared cache grows in these steps, so that requests of similar length share graphs
 
 
-def decode_steps(split: SplitModel, mode: str = "auto") -> SplitModel | "StaticSteps":
-    """The object whose `new_cache`, `trunk`, `verify` and `head_logits` a decoder calls, for `mode`."""
-    if mode not in STEP_MODES:
-        raise ValueError(f"unknown steps mode {mode!r}: choose one of {', '.join(STEP_MODES)}")
+class PassRunner(Protocol):
+    """What a decoder runs its passes on: SplitModel itself (eager) or StaticPasses (static, graphs).
+    `start` is the block's first position; the caches cover [0, start) before the call."""
+    config: object  # the model's transformers config
+    device: torch.device
+
+    def new_cache(self, capacity: int): ...
+    def trunk(self, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor: ...  # layers [0, k): hidden
+    def verify(self, hidden: torch.Tensor, start: int, cache) -> torch.Tensor: ...  # layers [k, L) + lm_head: logits
+    def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor: ...
+
+
+def pass_runner(split: SplitModel, mode: str = "auto") -> PassRunner:
+    """The PassRunner for `mode`."""
+    if mode not in PASS_MODES:
+        raise ValueError(f"unknown passes mode {mode!r}: choose one of {', '.join(PASS_MODES)}")
     if mode == "auto":
         mode = "graphs" if split.device.type == "cuda" else "eager"
     if mode == "eager":
         return split
     if mode == "graphs" and split.device.type != "cuda":
-        raise ValueError(f"steps mode 'graphs' needs a CUDA device, the model is on {split.device}: "
-                         f"use --steps eager (or static)")
-    return StaticSteps(split, graphs=mode == "graphs")
+        raise ValueError(f"passes mode 'graphs' needs a CUDA device, the model is on {split.device}: "
+                         f"use --passes eager (or static)")
+    return StaticPasses(split, graphs=mode == "graphs")
 
 
-def steps_mode(steps: SplitModel | "StaticSteps") -> str:
-    """The mode `steps` runs in now: `graphs` turns into `static` if a capture failed (see .fallback)."""
-    if not isinstance(steps, StaticSteps):
+def passes_mode(passes: PassRunner) -> str:
+    """The mode `passes` runs in now: `graphs` turns into `static` if a capture failed (see .fallback)."""
+    if not isinstance(passes, StaticPasses):
         return "eager"
-    return "graphs" if steps.graphs and steps.fallback is None else "static"
+    return "graphs" if passes.graphs and passes.fallback is None else "static"
 
 
 class _Graph:
@@ -75,7 +87,7 @@ class _Graph:
         return self.output.clone()
 
 
-class StaticSteps:
+class StaticPasses:
     """SplitModel's passes over one StaticKVCache that every request of this decoder reuses (one request
     at a time), grown when a request needs more room; with `graphs`, replayed as CUDA graphs."""
 

@@ -1,4 +1,4 @@
-"""The static-position passes (selfspec.decode_steps: what CUDA graphs replay), run eagerly on the CPU,
+"""The static-position passes (selfspec.passes: what CUDA graphs replay), run eagerly on the CPU,
 compute what the dynamic passes compute: the same logits up to float rounding along prefill, drafting,
 verification and rollback, and token-identical greedy decoding over random prompts, policies and heads,
 with the cache reused (and grown) across requests."""
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_model import make_head, make_policy, plain_greedy, tiny_llama
+from tiny_model import make_head, make_length_policy, plain_greedy, tiny_llama
 
-from selfspec.decode_steps import StaticSteps, decode_steps, steps_mode
+from selfspec.passes import StaticPasses, pass_runner, passes_mode
 from selfspec.engine import SelfSpecDecoder
 from selfspec.kv_cache import StaticKVCache
 from selfspec.split import SplitModel
@@ -24,18 +24,18 @@ SCRIPT = [("trunk", 0, 9), ("verify", 0, 9), ("trunk", 9, 1), ("trunk", 10, 1), 
           ("trunk", 13, 1), ("verify", 13, 1), ("trunk", 14, 1), ("verify", 14, 1)]
 
 
-def run_script(steps, cache, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Every pass's output along SCRIPT, on `steps` (a SplitModel or StaticSteps) and its cache."""
+def run_script(passes, cache, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every pass's output along SCRIPT, on `passes` (a SplitModel or StaticPasses) and its cache."""
     hidden, out = {}, []
     for kind, start, n in SCRIPT:
         if kind == "crop":
             cache.crop(start)
         elif kind == "trunk":
-            hidden[start] = steps.trunk(ids[start:start + n], start, cache)
+            hidden[start] = passes.trunk(ids[start:start + n], start, cache)
             out.append(hidden[start])
         else:
             block = torch.cat([hidden[p] for p in sorted(hidden) if start <= p < start + n], 1)[:, :n]
-            out.append(steps.verify(block, start, cache))
+            out.append(passes.verify(block, start, cache))
     return out
 
 
@@ -43,7 +43,7 @@ def run_script(steps, cache, ids: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf_layers"])
 def test_static_passes_equal_dynamic(dtype, lean):
     split = SplitModel(tiny_llama(max_positions=64).to(dtype), 2, lean=lean)
-    static = StaticSteps(split, graphs=False)
+    static = StaticPasses(split, graphs=False)
     ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1))
     cache = static.new_cache(48)
     assert isinstance(cache, StaticKVCache) and cache.capacity == 64  # rounded up, within the model's positions
@@ -67,10 +67,10 @@ def test_static_decoding_is_token_identical(k, gamma, policy, noise, vocab, atte
     model = tiny_llama(max_positions=96)
     head = make_head(model, k, noise, vocab, attention=attention)
     split = SplitModel(model, k)
-    static = StaticSteps(split, graphs=False)
-    decoders = {"eager": SelfSpecDecoder(split, head, make_policy(policy, gamma), ngram=ngram),
-                "static": SelfSpecDecoder(split, head, make_policy(policy, gamma), ngram=ngram, steps=static)}
-    assert decoders["eager"].steps is split
+    static = StaticPasses(split, graphs=False)
+    decoders = {"eager": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram),
+                "static": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram, passes=static)}
+    assert decoders["eager"].passes is split
     rng = np.random.default_rng(k * 10 + gamma)
     capacities, drafted = set(), 0
     for _ in range(8):  # short and long requests in turn: one static cache serves them all
@@ -92,8 +92,8 @@ def test_static_sampling_draws_what_eager_draws():
     model = tiny_llama(seed=2, vocab=32)
     split = SplitModel(model, 2)
     head = make_head(model, 2, 0.05)
-    eager = SelfSpecDecoder(split, head, make_policy("fixed", 3), ngram=1)
-    static = SelfSpecDecoder(split, head, make_policy("fixed", 3), ngram=1, steps=StaticSteps(split, graphs=False))
+    eager = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), ngram=1)
+    static = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), ngram=1, passes=StaticPasses(split, graphs=False))
     for seed in range(4):
         a = eager.generate([5, 9, 2], max_new_tokens=24, temperature=0.9, seed=seed, eos_ids=set()).tokens
         b = static.generate([5, 9, 2], max_new_tokens=24, temperature=0.9, seed=seed, eos_ids=set()).tokens
@@ -103,26 +103,26 @@ def test_static_sampling_draws_what_eager_draws():
 def test_cache_grows_and_keeps_working():
     model = tiny_llama(max_positions=600)
     split = SplitModel(model, 2)
-    steps = StaticSteps(split, graphs=False)
-    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.0), make_policy("fixed", 3), steps=steps)
+    static = StaticPasses(split, graphs=False)
+    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.0), make_length_policy("fixed", 3), passes=static)
     short = decoder.generate([1, 2, 3], max_new_tokens=8, eos_ids=set()).tokens
-    first = steps.cache
+    first = static.cache
     assert first.capacity == 256  # rounded up: requests of similar length share one cache (and its graphs)
     long_prompt = list(range(3, 250)) + list(range(3, 60))
     assert decoder.generate(long_prompt, max_new_tokens=20, eos_ids=set()).tokens == plain_greedy(model, long_prompt, 20)
-    assert steps.cache is not first and steps.cache.capacity == 512
+    assert static.cache is not first and static.cache.capacity == 512
     assert decoder.generate([1, 2, 3], max_new_tokens=8, eos_ids=set()).tokens == short
 
 
 def test_modes():
     split = SplitModel(tiny_llama(), 2)
-    assert decode_steps(split) is split and steps_mode(split) == "eager"  # auto on the CPU
-    static = decode_steps(split, "static")
-    assert isinstance(static, StaticSteps) and steps_mode(static) == "static"
+    assert pass_runner(split) is split and passes_mode(split) == "eager"  # auto on the CPU
+    static = pass_runner(split, "static")
+    assert isinstance(static, StaticPasses) and passes_mode(static) == "static"
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        decode_steps(split, "graphs")
-    with pytest.raises(ValueError, match="unknown steps mode 'fast'"):
-        decode_steps(split, "fast")
+        pass_runner(split, "graphs")
+    with pytest.raises(ValueError, match="unknown passes mode 'fast'"):
+        pass_runner(split, "fast")
     cache = static.new_cache(10)
     with pytest.raises(RuntimeError, match="overflow"):
         static.trunk(torch.arange(5), cache.capacity - 2, cache)
@@ -131,16 +131,16 @@ def test_modes():
 def test_bench_sizes_the_static_cache_before_anything_is_timed():
     """Growing the cache drops every captured graph: dvi bench sizes it for its longest prompt first."""
     from dvi.studies.bench import size_static_cache
-    from selfspec.loading import Drafter
+    from selfspec.loading import ModelParts
 
     model = tiny_llama(max_positions=600)
     split = SplitModel(model, 2)
     head = make_head(model, 2, 0.0)
-    drafter = Drafter(model, None, split, head, {}, steps=StaticSteps(split, graphs=False))
+    parts = ModelParts(model, None, split, head, {}, passes=StaticPasses(split, graphs=False))
     longest = [3 + i % 250 for i in range(300)]
-    size_static_cache(drafter, [[1, 2, 3], longest], max_new_tokens=20, gamma=3)
-    cache = drafter.steps.cache
+    size_static_cache(parts, [[1, 2, 3], longest], max_new_tokens=20, gamma=3)
+    cache = parts.passes.cache
     assert cache.capacity == 512
-    decoder = SelfSpecDecoder(split, head, make_policy("fixed", 3), steps=drafter.steps)
+    decoder = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), passes=parts.passes)
     assert decoder.generate(longest, max_new_tokens=20, eos_ids=set()).tokens == plain_greedy(model, longest, 20)
-    assert drafter.steps.cache is cache
+    assert parts.passes.cache is cache

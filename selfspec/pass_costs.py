@@ -21,8 +21,8 @@ CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 cover
 
 
 @dataclass
-class StepCosts:
-    """Seconds, measured on the running machine (measure_step_costs below)."""
+class PassCosts:
+    """Seconds, measured on the running machine (measure_pass_costs below)."""
 
     trunk: float  # one token through layers [0, k)
     head: float  # one drafter-head call
@@ -40,7 +40,7 @@ class StepCosts:
 
 def _probe_ids(split, n: int) -> torch.Tensor:
     """n token ids to time passes with, from a generator of their own: measuring must not move the
-    global random state that seeded sampling and training rely on. `split`: a SplitModel or StaticSteps."""
+    global random state that seeded sampling and training rely on. `split`: a SplitModel or StaticPasses."""
     return torch.randint(0, split.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(split.device)
 
 
@@ -58,36 +58,36 @@ def _median_seconds(fn, reps: int, device: torch.device | None = None) -> float:
 
 
 @torch.inference_mode()
-def measure_step_costs(steps, head, max_drafts: int, context: int = 128, reps: int = 5) -> StepCosts:
-    """`steps`: what will run the passes (a SplitModel, or selfspec.decode_steps.StaticSteps, whose CUDA
+def measure_pass_costs(passes, head, max_drafts: int, context: int = 128, reps: int = 5) -> PassCosts:
+    """`passes`: what will run the passes (a SplitModel, or selfspec.passes.StaticPasses, whose CUDA
     graphs cost a fraction of eager passes)."""
-    cache = steps.new_cache(context + max_drafts + 2)
-    ids = _probe_ids(steps, context + 1)
-    steps.verify(steps.trunk(ids[:context], 0, cache), 0, cache)
-    hidden = steps.trunk(ids[context:], context, cache)
+    cache = passes.new_cache(context + max_drafts + 2)
+    ids = _probe_ids(passes, context + 1)
+    passes.verify(passes.trunk(ids[:context], 0, cache), 0, cache)
+    hidden = passes.trunk(ids[context:], context, cache)
     cache.crop(context)
 
     def trunk_step():
-        steps.trunk(ids[context:], context, cache)
+        passes.trunk(ids[context:], context, cache)
         cache.crop(context)
 
     def trunk_block_step(m: int):
-        steps.trunk(ids[context - m + 1:context + 1], context, cache)
+        passes.trunk(ids[context - m + 1:context + 1], context, cache)
         cache.crop(context)
 
     def verify_step(m: int):
-        steps.verify(hidden.expand(1, m, -1), context, cache)
+        passes.verify(hidden.expand(1, m, -1), context, cache)
         cache.crop(context)
 
-    device = steps.device
+    device = passes.device
     trunk = _median_seconds(trunk_step, reps, device)
     head_cost = float("inf")
     if head is not None:
         head_cache = head.new_cache(context + 1)
-        head_cost = _median_seconds(lambda: steps.head_logits(head, hidden, context, head_cache), reps, device)
+        head_cost = _median_seconds(lambda: passes.head_logits(head, hidden, context, head_cache), reps, device)
     verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps, device) for m in range(1, max_drafts + 2)]
     block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps, device) for m in range(1, max_drafts + 2)]
-    return StepCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)
+    return PassCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)
 
 
 @torch.inference_mode()
