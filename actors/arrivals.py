@@ -94,34 +94,37 @@ def on_off_times(n: int, rate: float, on_s: float, off_s: float, rng: np.random.
 
 class ImmediateSpec(FrozenStrict):
     """Everything at 0: the replay's concurrency decides (a closed loop, or a flood)."""
-    kind: Literal["immediate"]
+    kind: Literal["immediate"] = Field(description="selects this arrival process")
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return np.zeros(n)
 
 
 class PoissonSpec(FrozenStrict):
-    kind: Literal["poisson"]
-    rate: float = Field(gt=0, allow_inf_nan=False)  # requests per second
+    """A Poisson process: exponential gaps between requests."""
+    kind: Literal["poisson"] = Field(description="selects this arrival process")
+    rate: float = Field(gt=0, allow_inf_nan=False, description="mean arrivals, in requests per second")
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return poisson_times(n, self.rate, rng)
 
 
 class BurstSpec(FrozenStrict):
-    kind: Literal["burst"]
-    size: int = Field(ge=1)
-    every_s: float = Field(gt=0, allow_inf_nan=False)
+    """Bursts: `size` requests at once every `every_s` seconds, the first at 0."""
+    kind: Literal["burst"] = Field(description="selects this arrival process")
+    size: int = Field(ge=1, description="requests per burst")
+    every_s: float = Field(gt=0, allow_inf_nan=False, description="seconds between bursts")
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return burst_times(n, self.size, self.every_s)
 
 
 class OnOffSpec(FrozenStrict):
-    kind: Literal["on_off"]
-    rate: float = Field(gt=0, allow_inf_nan=False)  # requests per second while on
-    on_s: float = Field(gt=0, allow_inf_nan=False)
-    off_s: float = Field(ge=0, allow_inf_nan=False)
+    """Poisson arrivals during on-periods, silence between them."""
+    kind: Literal["on_off"] = Field(description="selects this arrival process")
+    rate: float = Field(gt=0, allow_inf_nan=False, description="mean arrivals while on, in requests per second")
+    on_s: float = Field(gt=0, allow_inf_nan=False, description="length of each on-period, in seconds")
+    off_s: float = Field(ge=0, allow_inf_nan=False, description="silence between on-periods, in seconds")
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return on_off_times(n, self.rate, self.on_s, self.off_s, rng)
@@ -129,15 +132,20 @@ class OnOffSpec(FrozenStrict):
 
 class RecordedSpec(FrozenStrict):
     """The trace's own arrival_s, multiplied by time_scale (0.5 replays twice as fast)."""
-    kind: Literal["recorded"]
-    time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
+    kind: Literal["recorded"] = Field(description="selects this arrival process")
+    time_scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="factor on the recorded times (0.5: twice "
+                                                                          "as fast)")
 
 
 class ClosedLoopSpec(FrozenStrict):
-    kind: Literal["closed_loop"]
-    users: int = Field(ge=1)
-    think_s: float = Field(0.0, ge=0, allow_inf_nan=False)
-    think: Literal["fixed", "exponential"] = "fixed"
+    """N users, each with at most one request in flight, sending the next one `think_s` after its answer."""
+    kind: Literal["closed_loop"] = Field(description="selects this arrival process")
+    users: int = Field(ge=1, description="concurrent users (requests in flight at most)")
+    think_s: float = Field(0.0, ge=0, allow_inf_nan=False, description="a user's pause between an answer and its "
+                                                                       "next request, in seconds (the mean when "
+                                                                       "exponential)")
+    think: Literal["fixed", "exponential"] = Field("fixed", description="think_s exactly, or exponentially "
+                                                                        "distributed with that mean")
 
 
 OPEN_LOOP = (ImmediateSpec, PoissonSpec, BurstSpec, OnOffSpec)

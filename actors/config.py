@@ -1,7 +1,9 @@
 """Typed settings of a generation actor (`actors/generation.py`).
 
-Unknown keys are errors naming the key, like every other config section of the project. The actor's
-Redis connection and run id are not here: the run owns them (one server and one run for every actor).
+Unknown keys are errors naming the key, like every other config section of the project. The keys every
+model-side part has (model, exit_layer, head, gamma, dtype, topk) come from selfspec.config.DecodingConfig.
+The actor's Redis connection and run id are not here: the run owns them (one server and one run for every
+actor).
 """
 from __future__ import annotations
 
@@ -10,20 +12,22 @@ from typing import Literal
 from pydantic import Field
 
 from buffer.config import StreamConfig
-from selfspec.config import HeadConfig, Strict
-from selfspec.defaults import DEFAULT_MODEL
+from selfspec.config import DecodingConfig
 
 
-class GenerationConfig(Strict):
-    model: str = Field(DEFAULT_MODEL, description="model name or HF model directory")
-    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
-    head_path: str | None = Field(None, description="a saved head (dvi online/train output) to start from; its own "
-                                                  "exit layer wins. None: an untrained head of config `head`")
-    head: HeadConfig = HeadConfig()
-    gamma: int = Field(4, ge=0, description="most drafts per round (0: plain decoding)")
-    length_policy: Literal["fixed", "threshold", "cost_aware"] = "cost_aware"
+class GenerationConfig(DecodingConfig):
+    """A generation actor: serves requests with self-speculative decoding and streams what the verifier decided."""
+    head_path: str | None = Field(None, description="a saved head directory to start from (`dvi online`'s, or a "
+                                                  "run's learner/heads/vNNNN); its own exit layer and shape win. "
+                                                  "null: an untrained head of config `head`")
+    # Overrides ModelSideConfig.gamma (>= 1 where rounds are simulated at a fixed length): an actor serves,
+    # and 0 is plain decoding, the baseline a run compares with.
+    gamma: int = Field(4, ge=0, description="most drafts per round (0: plain decoding); length_policy picks each "
+                                            "round's length up to it")
+    length_policy: Literal["fixed", "threshold", "cost_aware"] = Field(
+        "cost_aware", description="drafts per round: fixed (always gamma), threshold (stop once the head is "
+                                  "unsure) or cost_aware (as many as its calibrated confidence pays for, down to 0)")
     ngram: int = Field(1, ge=0, description="shortest suffix match to copy drafts from the request's own text (0: off)")
-    topk: int = Field(16, ge=1, description="K of the top-K draft and target distributions a transition carries")
     prompt_rows: int = Field(64, ge=0, description="also send the prompt's last N positions as KL rows (the "
                                                    "prefill verified them); 0: generated positions only")
     weights_check_every_rounds: int = Field(
@@ -33,11 +37,9 @@ class GenerationConfig(Strict):
                                                            "else torch's default")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor (1 on a GPU cluster: one actor per GPU)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="model precision (auto: float32, see selfspec.device)")
     passes: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto", description="how decode passes run (selfspec.passes; auto: CUDA graphs on a GPU, else eager)")
     max_restarts: int = Field(3, ge=-1, description="Ray restarts a crashed actor this often (-1: always)")
     max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once; it decodes one at a "
                                                        "time in arrival order, the rest are its queue depth")
-    stream: StreamConfig = StreamConfig()
+    stream: StreamConfig = Field(StreamConfig(), description="how the actor writes transitions to the stream")

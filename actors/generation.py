@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import zlib
+from typing import Generator
 
 import numpy as np
 import ray
@@ -40,9 +41,10 @@ import torch
 from actors.config import GenerationConfig
 from actors.trace import ConversationMemory
 from buffer.stream import BackpressureTimeout, TransitionWriter
-from buffer.weights import WeightSpec, WeightsRefused, WeightStore
-from selfspec.drafter import head_arrays, head_from_weights
+from buffer.weights import WeightsRefused, WeightStore
+from selfspec.drafter import head_from_weights, head_weights
 from selfspec.engine import TransitionSink, SelfSpecDecoder
+from selfspec.head_format import HeadSpec
 from selfspec.loading import ModelParts, DeviceSettings, load_model_parts, make_length_policy
 from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
@@ -82,7 +84,8 @@ class GenerationWorker:
 
             self.writer = TransitionWriter(redis_client, run_id, cfg.stream)
             base_model = parts.meta.get("base_model") or model_name(cfg.model)
-            spec = WeightSpec.of(base_model, head_arrays(self.head))
+            # the one fit rule: a version must have this head's arrays, exit layer and base model
+            spec = HeadSpec.of(*head_weights(self.head), base_model=base_model)
             self.store = WeightStore(redis_client, run_id, expected=spec)
         sink = TransitionSink(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
         self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes)
@@ -94,7 +97,7 @@ class GenerationWorker:
         self._turn = threading.Condition()
         self._next_ticket = self._serving = 0
         self.in_flight = 0
-        self.counts = {"requests_done": 0, "requests_failed": 0, "tokens": 0, "rounds": 0, "drafted": 0,
+        self.counts = {"requests_done": 0, "requests_failed": 0, "requests_abandoned": 0, "tokens": 0, "rounds": 0, "drafted": 0,
                        "accepted": 0, "transitions_emitted": 0, "stream_errors": 0, "weights_swaps": 0,
                        "weights_refused": 0, "weights_errors": 0}
         self.decode_s = 0.0  # summed t_total_s of completed requests: what tokens/s divides by
@@ -104,20 +107,28 @@ class GenerationWorker:
     # -- serving ----------------------------------------------------------------------------------
 
     def generate(self, request: dict) -> dict:
-        """Serve one request (thread-safe: concurrent callers are served one at a time, in call order)."""
+        """Serve one request to its end; its result dict (thread-safe, see `stream`)."""
+        *_, result = self.stream(request)
+        return result
+
+    def stream(self, request: dict) -> Generator[list[int] | dict, bool | None, None]:
+        """Serve one request: yield its new token ids as each round settles them, then its result dict.
+        `send(True)` after a chunk ends the request there (a stop sequence matched); closing the generator
+        abandons it after the current round (a client that left). Thread-safe: concurrent callers are
+        served one at a time, in call order."""
         with self._turn:
             ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
             self.in_flight += 1
             self._turn.wait_for(lambda: self._serving == ticket)
         try:
-            return self._serve(request)
+            yield (yield from self._serve(request))
         finally:
             with self._turn:
                 self.in_flight -= 1
                 self._serving += 1
                 self._turn.notify_all()
 
-    def _serve(self, request: dict) -> dict:
+    def _serve(self, request: dict) -> Generator[list[int], bool | None, dict]:
         start = time.perf_counter()
         request_id = str(request.get("request_id", "")) if isinstance(request, dict) else ""
         result = {"request_id": request_id, "tokens": 0, "t_first_token_s": 0.0, "t_total_s": 0.0,
@@ -127,16 +138,22 @@ class GenerationWorker:
                 raise ValueError("a request is a dict with a request_id")
             self._maybe_swap_head()
             prompt_ids = self._prompt_ids(request)
-            temperature = float(request.get("temperature", 0.0))
+            seed = request.get("seed")
             t_prep = time.perf_counter() - start
-            out = self.decoder.generate(
-                prompt_ids, max_new_tokens=int(request.get("max_new_tokens", 128)), temperature=temperature,
-                # seeded by the request id: a replayed trace samples the same tokens
-                seed=zlib.crc32(request_id.encode()), request_id=request_id,
+            steps = self.decoder.stream(
+                prompt_ids, max_new_tokens=int(request.get("max_new_tokens", 128)),
+                temperature=float(request.get("temperature", 0.0)), request_id=request_id,
+                # unseeded requests are seeded by their id: a replayed trace samples the same tokens
+                seed=int(seed) if seed is not None else zlib.crc32(request_id.encode()),
                 workload=str(request.get("workload", "")))
+            out = yield from steps  # send() reaches the decoder: True ends the request there
             self._flush()
             if self.tokenizer is not None and request.get("messages") is not None:
                 self.memory.remember(request, self.tokenizer.decode(out.tokens, skip_special_tokens=True))
+        except GeneratorExit:  # the caller left: what was decoded still reached the stream
+            self._flush()
+            self.counts["requests_abandoned"] += 1
+            raise
         except Exception as err:  # a bad request, reported in its result; the actor serves the next one
             self._flush()
             self.counts["requests_failed"] += 1
@@ -147,6 +164,10 @@ class GenerationWorker:
         t_total = time.perf_counter() - start
         drafted = sum(r.drafted for r in out.rounds)
         accepted = sum(r.accepted for r in out.rounds)
+        per_pos = [0] * self.decoder.length_policy.max_drafts
+        for r in out.rounds:
+            for position in range(r.accepted):
+                per_pos[position] += 1
         c = self.counts
         c["requests_done"] += 1
         c["tokens"] += len(out.tokens)
@@ -157,7 +178,8 @@ class GenerationWorker:
         self.decode_s += t_total
         result.update(tokens=len(out.tokens), t_first_token_s=t_prep + out.t_prefill, t_total_s=t_total,
                       mean_accepted_length=out.mean_accepted_length, rounds=len(out.rounds), drafted=drafted,
-                      accepted=accepted, stop_reason=out.stop_reason, prompt_tokens=len(prompt_ids),
+                      accepted=accepted, draft_rounds=sum(r.drafted > 0 for r in out.rounds),
+                      accepted_per_pos=per_pos, stop_reason=out.stop_reason, prompt_tokens=len(prompt_ids),
                       head_version=self.version, output_ids=list(out.tokens))
         return result
 
@@ -238,13 +260,13 @@ class GenerationWorker:
         same_vocab = (vocab is None) == (self.head.vocab_ids is None) and (
             vocab is None or np.array_equal(vocab, self.head.vocab_ids.cpu().numpy()))
         same_config = meta.get("head", self.head.config.model_dump()) == self.head.config.model_dump()
-        try:
-            if same_vocab and same_config:  # the usual case: new values for the same parameters, in place
-                self.head.load_trainable_state({k: np.array(v) for k, v in arrays.items() if k != "vocab_ids"})
-            else:  # another draft vocabulary or head config: build the learner's head
+        if same_vocab and same_config:  # the usual case: new values for the same parameters (the store checked them)
+            self.head.load_trainable_state({k: np.array(v) for k, v in arrays.items() if k != "vocab_ids"})
+        else:  # another draft vocabulary or head config: build the learner's head
+            try:
                 self.head = head_from_weights(self.split, arrays, meta)
-        except (ValueError, TypeError, KeyError) as err:
-            raise WeightsRefused(f"weights v{version} refused: {err}") from None
+            except (ValueError, TypeError, KeyError) as err:  # weights at odds with their config, a bad config
+                raise WeightsRefused(version, str(err)) from None
         self.decoder.set_head(self.head, version)
         self.version = version
         self.counts["weights_swaps"] += 1

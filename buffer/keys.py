@@ -18,7 +18,6 @@ class RunKeys:
         self.weights_index = self.prefix + "weights:index"  # sorted set of published versions, for pruning
         self.learner_stop = self.prefix + "learner:stop"  # set: every learner rank stops at its next step
         self.learner_status = self.prefix + "learner:status"  # hash: what the learner is doing (set-up, held-out)
-        self.heldout_mal = self.prefix + "learner:heldout_mal"  # hash: version -> held-out MAL
 
     def weights(self, version: int) -> str:
         return f"{self.prefix}weights:{version}"

@@ -2,12 +2,12 @@
 
 `weights:{version}` holds the encoded blob and `weights:latest` the version number; both are set in
 one MULTI so a reader never sees a version without its blob. Actors poll `latest_version()` (one
-GET) and fetch only when it moved. A blob that does not match what the actor expects is refused
-with WeightsRefused and counted; the actor keeps its current head.
+GET) and fetch only when it moved. A blob that does not fit the actor's head (`expected`, a
+selfspec.head_format.HeadSpec: the one fit rule) is refused with WeightsRefused and counted; the actor
+keeps its current head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NoReturn
 
 import numpy as np
@@ -15,40 +15,22 @@ import redis
 
 from buffer.codec import CodecError, decode_weights, encode_weights
 from buffer.keys import RunKeys
+from selfspec.head_format import HeadSpec
 
 
 class WeightsRefused(ValueError):
     """A published blob that must not be loaded (corrupt, or not the head this actor runs)."""
 
+    def __init__(self, version: int, problem: str):
+        super().__init__(version, problem)  # as its args: it pickles (through Ray) like any exception
+        self.version, self.problem = version, problem
 
-@dataclass(frozen=True)
-class WeightSpec:
-    """What a head's parameters must look like: the base model and each array's dtype and shape."""
-    base_model: str
-    arrays: dict[str, tuple[np.dtype, tuple[int, ...]]]
-
-    @classmethod
-    def of(cls, base_model: str, arrays: dict[str, np.ndarray]) -> "WeightSpec":
-        return cls(base_model, {name: (a.dtype, a.shape) for name, a in arrays.items()})
-
-    def problem(self, arrays: dict[str, np.ndarray], meta: dict) -> str | None:
-        """What is wrong with these weights for this head, or None."""
-        if meta.get("base_model") != self.base_model:
-            return f"base model {meta.get('base_model')!r}, expected {self.base_model!r}"
-        if set(arrays) != set(self.arrays):
-            return (f"parameters missing {sorted(set(self.arrays) - set(arrays))}, "
-                    f"unexpected {sorted(set(arrays) - set(self.arrays))}")
-        for name, (dtype, shape) in self.arrays.items():
-            a = arrays[name]
-            if a.dtype != dtype:
-                return f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}"
-            if a.shape != tuple(shape):
-                return f"{name}: shape {a.shape}, expected {tuple(shape)}"
-        return None
+    def __str__(self) -> str:
+        return f"weights v{self.version} refused: {self.problem}"
 
 
 class WeightStore:
-    def __init__(self, client: redis.Redis, run_id: str, *, expected: WeightSpec | None = None, keep_last: int = 3):
+    def __init__(self, client: redis.Redis, run_id: str, *, expected: HeadSpec | None = None, keep_last: int = 3):
         if keep_last < 1:
             raise ValueError("weights.keep_last must be at least 1")
         self.client, self.keys = client, RunKeys(run_id)
@@ -61,7 +43,7 @@ class WeightStore:
         """Write the blob and move `latest` to it atomically; returns the blob size in bytes."""
         problem = self.expected.problem(arrays, meta) if self.expected else None
         if problem:
-            raise WeightsRefused(f"weights v{version} refused: {problem}")
+            raise WeightsRefused(version, problem)
         latest = self.latest_version()
         if latest is not None and version <= latest:
             raise ValueError(f"weights v{version} is not newer than the published v{latest}")
@@ -103,7 +85,7 @@ class WeightStore:
     def _refuse(self, version: int, problem: str) -> NoReturn:
         self.refused += 1
         self._last_refused = version
-        raise WeightsRefused(f"weights v{version} refused: {problem}")
+        raise WeightsRefused(version, problem)
 
     def _prune(self) -> None:
         old = self.client.zrange(self.keys.weights_index, 0, -self.keep_last - 1)

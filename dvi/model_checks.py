@@ -93,15 +93,16 @@ def check_saved_head(facts: ModelFacts, path: str | Path, key: str, exit_layer: 
 
 
 def check_run(cfg, facts: ModelFacts | None = None, heads: bool = True) -> ModelFacts:
-    """A `dvi run` config (dvi.run.config.RunConfig). `heads`: also check actors.head_path (a drift study sets it
-    to a head it has yet to train)."""
+    """A `dvi run` or `dvi serve` config (dvi.run.config.SystemConfig; a run's trace too). `heads`: also check
+    actors.head_path (a drift study sets it to a head it has yet to train)."""
     facts = facts or model_facts(cfg.model)
     check_exit_layer(facts, cfg.exit_layer)
     check_head_config(facts, cfg.head, cfg.exit_layer)
     if heads and cfg.actors.head_path is not None:
         # serving only, the head's own exit layer wins; learning, the learner's versions replace it at exit_layer
         check_saved_head(facts, cfg.actors.head_path, "actors.head_path", cfg.exit_layer if cfg.learn else None)
-    if cfg.trace.make is not None:
+    trace = getattr(cfg, "trace", None)  # `dvi serve` has none: its requests are checked as they come
+    if trace is not None and trace.make is not None:
         check_length(facts, cfg.trace.make.max_new_tokens, "trace.make.max_new_tokens", cfg.actors.gamma,
                      "actors.gamma")
     if cfg.learn:

@@ -1,7 +1,8 @@
 """Typed settings of the learner, and the DeepSpeed JSON it references.
 
 The learner YAML holds what the learner decides (head, schedule, losses, optimizer, batch, publishing,
-checkpoints, placement) and reuses the buffer's sections (`redis`, `stream`, `weights`). The DeepSpeed
+checkpoints, placement) and reuses the buffer's sections (`redis`, `stream`, `weights`). The keys every
+model-side part has (model, exit_layer, head, gamma) come from selfspec.config.ModelSideConfig. The DeepSpeed
 JSON holds only what DeepSpeed decides (ZeRO stage, clipping, bucket sizes): the optimizer is the
 learner's (torch AdamW, so nothing compiles), and so is the precision (`precision`), because fp32 vs
 bf16 depends on the machine the rank lands on.
@@ -15,65 +16,70 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from buffer.config import RedisConfig, StreamConfig, WeightsConfig
-from selfspec.config import HeadConfig, LossConfig, ScheduleConfig, Strict
-from selfspec.defaults import DEFAULT_MODEL
+from selfspec.config import LossConfig, ModelSideConfig, ScheduleConfig, ScheduleName, Strict
 
 
 class HeldoutConfig(Strict):
     """Prompts no actor serves: each published version's MAL on their greedy paths is the learning curve."""
     workload: str = Field("builtin", description="builtin, humaneval, or a Spec-Bench JSONL path")
     prompts: int = Field(7, ge=0, description="taken from the end of the workload; 0: no held-out score")
-    max_new_tokens: int = Field(128, ge=2)
+    max_new_tokens: int = Field(128, ge=2, description="length of each held-out greedy path, in tokens")
     collect_batch: int = Field(8, ge=1, description="batch size of greedy generation (paths are cached)")
 
 
 class CheckpointConfig(Strict):
+    """DeepSpeed checkpoints: a restarted learner resumes from the last one."""
     dir: str | None = Field(None, description="DeepSpeed checkpoints; default: {out_dir}/checkpoints")
-    every_steps: int = Field(100, ge=1)
+    every_steps: int = Field(100, ge=1, description="checkpoint every this many optimizer steps")
     every_s: float = Field(20.0, gt=0, description="also checkpoint this often: acknowledgements wait for it")
 
 
 class PlacementConfig(Strict):
+    """Where the learner's data-parallel ranks run."""
     ranks: int = Field(1, ge=1, description="data-parallel ranks; more than 1 runs them as Ray actors")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per rank (and torch threads)")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per rank")
 
 
-class LearnerConfig(Strict):
+class LearnerConfig(ModelSideConfig):
+    """The DeepSpeed learner: reads transitions from the stream, trains the head, publishes versions."""
     run_id: str = Field("default", description="the run's Redis keys live under dvi:{run_id}:")
-    model: str = DEFAULT_MODEL
-    exit_layer: int = Field(4, ge=1, description="layer k whose hidden state the head reads")
-    head: HeadConfig = HeadConfig()
     draft_vocab_from: Literal["lowest", "served"] = Field(
         "lowest", description="with head.draft_vocab: the lowest ids (BPE merge order), or the ids the verifier "
                               "emits most in the first `vocab_tokens` served positions, the rest by lowest id")
     vocab_tokens: int = Field(2048, ge=1, description="served positions counted before the head is built "
                                                       "(draft_vocab_from: served); the actors serve meanwhile")
-    schedule: Literal["kl_rl", "kl_only", "ce_only", "pg_only"] = "kl_rl"
-    schedule_config: ScheduleConfig = ScheduleConfig()
-    loss: LossConfig = LossConfig()
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    schedule: ScheduleName = Field("kl_rl", description="loss schedule by optimizer step: kl_rl (KL, then ramp to "
+                                                        "CE and PG), kl_only, ce_only or pg_only")
+    schedule_config: ScheduleConfig = Field(ScheduleConfig(), description="the schedule's steps and weights")
+    loss: LossConfig = Field(LossConfig(), description="the losses' own settings")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON (ZeRO stage 0, 1 or 2)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
     batch_size: int = Field(64, ge=1, description="transitions per optimizer step, over all ranks")
     min_fill: float = Field(0.25, gt=0, le=1, description="after fill_timeout_s, step with this fraction of a batch")
-    fill_timeout_s: float = Field(2.0, ge=0)
+    fill_timeout_s: float = Field(2.0, ge=0, description="seconds to wait for a full batch before stepping with "
+                                                         "min_fill of one")
     reuse: int = Field(1, ge=1, description="optimizer steps on each batch (1: every transition used once)")
-    max_steps: int | None = Field(None, ge=1)
-    idle_exit_s: float | None = Field(None, gt=0, description="stop after this long without a transition")
-    publish_every_steps: int = Field(10, ge=1)
-    publish_every_s: float = Field(30.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps; null: run until "
+                                                          "stopped (SIGTERM, the run's stop key or idle_exit_s)")
+    idle_exit_s: float | None = Field(None, gt=0, description="stop after this many seconds without a transition")
+    publish_every_steps: int = Field(10, ge=1, description="publish a new head version every this many optimizer "
+                                                           "steps")
+    publish_every_s: float = Field(30.0, gt=0, description="... or when this many seconds passed since the last "
+                                                           "version and it has trained since, whichever comes first")
     save_heads: bool = Field(True, description="also save every published version to out_dir/heads/vNNNN")
-    gamma: int = Field(4, ge=1, description="draft length of the held-out MAL")
-    heldout: HeldoutConfig = HeldoutConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    out_dir: str = Field("runs/learner", description="metrics.jsonl, tb/, versions.jsonl, checkpoints/")
-    placement: PlacementConfig = PlacementConfig()
-    redis: RedisConfig = RedisConfig()
-    stream: StreamConfig = StreamConfig()
-    weights: WeightsConfig = WeightsConfig()
-    seed: int = 0
+    heldout: HeldoutConfig = Field(HeldoutConfig(), description="the prompts every published version is scored on")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="when and where to checkpoint")
+    out_dir: str = Field("runs/learner", description="output directory: metrics.jsonl, tb/, versions.jsonl, "
+                                                     "checkpoints/, heads/")
+    placement: PlacementConfig = Field(PlacementConfig(), description="how many ranks, and their Ray resources")
+    redis: RedisConfig = Field(RedisConfig(), description="the Redis server the actors write to (the learner never "
+                                                          "starts one: give url)")
+    stream: StreamConfig = Field(StreamConfig(), description="how the learner reads the transition stream")
+    weights: WeightsConfig = Field(WeightsConfig(), description="the published versions kept in Redis")
+    seed: int = Field(0, description="seed of the head's initialisation")
 
     @model_validator(mode="after")
     def _acks_wait_less_than_a_claim(self):

@@ -38,7 +38,7 @@ from learner.config import LearnerConfig, deepspeed_config
 from learner.dist import broadcast_ids, device, sync_min, sync_sum
 from learner.heldout import HeldoutPaths
 from learner.publish import Publisher
-from selfspec.drafter import DrafterHead, head_arrays, head_from_weights
+from selfspec.drafter import DrafterHead, head_from_weights, head_weights
 from selfspec.greedy_paths import mean_accepted_length
 from selfspec.model import model_name
 from selfspec.objectives import TrainState, train_step
@@ -72,7 +72,7 @@ class Learner:
         rank, world_size, resume, log = setup.rank, setup.world_size, setup.resume, setup.log
         self.cfg, self.client, self.rank, self.world_size = cfg, client, rank, world_size
         self.heldout = setup.heldout
-        self._unscored: list[tuple[dict, dict | None]] = []  # (published entry, its head's arrays) awaiting paths
+        self._unscored: list[tuple[dict, tuple | None]] = []  # (published entry, its head's weights) awaiting paths
         self.log = log if rank == 0 and log is not None else (lambda record: None)
         self.ckpt = Checkpoints(cfg.checkpoint_dir, rank, world_size)
         if not resume and self.ckpt.latest_tag() is not None:
@@ -289,12 +289,13 @@ class Learner:
         if not first:
             self.version += 1
         if self.rank == 0:
-            entry = self.publisher.publish(self.head, self.version, self.step)
+            weights = head_weights(self.head)
+            entry = self.publisher.publish(*weights, self.version, self.step)
             self.log({"step": self.step, "version": self.version, "charts/publish_latency_ms": entry["latency_ms"],
                       "charts/publish_mb": entry["bytes"] / 1e6})
             ready = self.heldout is None or self.heldout.ready() is not None
             # scored now, or kept until the held-out paths exist (the head trains on meanwhile)
-            self._unscored.append((entry, None if ready and not self._unscored else head_arrays(self.head)))
+            self._unscored.append((entry, None if ready and not self._unscored else weights))
             self._score()
         self.reader.current_version = self.version
         self.counters["published"] += 1
@@ -308,10 +309,9 @@ class Learner:
         paths = None if self.heldout is None else (self.heldout.wait() if wait else self.heldout.ready())
         if self.heldout is not None and paths is None:
             return
-        meta = {"head": self.cfg.head.model_dump(), "exit_layer": self.cfg.exit_layer}
-        for entry, arrays in self._unscored:
+        for entry, weights in self._unscored:
             if paths:
-                head = self.head if arrays is None else head_from_weights(self.split, arrays, meta)
+                head = self.head if weights is None else head_from_weights(self.split, *weights)
                 entry["heldout_mal"] = mean_accepted_length(paths, head, self.cfg.gamma)
                 self.log({"step": entry["step"], "version": entry["version"], "charts/heldout_mal": entry["heldout_mal"]})
             else:

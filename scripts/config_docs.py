@@ -1,11 +1,12 @@
 """Write docs/config.md, the reference of every config key, from the pydantic models that read the YAML files.
 
     python scripts/config_docs.py           # (re)write docs/config.md
-    python scripts/config_docs.py --check   # exit 1 if docs/config.md is not what the models say
+    python scripts/config_docs.py --check   # exit 1 if docs/config.md is not what the models say, or a
+                                            # field has no description
 
 One section per kind of config file (the command that reads it and the files in configs/ that are one), one
 table per model and sub-model: dotted key, type (with its bounds), default and description. A description
-is the field's `description=`, else the comment on the field's line in the model's source. A model used in
+is the field's `description=`; every field of every documented model must have one (`undocumented`). A model used in
 several places has one table, where it appears first; the others link to it. The output depends only on
 the models and this file (no dates, no paths of this machine), so the committed file can be compared with
 a fresh rendering (tests/unit/test_config_docs.py). Importing the models imports no torch.
@@ -14,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import re
 import sys
-import textwrap
-import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ def load_sections() -> list[Section]:
     """The sections in document order (the imports are the config models, light by design)."""
     from actors.traffic import TraceSpec
     from dvi.run.config import RUN_OWNED, RunConfig
+    from dvi.serve.config import ServeConfig
     from dvi.studies.drift_config import STUDY_OWNED, DriftConfig
     from learner.config import LearnerConfig
     from selfspec.config import OnlineConfig
@@ -63,6 +62,10 @@ def load_sections() -> list[Section]:
                 "The run sets what its parts must agree on once, at the top level (`model`, `exit_layer`, "
                 "`head`, `redis`, `stream`, ...): the same keys inside `actors:` or `learner:` are errors.",
                 skip=dict(RUN_OWNED)),
+        Section("serve", "`dvi serve`", ServeConfig, "`dvi serve --config FILE`", ["configs/serve.yaml"],
+                "The same system behind an OpenAI-compatible endpoint: every key of [`dvi run`](#run) except "
+                "`trace` and `seed`, and the endpoint's own keys below (`serve:`). `actors:` are the generation "
+                "replicas.", own_fields_only=True),
         Section("drift", "`dvi drift`", DriftConfig, "`dvi drift --config FILE`", ["configs/drift.yaml"],
                 "A drift study: every key of [`dvi run`](#run) (the base every arm runs with), except "
                 f"{owned}, which each arm sets, and the study's own keys below.",
@@ -81,7 +84,7 @@ def load_sections() -> list[Section]:
 
 
 # Which section gives a shared model its table: trace specs first (their union members), then dvi run's.
-HOMING_ORDER = ("trace", "run", "learner", "online", "drift")
+HOMING_ORDER = ("trace", "run", "learner", "online", "serve", "drift")
 
 
 # ---------------------------------------------------------------- types
@@ -217,46 +220,36 @@ def default_text(info) -> str:
     return f"`{_plain(value)}`"
 
 
-_COMMENTS: dict[type, dict[str, str]] = {}
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The comment at the end of each field's statement in the class body: `rate: float = ...  # per s`."""
-    if cls not in _COMMENTS:
-        comments: dict[str, str] = {}
-        try:
-            source = textwrap.dedent(inspect.getsource(cls))
-        except (OSError, TypeError):
-            source = ""
-        own = set(vars(cls).get("__annotations__", {}))
-        name, depth, line_start = None, 0, True
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type in (tokenize.NEWLINE, tokenize.NL) and depth == 0:
-                name, line_start = (None if tok.type == tokenize.NEWLINE else name), True
-                continue
-            if tok.type in (tokenize.INDENT, tokenize.DEDENT):
-                continue
-            if line_start and tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in own:
-                name = tok.string
-            line_start = False
-            if tok.type == tokenize.OP and tok.string in "([{":
-                depth += 1
-            elif tok.type == tokenize.OP and tok.string in ")]}":
-                depth -= 1
-            elif tok.type == tokenize.COMMENT and name is not None and name not in comments:
-                comments[name] = tok.string.lstrip("#").strip()
-        _COMMENTS[cls] = comments
-    return _COMMENTS[cls]
-
-
 def description(model: type[BaseModel], name: str) -> str:
-    info = model.model_fields[name]
-    if info.description:
-        return info.description
-    for klass in model.__mro__:
-        if name in vars(klass).get("__annotations__", {}):
-            return _field_comments(klass).get(name, "")
-    return ""
+    return model.model_fields[name].description or ""
+
+
+def all_models(sections: list[Section]) -> list[type[BaseModel]]:
+    """Every model the sections read, sub-models included (keys set elsewhere too), in a stable order."""
+    seen: dict[type, None] = {}
+
+    def visit(model: type[BaseModel]) -> None:
+        if model not in seen:
+            seen[model] = None
+            for info in model.model_fields.values():
+                for _, sub in nested(info.annotation):
+                    visit(sub)
+
+    for section in sections:
+        visit(section.model)
+    return list(seen)
+
+
+def undocumented(sections: list[Section] | None = None) -> list[str]:
+    """`module.Class.field` of every field without a `description=`, named where it is declared."""
+    sections = sections if sections is not None else load_sections()
+    missing = {}
+    for model in all_models(sections):
+        for name, info in model.model_fields.items():
+            if not (info.description or "").strip():
+                owner = next(k for k in model.__mro__ if name in vars(k).get("__annotations__", {}))
+                missing[f"{owner.__module__}.{owner.__qualname__}.{name}"] = None
+    return list(missing)
 
 
 def docstring(model: type) -> str:
@@ -379,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/config.md differs from the models")
     args = parser.parse_args(argv)
+    missing = undocumented()
+    if missing:
+        print(f"{len(missing)} config field(s) without a description= (the reference needs one each): "
+              + ", ".join(missing), file=sys.stderr)
+        return 1
     text = render()
     if args.check:
         if not OUT.is_file() or OUT.read_text() != text:

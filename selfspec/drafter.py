@@ -18,16 +18,15 @@ share of a small model's token); drafted indices are mapped back to full-vocabul
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from selfspec.config import HeadConfig
+from selfspec.head_format import HeadSpec, read_head, write_head
 from selfspec.kv_cache import KVCache, cache_arg
 from selfspec.model import eos_ids
 from selfspec.small_batch_linear import use_small_batch_linears
@@ -181,55 +180,37 @@ class DrafterHead(nn.Module):
                 params[name].copy_(torch.from_numpy(np.asarray(value)))
 
 
-def save_head(head: DrafterHead, out_dir: str | Path, meta: dict) -> Path:
-    """head.safetensors (trainable params + vocab map) and head.json (config + meta)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = head.trainable_state()
-    if head.vocab_ids is not None:
-        tensors["vocab_ids"] = head.vocab_ids.cpu().numpy()
-    save_file(tensors, str(out / "head.safetensors"))
-    (out / "head.json").write_text(json.dumps({"head": head.config.model_dump(), "exit_layer": head.exit_layer, **meta},
-                                              indent=2))
-    return out
-
-
-def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
-    """Load a head saved by save_head (its directory or head.json) onto `model`, split at its exit layer."""
-    path = Path(path)
-    root = path if path.is_dir() else path.parent
-    if not (root / "head.json").exists():
-        raise FileNotFoundError(f"no drafter checkpoint at {path}: expected head.json and head.safetensors "
-                                f"(written by `dvi online --out-dir`)")
-    meta = json.loads((root / "head.json").read_text())
-    head_config = meta.pop("head")
-    # checkpoints written before the split owned the exit layer keep it in the head's config
-    exit_layer = meta.pop("exit_layer", None) or head_config.pop("exit_layer")
-    head_config.pop("exit_layer", None)
-    config = HeadConfig(**head_config)
-    split = SplitModel(model, exit_layer)
-    tensors = load_file(str(root / "head.safetensors"))
-    vocab_ids = tensors.pop("vocab_ids", None)
-    head = DrafterHead(split, config, vocab_ids)
-    head.load_trainable_state(tensors)
-    return split, head, meta
-
-
-def head_arrays(head: DrafterHead) -> dict[str, np.ndarray]:
-    """What a version carries: trainable parameters (float32 when trained in bf16, which numpy lacks)
-    and the draft vocabulary."""
+def head_weights(head: DrafterHead) -> tuple[dict[str, np.ndarray], dict]:
+    """The head as data (selfspec.head_format): arrays = its trainable parameters (float32 when trained in
+    bf16, which numpy lacks) and its draft vocabulary; meta = its config and exit layer."""
     arrays = head.trainable_state()
     if head.vocab_ids is not None:
         arrays["vocab_ids"] = head.vocab_ids.cpu().numpy().astype(np.int64)
-    return arrays
+    return arrays, {"head": head.config.model_dump(), "exit_layer": head.exit_layer}
 
 
 def head_from_weights(split: SplitModel, arrays: dict[str, np.ndarray], meta: dict) -> DrafterHead:
-    """A fresh DrafterHead equal to the published one (meta["head"] is its config) on `split`."""
-    if meta.get("exit_layer", split.exit_layer) != split.exit_layer:
-        raise ValueError(f"weights are for a head at exit layer {meta['exit_layer']}, the split is at {split.exit_layer}")
+    """A fresh DrafterHead equal to the one whose weights these are (head_weights) on `split`, at the split's
+    precision; HeadMismatch if they do not fit it (HeadSpec.problem)."""
     arrays = {name: np.array(value) for name, value in arrays.items()}  # decoded blobs are read-only views
-    vocab_ids = arrays.pop("vocab_ids", None)
-    head = DrafterHead(split, HeadConfig(**meta["head"]), vocab_ids)
-    head.load_trainable_state(arrays)
+    head = DrafterHead(split, HeadConfig(**meta["head"]), arrays.get("vocab_ids"))
+    spec = HeadSpec.of(*head_weights(head))
+    arrays = spec.to_precision(arrays)
+    spec.check(arrays, meta)
+    head.load_trainable_state({name: value for name, value in arrays.items() if name != "vocab_ids"})
     return head
+
+
+def save_head(head: DrafterHead, out_dir: str | Path, meta: dict) -> Path:
+    """head.safetensors and head.json (selfspec.head_format.write_head) of the head's weights, `meta` added."""
+    arrays, own = head_weights(head)
+    return write_head(out_dir, arrays, own | meta)
+
+
+def load_head(model, path: str | Path) -> tuple[SplitModel, DrafterHead, dict]:
+    """Load a head saved by save_head (its directory or head.json) onto `model`, split at its exit layer;
+    returns the split, the head and the rest of its meta."""
+    arrays, meta = read_head(path)
+    split = SplitModel(model, meta["exit_layer"])
+    head = head_from_weights(split, arrays, meta)
+    return split, head, {k: v for k, v in meta.items() if k not in ("head", "exit_layer")}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class RoundStats:
 class DecodeResult:
     tokens: list[int]
     rounds: list[RoundStats] = field(default_factory=list)
-    stop_reason: str = "length"
+    stop_reason: str = "length"  # "eos", "length", or "stop" (the caller ended it: a stop sequence)
     t_prefill: float = 0.0
     t_total: float = 0.0
 
@@ -124,10 +124,22 @@ class SelfSpecDecoder:
         self.head, self.head_version = head, version
         self.window = head.config.context_window if head is not None else 0
 
-    @torch.inference_mode()
     def generate(self, prompt_ids, options: DecodeOptions | None = None,
                  **overrides) -> DecodeResult:
         """Decode one request; `overrides` set DecodeOptions fields (max_new_tokens=...)."""
+        steps = self.stream(prompt_ids, options, **overrides)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids, options: DecodeOptions | None = None,
+               **overrides) -> Generator[list[int], bool | None, DecodeResult]:
+        """Decode one request, yielding the tokens each step adds (prefill's first one, then each round's);
+        the DecodeResult is the generator's return value. `send(True)` ends the request there (a stop
+        sequence matched: stop_reason "stop"); closing it abandons the request (a client that left)."""
         opts = replace(options or DecodeOptions(), **overrides)
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.split.device).flatten()
         budget = self._check(prompt.numel(), opts)
@@ -137,14 +149,20 @@ class SelfSpecDecoder:
             req = self._prefill(prompt, budget, opts)
         result = DecodeResult([req.pending], t_prefill=clock["prefill"])
         result.stop_reason = "eos" if req.pending in eos else "length"
-        while req.budget > 0 and result.stop_reason != "eos":
+        stop = yield [req.pending]
+        while not stop and req.budget > 0 and result.stop_reason != "eos":
             stats, emitted = self._round(req)
             result.rounds.append(stats)
+            new = []
             for tok in emitted:
-                result.tokens.append(tok)
+                new.append(tok)
                 if tok in eos:
                     result.stop_reason = "eos"
                     break
+            result.tokens += new
+            stop = yield new
+        if stop:
+            result.stop_reason = "stop"
         result.t_total = clock.elapsed()
         return result
 

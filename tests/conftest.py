@@ -38,6 +38,11 @@ from buffer.server import RedisServer  # noqa: E402
 TIERS = ("unit", "integration", "e2e", "gpu")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: a unit test of many seconds; collected at spread-out places (see "
+                                       "spread_heavy in tests/conftest.py) so that xdist workers run them side by side")
+
+
 def pytest_collection_modifyitems(config, items):
     """Each test is marked with its folder's tier, so `-m` selects the same tests as the folder."""
     for item in items:
@@ -47,6 +52,26 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(getattr(pytest.mark, tier))
         if tier != "integration" and {"redis_server", "redis_client"} & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} starts a redis-server: move it to tests/integration")
+    items[:] = spread_heavy(items)
+
+
+def spread_heavy(items: list) -> list:
+    """The tests marked `heavy` moved to evenly spaced places: the first to the front, the next halfway (with
+    more, every 1/n of the way), each at the nearest boundary between two modules so that no module's
+    fixtures are set up twice. Collected next to each other (one parametrized test), they would go to one
+    xdist worker in one chunk and run one after another near the end while the other worker idles; spread,
+    each worker of `make test-unit` starts one early. Deterministic: every worker collects the same order."""
+    heavy = [item for item in items if item.get_closest_marker("heavy")]
+    if not heavy:
+        return items
+    rest = [item for item in items if not item.get_closest_marker("heavy")]
+    module = [item.nodeid.split("::")[0] for item in rest]
+    boundaries = [i for i in range(len(rest) + 1) if i in (0, len(rest)) or module[i] != module[i - 1]]
+    at: dict[int, list] = {}
+    for j, item in enumerate(heavy):
+        target = j * len(rest) / len(heavy)
+        at.setdefault(min(boundaries, key=lambda b: abs(b - target)), []).append(item)
+    return [moved for i in range(len(rest) + 1) for moved in at.get(i, []) + rest[i:i + 1]]
 
 
 @pytest.fixture

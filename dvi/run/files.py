@@ -17,6 +17,12 @@ from dvi.report.format import jsonl_records, number
 RESTARTS = ("actor_restart", "learner_restart", "redis_restart", "learner_failed")
 
 
+def learner_dir(run_dir: str | Path) -> Path:
+    """The learner's out_dir in a run directory: its metrics.jsonl, versions.jsonl, checkpoints/ and
+    published heads (learner.publish.published_heads)."""
+    return Path(run_dir) / "learner"
+
+
 @dataclass
 class RunFiles:
     """What a run directory holds, read leniently: absent files are None/[], unreadable lines counted."""
@@ -61,8 +67,8 @@ def load_run(run_dir: str | Path) -> RunFiles:
         files.missing.append("summary.json")
     files.requests = _read_jsonl(run_dir / "requests.jsonl", files)
     files.metrics = _read_jsonl(run_dir / "metrics.jsonl", files)
-    files.learner = _read_jsonl(run_dir / "learner" / "metrics.jsonl", files)
-    files.versions = _read_jsonl(run_dir / "learner" / "versions.jsonl", files)
+    files.learner = _read_jsonl(learner_dir(run_dir) / "metrics.jsonl", files)
+    files.versions = _read_jsonl(learner_dir(run_dir) / "versions.jsonl", files)
     for name in ("config.yaml", "trace.jsonl"):
         if not (run_dir / name).is_file():
             files.missing.append(name)

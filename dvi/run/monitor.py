@@ -18,9 +18,26 @@ from learner.status import read_status
 STATUS_EVERY_S = 10.0  # a learner activity's progress line at most this often (its first and last always)
 
 
+def actor_metrics(actors: list, timeout_s: float):
+    """What a monitor reads from Ray generation actors: each one's metrics, None for one restarting or busy."""
+    def read() -> list[dict | None]:
+        refs = [a.metrics.remote() for a in actors]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayError, TimeoutError):
+                out.append(None)
+        return out
+    return read
+
+
 class Monitor:
-    def __init__(self, actors: list, log, every_s: float, *, learner=None, server=None, run_id=""):
-        self.actors, self.log, self.every_s = actors, log, every_s
+    """`read_metrics()`: each generator's GenerationWorker.metrics (None when it did not answer), in a stable
+    order: `dvi run` asks its actors (actor_metrics), `dvi serve` its ingress."""
+
+    def __init__(self, read_metrics, log, every_s: float, *, learner=None, server=None, run_id=""):
+        self.read_metrics, self.log, self.every_s = read_metrics, log, every_s
         self.learner, self.server = learner, server
         self.client = server.client() if server is not None else None
         self.run_id = run_id
@@ -42,10 +59,10 @@ class Monitor:
         self._thread.start()
         return self
 
-    def actors_ready(self) -> None:
+    def actors_ready(self, detail: str) -> None:
         self._last = time.monotonic()
         self.serving = True
-        self.event("actors_ready", detail=f"{len(self.actors)} actors loaded")
+        self.event("actors_ready", detail=detail)
 
     def stop(self) -> None:
         """Stop the thread after one last snapshot (so the end of the run is in metrics.jsonl)."""
@@ -116,13 +133,7 @@ class Monitor:
 
     def _snapshot(self) -> None:
         now = time.monotonic()
-        refs = [a.metrics.remote() for a in self.actors]
-        metrics = []
-        for i, ref in enumerate(refs):
-            try:
-                metrics.append(ray.get(ref, timeout=max(self.every_s, 5)))
-            except (ray.exceptions.RayError, TimeoutError):  # restarting or busy: no numbers this time
-                metrics.append(None)
+        metrics = self.read_metrics()
         delta = Counter()
         for i, m in enumerate(metrics):
             if m is None:

@@ -13,10 +13,7 @@ directory gets its summary and report.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +21,9 @@ import yaml
 
 from actors.dispatch import Dispatcher, RequestRecord, line_error_records, replay_trace
 from actors.trace import TraceRequest, read_trace, write_trace
-from dvi.report.format import fixed, read_jsonl
-from dvi.run.config import RUN_OWNED, RunConfig
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-FINISH_TIMEOUT_S = 1800
+from dvi.report.format import fixed
+from dvi.run.config import RUN_OWNED, RunConfig, SystemConfig
+from dvi.run.plane import LearningPlane, write_summary
 
 
 @dataclass
@@ -37,7 +32,7 @@ class Trace:
     rejected: list[RequestRecord]  # bad lines and unknown workloads: reported, never sent
 
 
-def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
+def prepare_run_dir(cfg: SystemConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.out_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -73,121 +68,28 @@ def load_trace(cfg: RunConfig, run_dir: Path) -> Trace:
     return Trace(requests, rejected)
 
 
-def actor_redis_url(url: str) -> str:
-    """On a multi-node cluster a loopback address means the driver's node: actors elsewhere need its IP."""
-    import ray
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url).hostname
-    if host not in LOOPBACK or len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        return url
-    return url.replace(host, ray.util.get_node_ip_address(), 1)
-
-
 def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """Run the config end to end; returns the run directory and its summary."""
-    from buffer.server import RedisServer
-
-    run_dir = prepare_run_dir(cfg, overwrite)
-    trace = load_trace(cfg, run_dir)
-    server = None
-    if cfg.learn:
-        # first: an unreachable server is one line in a second, before Ray or a model loads
-        server = RedisServer(cfg.redis, run_dir / "redis").start()
-    try:
-        with RaySession(_cpus_needed(cfg)):
-            return run_dir, _serve_and_learn(cfg, run_dir, trace, server, progress)
-    finally:
-        if server is not None:
-            server.stop()
-
-
-def _cpus_needed(cfg: RunConfig) -> float:
-    learner = cfg.learner.placement
-    return cfg.actors.count * cfg.actors.num_cpus + (learner.ranks * learner.num_cpus if cfg.learn else 0)
-
-
-class RaySession:
-    """Join the cluster when there is one (a Ray job, RAY_ADDRESS), else start a local Ray for this run
-    with at least the CPUs its actors ask for: on a 2-core laptop they share the cores rather than wait
-    forever for a CPU Ray would never free."""
-
-    def __init__(self, cpus_needed: float):
-        self.cpus_needed = cpus_needed
-
-    def __enter__(self):
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        self.owned = not ray.is_initialized()
-        if self.owned:
-            address = os.environ.get("RAY_ADDRESS")
-            cpus = None if address else max(os.cpu_count() or 1, math.ceil(self.cpus_needed))
-            ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        return self
-
-    def __exit__(self, *exc):
-        import ray
-
-        if self.owned:
-            ray.shutdown()
-
-
-def _serve_and_learn(cfg: RunConfig, run_dir: Path, trace: Trace, server, progress: bool) -> dict:
     import ray
 
     from actors.generation import start_actor
-    from buffer.stream import run_stats
-    from dvi.run.monitor import Monitor
-    from dvi.run.summary import stream_buffered, summarize
-    from learner.launch import SupervisedLearner
-    from learner.metrics_log import MetricsLog
+    from dvi.run.monitor import actor_metrics
 
-    run_id, client, learner = cfg.run_name, None, None
-    started = time.time()
-    log = MetricsLog(run_dir)
-    actors = []
-    try:
-        redis_kwargs = {}
-        if server is not None:
-            client = server.client()
-            redis_kwargs = {"redis_url": actor_redis_url(server.url), "redis_password": server.password}
-        actors = [start_actor(cfg.actor_config(), run_id, i, **redis_kwargs) for i in range(cfg.actors.count)]
-        monitor = Monitor(actors, log, cfg.metrics_every_s, server=server, run_id=run_id)
-        if server is not None:  # queued, not awaited: the learner prepares while the actors serve
-            learner = monitor.learner = SupervisedLearner(
-                cfg.learner_config(server.url), cfg.learner_restarts,
-                on_restart=lambda info: monitor.event("learner_restart", **info))
-        monitor.start()
-        ray.get([a.metrics.remote() for a in actors])  # every actor loaded
-        ready = time.time()
-        monitor.actors_ready()
-        records = _replay(cfg, trace, actors, monitor, run_dir, progress)
-        if learner is not None:
-            _drain(client, run_id, cfg)
-        monitor.learner = None  # finishing: no more restarts; the learner's status lines go on
-        # finishing includes scoring every version on the held-out paths, which may still be generating
-        summaries = learner.finish(timeout_s=FINISH_TIMEOUT_S) if learner is not None else []
-        monitor.stop()
-        learner = None
-        counts = {}
-        if client is not None:
-            counts = {"stats": run_stats(client, run_id),
-                      "trained": sum(s["counters"]["trained_transitions"] for s in summaries),
-                      "versions": _versions(run_dir), "buffered": stream_buffered(client, run_id)}
-        summary = summarize(records, cfg.window, **counts)
-        summary.update(run_id=run_id, actors=cfg.actors.count, started_at=started, wall_s=time.time() - started,
-                       actors_ready_s=ready - started, first_request_s=_first_answer(records),
-                       events=dict(monitor.events), learner_error=monitor.learner_error,
-                       trace_rejected=len(trace.rejected), last_head=_last_head(run_dir))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-    finally:
-        log.close()
-        if learner is not None:
-            learner.group.shutdown()
-        for actor in actors:
-            ray.kill(actor)
+    run_dir = prepare_run_dir(cfg, overwrite)
+    trace = load_trace(cfg, run_dir)
+    with LearningPlane(cfg, run_dir) as plane:
+        actors = [start_actor(cfg.actor_config(), plane.run_id, i, **plane.redis_kwargs())
+                  for i in range(cfg.actors.count)]
+        try:
+            monitor = plane.start(actor_metrics(actors, timeout_s=max(cfg.metrics_every_s, 5)))
+            ray.get([a.metrics.remote() for a in actors])  # every actor loaded
+            plane.generators_ready(f"{len(actors)} actors loaded")
+            records = _replay(cfg, trace, actors, monitor, run_dir, progress)
+            counts = plane.finish()
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        return run_dir, write_summary(cfg, run_dir, records, counts, plane, trace_rejected=len(trace.rejected))
 
 
 def _replay(cfg: RunConfig, trace: Trace, actors: list, monitor, run_dir: Path, progress: bool) -> list[dict]:
@@ -222,42 +124,3 @@ def _replay(cfg: RunConfig, trace: Trace, actors: list, monitor, run_dir: Path, 
         out.close()
         dispatcher.close()
     return [r.to_dict() for r in trace.rejected + served]
-
-
-def _drain(client, run_id: str, cfg: RunConfig) -> None:
-    """Let the learner read what the actors wrote, and train its last partial batch (fill_timeout_s)."""
-    from buffer.keys import GROUP, RunKeys
-
-    key = RunKeys(run_id).transitions
-    deadline = time.monotonic() + cfg.drain_timeout_s
-    while time.monotonic() < deadline:
-        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]: g
-                  for g in client.xinfo_groups(key)} if client.exists(key) else {}
-        last = groups.get(GROUP, {}).get("last-delivered-id", b"0-0")
-        last = last.decode() if isinstance(last, bytes) else last
-        if not client.xrange(key, "(" + last, "+", count=1):
-            time.sleep(min(cfg.learner.fill_timeout_s + 0.5, max(0.0, deadline - time.monotonic())))
-            return
-        time.sleep(0.5)
-
-
-def _first_answer(records: list[dict]) -> float | None:
-    """Seconds from the start of the replay (the actors loaded) to the first request answered."""
-    done = [r["done_s"] for r in records if r.get("ok") and r.get("done_s") is not None]
-    return min(done) if done else None
-
-
-def _versions(run_dir: Path) -> list[dict]:
-    path = run_dir / "learner" / "versions.jsonl"
-    return read_jsonl(path) if path.exists() else []
-
-
-def _last_head(run_dir: Path) -> str | None:
-    """The last published head, also linked as run_dir/head (`dvi bench --head-path run_dir/head`)."""
-    heads = sorted((run_dir / "learner" / "heads").glob("v*"))
-    if not heads:
-        return None
-    link = run_dir / "head"
-    link.unlink(missing_ok=True)
-    link.symlink_to(heads[-1].relative_to(run_dir), target_is_directory=True)
-    return str(heads[-1])

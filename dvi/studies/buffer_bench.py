@@ -87,7 +87,8 @@ def _bench_stream(client, run_id: str, hidden: int, n: int, cfg) -> dict:
 def _bench_weights(client, versions: int = 10) -> dict:
     import numpy as np
 
-    from buffer.weights import WeightSpec, WeightStore
+    from buffer.weights import WeightStore
+    from selfspec.head_format import HeadSpec
 
     rng = np.random.default_rng(0)
     d = RECORDS["smollm2"]
@@ -95,7 +96,7 @@ def _bench_weights(client, versions: int = 10) -> dict:
               "adapter.down": rng.standard_normal((2 * d, d), np.float32),
               "lm_head.lora_A": rng.standard_normal((LORA_RANK, d), np.float32),
               "lm_head.lora_B": rng.standard_normal((VOCAB, LORA_RANK), np.float32)}
-    spec = WeightSpec.of("SmolLM2-135M-Instruct", arrays)
+    spec = HeadSpec.of(arrays, {}, base_model="SmolLM2-135M-Instruct")
     learner = WeightStore(client, "bench-weights", expected=spec)
     actor = WeightStore(client, "bench-weights", expected=spec)
     publish, pull, poll, size = [], [], [], 0

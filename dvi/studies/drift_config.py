@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from dvi.run.config import RUN_OWNED, RunConfig
-from selfspec.config import Strict
+from selfspec.config import ScheduleName, Strict
 
 ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]
 ARMS: dict[str, dict] = {  # arm -> what it sets (head_path: "offline" is the study's offline-trained head)
@@ -38,9 +38,10 @@ STUDY_KEYS = ("arms", "recovery_fraction", "plateau_fraction", "rolling", "offli
 class OfflineConfig(Strict):
     """The `frozen_offline` arm's head: `dvi online` (selfspec.online) on the first phase's prompts only, with
     the run's model, exit layer and head config."""
-    schedule: Literal["kl_rl", "kl_only", "ce_only", "pg_only"] = "kl_only"
+    schedule: ScheduleName = Field("kl_only", description="loss schedule of the offline training (see `dvi "
+                                                          "online`'s schedule)")
     epochs: int = Field(6, ge=1, description="passes over each chunk's transitions")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     batch_size: int = Field(64, ge=1, description="transitions per optimizer step")
     chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
     heldout_prompts: int = Field(1, ge=1, description="prompts of the first workload scored, never trained on: "
@@ -49,7 +50,7 @@ class OfflineConfig(Strict):
     max_new_tokens: int | None = Field(None, ge=2, description="greedy path length; None: the trace's")
     sampled_responses: int = Field(0, ge=0, description="more sampled responses per prompt (KL only)")
     prompt_positions: bool = Field(False, description="also distill on the prompts' positions")
-    collect_batch: int = Field(8, ge=1)
+    collect_batch: int = Field(8, ge=1, description="batch size of greedy generation")
 
 
 class DriftConfig(RunConfig):
@@ -62,7 +63,7 @@ class DriftConfig(RunConfig):
     plateau_fraction: float = Field(0.5, gt=0, le=1, description="a phase's plateau: the mean MAL of its last "
                                                                  "this fraction of completed requests")
     rolling: int = Field(4, ge=1, description="rolling window of the live MAL, in requests")
-    offline: OfflineConfig = OfflineConfig()
+    offline: OfflineConfig = Field(OfflineConfig(), description="how the frozen_offline arm's head is trained")
 
     @model_validator(mode="before")
     @classmethod

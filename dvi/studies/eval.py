@@ -7,11 +7,12 @@ The runs are dvi bench's: the same runners, interleaved prompt by prompt with th
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dvi.run.files import learner_dir
 from dvi.studies.bench import MethodRuns, machine_info, make_runners, method_summary, run_prompt, warm_up
+from learner.publish import head_dir, published_heads
 from selfspec.loading import ModelParts
 from selfspec.prompts import Prompt, messages_ids
 
@@ -21,22 +22,11 @@ STATS = ("turns", "tokens", "speedup", "mean_accepted_length", "acceptance_rate"
          "identical_turns", "tokens_per_s", "ar_tokens_per_s")
 
 
-def published_versions(run_dir: str | Path) -> dict[int, Path]:
-    """The heads a run has published: version -> DIR/learner/heads/v{N:04d} (only those with head.json,
-    so a version being written is not listed yet)."""
-    heads = Path(run_dir) / "learner" / "heads"
-    found = {}
-    for d in heads.glob("v*") if heads.is_dir() else ():
-        if re.fullmatch(r"v\d+", d.name) and (d / "head.json").exists():
-            found[int(d.name[1:])] = d
-    return dict(sorted(found.items()))
-
-
 def run_head_dir(run_dir: str | Path, version: str | int = "latest") -> Path:
     """The head directory of version N (or the highest, `latest`) published in a run directory."""
-    versions = published_versions(run_dir)
+    versions = published_heads(learner_dir(run_dir))
     if not versions:
-        raise FileNotFoundError(f"{run_dir}: no published heads (expected {Path(run_dir) / 'learner' / 'heads'}/v0001/head.json ...)")
+        raise FileNotFoundError(f"{run_dir}: no published heads (expected {head_dir(learner_dir(run_dir), 1)}/head.json ...)")
     if str(version) == "latest":
         return versions[max(versions)]
     try:

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import redis
 
-from buffer.config import BufferConfig, RedisConfig, StreamConfig
+from buffer.config import RedisConfig, StreamConfig
 from buffer.connection import connect
 from buffer.server import RedisServer, free_port, redis_pid_alive
 from buffer.stream import TransitionReader, TransitionWriter
 from buffer.weights import WeightStore
 from dvi import cli
+from dvi.config import ConfigError, load_config
 from buffer.synthetic import random_transition
+from learner.config import LearnerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,10 +138,11 @@ def test_taken_port_and_bad_config_are_clear(tmp_path, redis_server):
         RedisServer(RedisConfig(port=redis_server.port, persistence=False), tmp_path / "other").start()
     with pytest.raises(ValueError, match="belongs to Ray"):
         RedisConfig(port=6379)
-    with pytest.raises(ValueError, match=r"^buffer.stream.maxlen: Input should be greater than 0$"):
-        BufferConfig.from_dict({"stream": {"maxlen": 0}})
-    with pytest.raises(ValueError, match=r"^buffer.stream.backpresure: Extra inputs are not permitted"):
-        BufferConfig.from_dict({"stream": {"backpresure": "block"}})
+    # the stream section as the learner's and the run's configs read it (dvi.config.load_config)
+    with pytest.raises(ConfigError, match=r"^config: stream\.maxlen: Input should be greater than 0$"):
+        load_config(LearnerConfig, None, {"stream.maxlen": 0})
+    with pytest.raises(ConfigError, match=r"^config: stream\.backpresure: Extra inputs are not permitted"):
+        load_config(LearnerConfig, None, {"stream.backpresure": "block"})
     with pytest.raises(ValueError, match="set DVI_REDIS_PASSWORD"):
         RedisServer(RedisConfig(bind="0.0.0.0"), tmp_path / "open").start()
 

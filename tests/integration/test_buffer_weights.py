@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from buffer.keys import RunKeys
-from buffer.weights import WeightSpec, WeightsRefused, WeightStore
+from buffer.weights import WeightsRefused, WeightStore
+from selfspec.head_format import HeadSpec
 
 BASE = "SmolLM2-135M-Instruct"
 
@@ -17,7 +18,7 @@ def _head(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_publish_then_pull_only_when_newer(redis_client):
-    learner, actor = WeightStore(redis_client, "run"), WeightStore(redis_client, "run", expected=WeightSpec.of(BASE, _head()))
+    learner, actor = WeightStore(redis_client, "run"), WeightStore(redis_client, "run", expected=HeadSpec.of(_head(), {}, BASE))
     assert actor.latest_version() is None and actor.pull_if_newer(None) is None
     learner.publish(1, _head(1), {"base_model": BASE, "step": 100})
     version, arrays, meta = actor.pull_if_newer(None)
@@ -47,15 +48,18 @@ def _mismatch(kind: str) -> tuple[dict, dict]:
         arrays["lora_B"] = arrays["lora_B"].astype(np.float16)
     elif kind == "base model":
         meta = {"base_model": "Llama-2-7b"}
+    elif kind == "exit layer":
+        meta = {"base_model": BASE, "exit_layer": 6}
     elif kind == "parameters":
         arrays["extra"] = np.zeros(3, np.float32)
     return arrays, meta
 
 
-@pytest.mark.parametrize("kind", ["shape", "dtype", "base model", "parameters"])
+@pytest.mark.parametrize("kind", ["shape", "dtype", "base model", "exit layer", "parameters"])
 def test_mismatched_blob_is_refused_once_and_counted(redis_client, kind):
     WeightStore(redis_client, "run").publish(3, *_mismatch(kind))
-    actor = WeightStore(redis_client, "run", expected=WeightSpec.of(BASE, _head()))
+    # the actor's spec (selfspec.head_format.HeadSpec, the one fit rule; its loader path: tests/unit/test_head_format.py)
+    actor = WeightStore(redis_client, "run", expected=HeadSpec.of(_head(), {"exit_layer": 4}, BASE))
     with pytest.raises(WeightsRefused, match=f"weights v3 refused: .*{kind.split()[0]}"):
         actor.pull_if_newer(2)
     assert actor.refused == 1
@@ -69,14 +73,14 @@ def test_corrupted_blob_is_refused_on_checksum(redis_client):
     key = RunKeys("run").weights(1)
     last = redis_client.strlen(key) - 1
     redis_client.setrange(key, last, bytes([redis_client.getrange(key, last, last)[0] ^ 0x40]))
-    actor = WeightStore(redis_client, "run", expected=WeightSpec.of(BASE, _head()))
+    actor = WeightStore(redis_client, "run", expected=HeadSpec.of(_head(), {}, BASE))
     with pytest.raises(WeightsRefused, match="checksum mismatch"):
         actor.pull_if_newer(None)
     assert actor.refused == 1
 
 
 def test_publisher_with_a_spec_refuses_before_writing(redis_client):
-    learner = WeightStore(redis_client, "run", expected=WeightSpec.of(BASE, _head()))
+    learner = WeightStore(redis_client, "run", expected=HeadSpec.of(_head(), {}, BASE))
     with pytest.raises(WeightsRefused, match="shape"):
         learner.publish(1, *_mismatch("shape"))
     assert learner.latest_version() is None

@@ -1,7 +1,7 @@
 """The generation actor on a tiny random Llama, a real redis-server and (once) a real local Ray:
 lossless decoding with one transition per round in the stream, newer heads swapped in between requests
-(a corrupt blob refused and counted), bad requests reported while the actor carries on, and the Ray
-actor serving the dispatcher's result dict."""
+(a corrupt blob, or a head that does not fit, refused and counted), bad requests reported while the actor
+carries on, and the Ray actor serving the dispatcher's result dict."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ from buffer.config import StreamConfig
 from buffer.keys import RunKeys
 from buffer.stream import TransitionReader
 from buffer.weights import WeightStore
-from selfspec.drafter import head_arrays
+from selfspec.drafter import head_weights
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.loading import ModelParts
 from selfspec.split import SplitModel
@@ -108,7 +108,7 @@ def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(mo
     assert gen.generate(request(0))["head_version"] is None  # nothing published: its own head
     assert gen.metrics()["head_lag"] is None
     newer = model_parts(model, noise=0.0).head  # a visibly different head: LoRA B all zero
-    learner.publish(1, head_arrays(newer), meta)
+    learner.publish(1, head_weights(newer)[0], meta)
     r1 = gen.generate(request(1))
     assert r1["error"] is None and r1["head_version"] == 1 and r1["output_ids"] == plain_greedy(model, PROMPT, 24)
     assert torch.equal(gen.head.proj.lora_B.default.weight, newer.proj.lora_B.default.weight)
@@ -129,6 +129,22 @@ def test_newer_head_is_swapped_in_between_requests_and_a_corrupt_blob_refused(mo
     for t in read_all(redis_client):
         by_request.setdefault(t.request_id, set()).add(t.head_version)
     assert by_request == {"r0": {0}, "r1": {1}, "r2": {1}, "r3": {1}}
+
+
+@pytest.mark.parametrize("kind, problem", [("exit layer", "exit layer 3, expected 2"),
+                                           ("shape", "proj.lora_B.default.weight: shape (256, 2), expected (256, 4)")])
+def test_a_head_that_does_not_fit_is_refused_by_the_one_rule_and_counted(model, redis_client, kind, problem):
+    gen = GenerationWorker(config(), RUN, redis_client=redis_client, parts=model_parts(model))
+    arrays, meta = head_weights(model_parts(model, noise=0.0).head)
+    if kind == "exit layer":
+        meta["exit_layer"] = 3
+    else:
+        arrays["proj.lora_B.default.weight"] = np.zeros((256, 2))
+    WeightStore(redis_client, RUN).publish(1, arrays, meta | {"base_model": "tiny"})
+    assert gen.generate(request(0))["head_version"] is None  # kept its own head
+    m = gen.metrics()
+    assert (m["weights_refused"], m["weights_swaps"]) == (1, 0)
+    assert m["last_weights_problem"] == f"weights v1 refused: {problem}"  # selfspec.head_format.HeadSpec.problem
 
 
 def test_bad_requests_are_reported_and_the_actor_carries_on(model, redis_client):

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,6 @@ from buffer.stream import run_stats
 from buffer.weights import WeightStore
 from learner.dist import init_distributed
 from learner.metrics_log import MetricsLog
-from learner.publish import heldout_scores
 from selfspec.drafter import head_from_weights
 from learner.heldout import HeldoutPaths
 from learner.trainer import Learner, LearnerSetup
@@ -81,7 +81,8 @@ def trained(server, model, paths, tmp_path_factory):
 
 def test_published_heads_draft_better_and_better(trained, model, paths):
     learner, cfg, client, sent = trained
-    scores = heldout_scores(client, cfg.run_id)
+    versions = [json.loads(line) for line in (Path(cfg.out_dir) / "versions.jsonl").read_text().splitlines()]
+    scores = {v["version"]: v["heldout_mal"] for v in versions}
     assert sorted(scores) == list(range(len(scores))) and len(scores) == learner.counters["published"]
     assert scores[0] < 1.2, "the untrained head (version 0) drafts near chance"
     assert learner.step <= 100 and scores[max(scores)] > 3.0, scores
@@ -123,14 +124,15 @@ import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
 import numpy as np
 from learner_data import K, verifier
 from buffer.connection import connect
-from buffer.weights import WeightSpec, WeightStore
-from selfspec.drafter import head_arrays, head_from_weights
+from buffer.weights import WeightStore
+from selfspec.drafter import head_from_weights, head_weights
+from selfspec.head_format import HeadSpec
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.split import SplitModel
 split = SplitModel(verifier(), K)
-expected = WeightSpec.of({learner.publisher.base_model!r}, head_arrays(DrafterHead(split, HeadConfig(**{cfg.head.model_dump()!r}))))
+expected = HeadSpec.of(*head_weights(DrafterHead(split, HeadConfig(**{cfg.head.model_dump()!r}))), base_model={learner.publisher.base_model!r})
 version, arrays, meta = WeightStore(connect({server.url!r}), {cfg.run_id!r}, expected=expected).pull_if_newer(None)
-np.savez({str(out)!r}, version=version, **head_arrays(head_from_weights(split, arrays, meta)))
+np.savez({str(out)!r}, version=version, **head_weights(head_from_weights(split, arrays, meta))[0])
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
     with np.load(out) as got:

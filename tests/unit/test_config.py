@@ -77,3 +77,22 @@ def test_extra_training_prompts_come_after_the_workloads_own(tmp_path):
         split_prompts(cfg.model_copy(update={"train_prompts": 32}))
     with pytest.raises(ValueError, match="add more with extra_train_workload"):
         split_prompts(cfg.model_copy(update={"train_prompts": 29, "extra_train_workload": None}))
+
+
+def test_model_side_keys_have_one_owner_and_the_parts_that_differ_say_so():
+    from pydantic import ValidationError
+
+    from actors.config import GenerationConfig
+    from learner.config import LearnerConfig
+    from selfspec.config import DecodingConfig, ModelSideConfig
+    from selfspec.path_cache import TOPK_STORED
+
+    assert issubclass(LearnerConfig, ModelSideConfig)
+    assert issubclass(OnlineConfig, DecodingConfig) and issubclass(GenerationConfig, DecodingConfig)
+    assert GenerationConfig(gamma=0).gamma == 0  # an actor may serve with plain decoding
+    for part in (OnlineConfig, LearnerConfig):  # rounds simulated at a fixed draft length
+        with pytest.raises(ValidationError, match="greater than or equal to 1"):
+            part(gamma=0)
+    limit = next(m.le for m in OnlineConfig.model_fields["topk"].metadata if getattr(m, "le", None) is not None)
+    assert limit == TOPK_STORED  # dvi online's transitions come from cached paths of this top-K
+    GenerationConfig(topk=64)

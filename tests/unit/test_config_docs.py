@@ -25,6 +25,27 @@ def test_committed_config_md_is_what_the_models_say():
     assert committed == generator.render(), generator.STALE
 
 
+def test_every_config_field_has_a_description():
+    generator = _generator()
+    assert generator.undocumented() == [], "add description= to these fields, then run python scripts/config_docs.py"
+
+
+def test_a_field_without_a_description_is_flagged():
+    from pydantic import BaseModel, Field
+
+    generator = _generator()
+
+    class Inner(BaseModel):
+        bare: int = 0
+
+    class Root(BaseModel):
+        told: int = Field(0, description="has one")
+        inner: Inner = Field(Inner(), description="has one")
+
+    section = generator.Section("x", "x", Root, "x", [], "")
+    assert generator.undocumented([section]) == [f"{__name__}.{Inner.__qualname__}.bare"]
+
+
 def test_every_config_file_is_documented_and_loads_with_its_model():
     generator = _generator()
     documented = {f: s.model for s in generator.load_sections() for f in s.files}

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from tiny_model import plain_greedy, tiny_llama
+from tiny_model import plain_greedy_batch, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import TransitionSink, SelfSpecDecoder
@@ -35,12 +35,12 @@ def test_simulation_matches_real_decoding(attention_layers, window):
     real_transitions = []
     decoder = SelfSpecDecoder(split, head, LengthPolicy(gamma), sink=TransitionSink(real_transitions.append, topk=8))
     rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, int(rng.integers(2, 12))).tolist() for _ in range(12)]
     all_rounds = []
-    for i in range(12):
-        prompt = rng.integers(0, 256, int(rng.integers(2, 12))).tolist()
+    for prompt, expected in zip(prompts, plain_greedy_batch(model, prompts, 30), strict=True):
         real_transitions.clear()
         result = decoder.generate(prompt, max_new_tokens=30, eos_ids=set())
-        assert result.tokens == plain_greedy(model, prompt, 30)
+        assert result.tokens == expected
         path = annotate_path(model, prompt + result.tokens, len(prompt), k, topk=8)
         accepted, transitions = simulate_rounds(path, head, gamma, RecordSpec(topk=8))
         assert accepted == [r.accepted for r in result.rounds]

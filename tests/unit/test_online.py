@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import plain_greedy, tiny_llama
+from tiny_model import plain_greedy_batch, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig, load_head, save_head
 from selfspec.engine import SelfSpecDecoder
@@ -30,14 +30,12 @@ def verifier():
 
 @pytest.fixture(scope="module")
 def paths(verifier):
-    decoder = SelfSpecDecoder(SplitModel(verifier, K))
+    """The verifier's greedy paths from 56 random prompts: the tokens its plain decoding emits (decoded
+    all at once by the batched reference, which test_lossless checks against the decoder), annotated."""
     rng = np.random.default_rng(0)
-    out = []
-    for _ in range(56):
-        prompt = rng.integers(0, 256, 8).tolist()
-        tokens = decoder.generate(prompt, max_new_tokens=32, eos_ids=set()).tokens
-        out.append(annotate_path(verifier, prompt + tokens, len(prompt), K, topk=16))
-    return out
+    prompts = [rng.integers(0, 256, 8).tolist() for _ in range(56)]
+    return [annotate_path(verifier, prompt + tokens, len(prompt), K, topk=16)
+            for prompt, tokens in zip(prompts, plain_greedy_batch(verifier, prompts, 32), strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +71,11 @@ def test_checkpoint_round_trip_is_lossless(trained, verifier, paths, tmp_path):
     assert mean_accepted_length(paths[48:], loaded, 4) == mean_accepted_length(paths[48:], head, 4)
     decoder = SelfSpecDecoder(split, loaded, LengthPolicy(4))
     rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 256, 6).tolist() for _ in range(8)]
     accepted = 0
-    for _ in range(8):
-        prompt = rng.integers(0, 256, 6).tolist()
+    for prompt, expected in zip(prompts, plain_greedy_batch(verifier, prompts, 30), strict=True):
         result = decoder.generate(prompt, max_new_tokens=30, eos_ids=set())
-        assert result.tokens == plain_greedy(verifier, prompt, 30)
+        assert result.tokens == expected
         accepted += sum(r.accepted for r in result.rounds)
     assert accepted > 8 * 10, "the trained head should be accepted often when really decoding"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_model import make_head, make_length_policy, plain_greedy, tiny_llama
+from tiny_model import make_head, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
 from selfspec.passes import StaticPasses, pass_runner, passes_mode
 from selfspec.engine import SelfSpecDecoder
@@ -72,11 +72,11 @@ def test_static_decoding_is_token_identical(k, gamma, policy, noise, vocab, atte
                 "static": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram, passes=static)}
     assert decoders["eager"].passes is split
     rng = np.random.default_rng(k * 10 + gamma)
+    requests = [(rng.integers(0, 256, int(rng.integers(1, 40))).tolist(), int(rng.integers(1, 40))) for _ in range(8)]
+    references = plain_greedy_batch(model, [r[0] for r in requests], [r[1] for r in requests])
     capacities, drafted = set(), 0
-    for _ in range(8):  # short and long requests in turn: one static cache serves them all
-        prompt = rng.integers(0, 256, int(rng.integers(1, 40))).tolist()
-        max_new = int(rng.integers(1, 40))
-        expected = plain_greedy(model, prompt, max_new)
+    # short and long requests in turn: one static cache serves them all
+    for (prompt, max_new), expected in zip(requests, references, strict=True):
         results = {name: d.generate(prompt, max_new_tokens=max_new, eos_ids=set()) for name, d in decoders.items()}
         assert results["eager"].tokens == expected
         assert results["static"].tokens == expected

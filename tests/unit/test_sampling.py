@@ -40,10 +40,10 @@ def check_acceptance_rule(device) -> None:
     p = torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64, device=device) * 1.5, -1)
     q = torch.softmax(torch.randn(n, vocab, generator=gen, dtype=torch.float64, device=device) * 1.5, -1)
     first, second = np.zeros(vocab), np.zeros(vocab)
-    for _ in range(trials):
-        drafts = torch.stack([torch.multinomial(q[i], 1, generator=gen)[0] for i in range(n)])
+    all_drafts = torch.multinomial(q, trials, replacement=True, generator=gen).T  # [trials, n], row t ~ q
+    for drafts, listed in zip(all_drafts, all_drafts.tolist()):
         n_acc, nxt = sampling_accept(drafts, q, p, gen)
-        out = drafts[:n_acc].tolist() + [nxt]
+        out = listed[:n_acc] + [nxt]
         first[out[0]] += 1
         if n_acc >= 1:  # the first draft was accepted; the second emitted token must follow p[1]
             second[out[1]] += 1
@@ -56,6 +56,7 @@ def check_acceptance_rule(device) -> None:
     assert chi_square_pvalue(drafted, p_cpu[0]) < ALPHA
 
 
+@pytest.mark.heavy  # 3000 decodes each: tests/conftest.py spreads them over the xdist workers
 @pytest.mark.parametrize("drafts", ["head", "ngram"])
 def test_decoder_samples_from_the_model_distribution(drafts):
     check_decoder_samples(drafts, "cpu")
