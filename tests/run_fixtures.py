@@ -72,3 +72,68 @@ def assert_png(path: Path) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG"
         image.verify()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_serve(tmp: Path, port: int, **overrides) -> Path:
+    """A `dvi serve` config on the tiny model (the run's learner settings, one replica); returns its path."""
+    run_config = yaml.safe_load(write_run(tmp, [request(0, "chat")]).read_text())
+    config = {key: value for key, value in run_config.items() if key not in ("trace",)}
+    config.update(out_dir=str(tmp / "serve"), serve={"port": port, "drain_timeout_s": 20, "collect_every_s": 0.5})
+    config["actors"] = {**config["actors"], "count": 1}
+    for key, value in overrides.items():
+        set_dotted(config, key, value)
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class ServeProcess:
+    """`dvi serve --config PATH` as a user runs it: started, waited for until it prints its URL, and stopped
+    with SIGTERM (its drain); `output` holds what it printed, `code` its exit status."""
+
+    def __init__(self, config: Path, *args: str, ready_timeout_s: float = 300):
+        import subprocess
+        import threading
+
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self.proc = subprocess.Popen([DVI, "serve", "--config", str(config), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=dvi_env(), cwd=REPO)
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if "dvi serve: ready at " in line:
+                    self.url = line.split("ready at ")[1].split()[0]
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(ready_timeout_s) or self.url is None:
+            self.stop()
+            raise RuntimeError("dvi serve did not come up:\n" + self.output[-4000:])
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout_s: float = 300) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.code = self.proc.wait(timeout_s)
+        except Exception:
+            self.proc.kill()
+            self.code = self.proc.wait()
+        return self.code

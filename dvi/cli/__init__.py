@@ -23,6 +23,7 @@ COMMANDS = {
     "learner": "dvi.cli.learner", "bench-learner": "dvi.cli.bench_learner",  # learner/ (DeepSpeed ranks)
     "run": "dvi.cli.run",  # actors + learner + Redis, replaying a trace
     "serve": "dvi.cli.serve",  # the same system behind an OpenAI-compatible endpoint (Ray Serve)
+    "bench-serve": "dvi.cli.bench_serve",  # a trace against any OpenAI-compatible endpoint (vllm bench serve)
     "eval": "dvi.cli.eval",
     "report": "dvi.cli.report",
     "drift": "dvi.cli.drift",  # arms of dvi run on one shifting trace

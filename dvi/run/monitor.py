@@ -66,9 +66,14 @@ class Monitor:
 
     def stop(self) -> None:
         """Stop the thread after one last snapshot (so the end of the run is in metrics.jsonl)."""
-        self._stop.set()
-        self._thread.join()
+        self.close()
         self.tick()
+
+    def close(self) -> None:
+        """Stop the thread (a run that failed: no last snapshot)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def event(self, name: str, **detail) -> None:
         self.events[name] += 1

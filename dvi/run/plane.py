@@ -91,6 +91,8 @@ class LearningPlane:
                 "versions": _versions(self.run_dir), "buffered": stream_buffered(self.client, self.run_id)}
 
     def __exit__(self, *exc):
+        if self.monitor is not None:  # after finish() a no-op; after a failure, before its log closes
+            self.monitor.close()
         self.log.close()
         if self.learner is not None:
             self.learner.group.shutdown()

@@ -124,8 +124,7 @@ class Ingress:
             calls = self.generation.options(stream=True).generate.remote(job)
             try:  # the first chunk (prefill done) before answering: a full queue is still a status code
                 first = await calls.__anext__()
-            except BackPressureError:
-                calls.cancel()
+            except BackPressureError:  # never reached a replica: nothing to cancel
                 raise api.APIError(503, "the server is at capacity: every replica's queue is full, retry later",
                                    "server_busy", headers={"Retry-After": RETRY_AFTER_S}) from None
             ttft = time.perf_counter() - start

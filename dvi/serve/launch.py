@@ -45,10 +45,10 @@ def serve_until_stopped(cfg: ServeConfig, *, overwrite: bool = False, stop: thre
     check_port_free(cfg.serve.host, cfg.serve.port)
     run_dir = prepare_run_dir(cfg, overwrite)
     stop = stop or threading.Event()
-    restore = _stop_on_signals(stop)
-    try:
-        with LearningPlane(cfg, run_dir) as plane:
-            ingress = _deploy(cfg, plane)
+    with LearningPlane(cfg, run_dir) as plane:
+        ingress = _deploy(cfg, plane)
+        restore = _stop_on_signals(stop)  # after Ray's start, which installs its own SIGTERM handler
+        try:
             replicas = ReplicaMetrics(ingress)
             plane.start(replicas.read)
             plane.generators_ready(f"{cfg.actors.count} replicas serving")
@@ -59,9 +59,9 @@ def serve_until_stopped(cfg: ServeConfig, *, overwrite: bool = False, stop: thre
             records = _serve(cfg, ingress, run_dir, stop, replicas)
             counts = plane.finish()
             summary = write_summary(cfg, run_dir, records, counts, plane)
-        return run_dir, summary
-    finally:
-        restore()
+        finally:
+            restore()
+    return run_dir, summary
 
 
 def _deploy(cfg: ServeConfig, plane: LearningPlane):

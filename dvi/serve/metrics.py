@@ -43,9 +43,12 @@ class ServeMetrics:
                                          replica, registry=r)
         self.transitions_dropped = Gauge("dvi:transitions_dropped", "Transitions the replica dropped (backpressure)",
                                          replica, registry=r)
+        self.abandoned = Gauge("dvi:requests_abandoned", "Requests whose client left before the end (decoding "
+                                                         "stopped after the round in progress)", replica, registry=r)
 
     def finished(self, stats: dict, ttft_s: float | None, e2e_s: float) -> None:
-        """One request done: `stats` is the replica's record of it (GenerationWorker's result)."""
+        """One request done: `stats` is the replica's record of it (GenerationWorker's result, with the
+        replica's counters as `replica_metrics`)."""
         m = self.model
         self.drafts.labels(m).inc(stats.get("draft_rounds") or 0)
         self.draft_tokens.labels(m).inc(stats.get("drafted") or 0)
@@ -58,11 +61,12 @@ class ServeMetrics:
         if ttft_s is not None:
             self.ttft.labels(m).observe(ttft_s)
         self.e2e.labels(m).observe(e2e_s)
-        replica = str(stats.get("actor_id", "?"))
-        version = stats.get("head_version")
+        counters, replica = stats.get("replica_metrics") or {}, str(stats.get("actor_id", "?"))
+        version = counters.get("head_version")
         self.head_version.labels(m, replica).set(-1 if version is None else version)
-        self.transitions_written.labels(m, replica).set(stats.get("transitions_written") or 0)
-        self.transitions_dropped.labels(m, replica).set(stats.get("transitions_dropped") or 0)
+        self.transitions_written.labels(m, replica).set(counters.get("transitions_written", 0))
+        self.transitions_dropped.labels(m, replica).set(counters.get("transitions_dropped", 0))
+        self.abandoned.labels(m, replica).set(counters.get("requests_abandoned", 0))
 
     def error(self, status: int) -> None:
         self.errors.labels(self.model, str(status)).inc()

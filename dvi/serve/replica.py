@@ -53,10 +53,8 @@ class GenerationReplica:
                     if new:
                         loop.call_soon_threadsafe(chunks.put_nowait, {"text": new})
                     item = steps.send(text.stopped)
-                counters = self.worker.metrics()
-                item.update(finish_reason=FINISH.get(item.get("stop_reason"), "stop"), replica_metrics=counters,
-                            transitions_written=counters["transitions_written"],
-                            transitions_dropped=counters["transitions_dropped"])
+                item.update(finish_reason=FINISH.get(item.get("stop_reason"), "stop"),
+                            replica_metrics=self.worker.metrics())
                 loop.call_soon_threadsafe(chunks.put_nowait, {"text": text.finish(), "result": item})
             except BaseException as err:  # reaches the caller as the call's error
                 loop.call_soon_threadsafe(chunks.put_nowait, err)

@@ -5,24 +5,18 @@ model's context) while serving the rest."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from run_fixtures import REPO, dvi_env, read_jsonl, request, write_run
+from run_fixtures import REPO, dvi_env, free_port, read_jsonl, request, write_run
 
 from dvi.config import load_config
 from dvi.run.config import RunConfig
 
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ray_job_submit_of_dvi_run(tmp_path):
