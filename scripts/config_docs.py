@@ -62,7 +62,8 @@ def load_sections() -> list[Section]:
                 "The run sets what its parts must agree on once, at the top level (`model`, `exit_layer`, "
                 "`head`, `redis`, `stream`, ...): the same keys inside `actors:` or `learner:` are errors.",
                 skip=dict(RUN_OWNED)),
-        Section("serve", "`dvi serve`", ServeConfig, "`dvi serve --config FILE`", ["configs/serve.yaml"],
+        Section("serve", "`dvi serve`", ServeConfig, "`dvi serve --config FILE`",
+                ["configs/serve.yaml", "configs/serve_gpu.yaml"],
                 "The same system behind an OpenAI-compatible endpoint: every key of [`dvi run`](#run) except "
                 "`trace` and `seed`, and the endpoint's own keys below (`serve:`). `actors:` are the generation "
                 "replicas.", own_fields_only=True),

@@ -8,6 +8,7 @@ against them (dvi/model_checks.py) before Ray, a model or any process starts.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -57,6 +58,16 @@ def builtin_gguf(spec: str) -> Path:
 def model_name(spec: str) -> str:
     """The model's short name: a built-in's own, a directory's last part (what versions and `dvi serve` call it)."""
     return spec if spec in BUILTIN_MODELS else Path(spec).resolve().name
+
+
+def model_identity(spec: str) -> str:
+    """What cached results of a model are keyed by: a built-in's name; for a directory, its path and its
+    files' sizes and times, so that two directories of one name, or one directory rewritten, never share."""
+    if spec in BUILTIN_MODELS:
+        return spec
+    root = Path(spec).resolve()
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in root.iterdir() if f.is_file())
+    return f"{root}:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def local_model_dir(spec: str) -> Path:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from selfspec.greedy_paths import GreedyPath, PathSpec, annotate_path, generate_paths
 from selfspec.cache import cache_dir
-from selfspec.model import model_name
+from selfspec.model_facts import model_identity
 from selfspec.prompts import Prompt
 
 TOPK_STORED = 32
@@ -30,7 +30,7 @@ def cached_paths(model, tokenizer, prompts: list[Prompt], spec: PathSpec, folder
     folder = folder or cache_dir() / "paths"
     folder.mkdir(parents=True, exist_ok=True)
     s, exit_layer = spec.sampling, spec.exit_layer
-    key = [model_name(spec.model), spec.max_new_tokens] + ([s.temperature, s.top_p, s.seed] if s else [])
+    key = [model_identity(spec.model), spec.max_new_tokens] + ([s.temperature, s.top_p, s.seed] if s else [])
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:  # another precision has paths of its own (float32 keeps the keys it always had)
         key.append(str(dtype))

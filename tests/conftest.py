@@ -60,7 +60,9 @@ def spread_heavy(items: list) -> list:
     more, every 1/n of the way), each at the nearest boundary between two modules so that no module's
     fixtures are set up twice. Collected next to each other (one parametrized test), they would go to one
     xdist worker in one chunk and run one after another near the end while the other worker idles; spread,
-    each worker of `make test-unit` starts one early. Deterministic: every worker collects the same order."""
+    each worker of `make test-unit` starts one early. Deterministic: every worker collects the same order.
+    Mark only tests that share no module-scoped fixture with their neighbours (moved away, they would set it up
+    again)."""
     heavy = [item for item in items if item.get_closest_marker("heavy")]
     if not heavy:
         return items

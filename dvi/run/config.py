@@ -84,6 +84,10 @@ class SystemConfig(Strict):
                                          "to the actors and the learner")
         return data
 
+    def secrets(self) -> dict:
+        """What the run directory's config.yaml leaves out (pydantic's `exclude` form)."""
+        return {"redis": {"password"}}
+
     @property
     def run_name(self) -> str:
         return self.run_id or Path(self.out_dir).name

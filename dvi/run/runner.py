@@ -42,7 +42,7 @@ def prepare_run_dir(cfg: SystemConfig, overwrite: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     # what the run owns is set once at the top level: the saved file loads back as a RunConfig
     owned = {section: set(keys) for section, keys in RUN_OWNED.items()}
-    resolved = cfg.model_dump(mode="json", exclude={"redis": {"password"}, **owned})
+    resolved = cfg.model_dump(mode="json", exclude={**cfg.secrets(), **owned})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return run_dir
 

@@ -41,6 +41,9 @@ class ServeConfig(SystemConfig):
     serve: EndpointConfig = Field(EndpointConfig(), description="the HTTP endpoint: address, API key, queue bounds, "
                                                                "drain")
 
+    def secrets(self) -> dict:
+        return {**super().secrets(), "serve": {"api_key"}}
+
     @property
     def served_name(self) -> str:
         return self.serve.served_model_name or model_name(self.model)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 from ray.serve.exceptions import BackPressureError
 
 from dvi.serve import protocol as api
@@ -100,6 +101,7 @@ class Ingress:
 
     async def _complete(self, request: Request, chat: bool):
         self.in_flight += 1
+        self.metrics.running.labels(self.metrics.model).set(self.in_flight)
         streaming = False
         try:
             response = await self._answer(request, chat)
@@ -107,7 +109,7 @@ class Ingress:
             return response
         finally:
             if not streaming:
-                self.in_flight -= 1
+                self._done()
 
     async def _answer(self, request: Request, chat: bool):
         start = time.perf_counter()
@@ -127,6 +129,8 @@ class Ingress:
             except BackPressureError:  # never reached a replica: nothing to cancel
                 raise api.APIError(503, "the server is at capacity: every replica's queue is full, retry later",
                                    "server_busy", headers={"Retry-After": RETRY_AFTER_S}) from None
+            except RayError as err:
+                raise _replica_error(err) from None
             ttft = time.perf_counter() - start
             failed = (first.get("result") or {}).get("error")
             if failed:  # the worker refused the request (it reports, never raises)
@@ -144,6 +148,10 @@ class Ingress:
             async for chunk in calls:
                 text += chunk.get("text", "")
                 result = chunk.get("result", result)
+        except RayError as err:
+            error = _replica_error(err)
+            self.metrics.error(error.status)
+            raise error from None
         finally:
             if result is None:  # cancelled (the client left) or failed: stop the decode
                 calls.cancel()
@@ -174,14 +182,18 @@ class Ingress:
                 yield event({**api.chunk_object(chat, rid, body.model, None), "choices": [],
                              "usage": api.usage(n_prompt, result["tokens"])})
         except Exception as err:  # noqa: BLE001  after the 200: the error travels as an event
-            status = 500
-            self.metrics.error(status)
-            yield event(api.APIError(status, f"{type(err).__name__}: {err}", "internal_error").body())
+            error = _replica_error(err)
+            self.metrics.error(error.status)
+            yield event(error.body())
         finally:
-            self.in_flight -= 1
+            self._done()
             if result is None:  # the client left (or the decode failed): free the replica
                 calls.cancel()
         yield "data: [DONE]\n\n"
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+        self.metrics.running.labels(self.metrics.model).set(self.in_flight)
 
     def _authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -239,3 +251,11 @@ class Ingress:
                              "extra": {k: result.get(k) for k in ("head_version", "drafted", "accepted", "finish_reason",
                                                                   "prompt_tokens")}})
 
+
+def _replica_error(err: Exception) -> api.APIError:
+    """A generation replica that died (Serve starts another: retry) or failed on this request."""
+    if isinstance(err, (ActorDiedError, ActorUnavailableError)):
+        return api.APIError(503, "the generation replica serving this request stopped; Serve is starting another, "
+                                 "retry", "replica_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+    lines = str(getattr(err, "cause", None) or err).strip().splitlines()
+    return api.APIError(500, f"{type(err).__name__}: {lines[0] if lines else ''}", "internal_error")

@@ -2,8 +2,11 @@
 learner), the official `openai` client and plain HTTP against it, and SIGTERM's drain at the end.
 
 One server for the module, on the tiny model with the byte tokenizer: an API key, one replica that holds
-one request and queues one more (so a burst meets a full queue)."""
+one request and queues one more (so a burst meets a full queue). The tests run in file order: the last
+ones kill the replica and stop the server."""
 import json
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -12,6 +15,7 @@ import urllib.request
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from run_fixtures import ServeProcess, free_port, read_jsonl, write_serve
 from tiny_model import byte_tokenizer
 
@@ -158,17 +162,57 @@ def test_a_client_that_leaves_mid_stream_frees_the_replica(server, client):
 def test_metrics_page_counts_speculation_as_vllm_names_it(server, client):
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "zeta eta"}], max_tokens=8)
     status, page, headers = http(server, "/metrics", key=None)
-    text = page["text"]
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    values = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = {}
+    for family in text_string_to_metric_families(page["text"]):  # prometheus_client's own parser
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
     drafts = values[f'dvi:spec_decode_num_draft_tokens_total{{model_name="{MODEL}"}}']
     accepted = values[f'dvi:spec_decode_num_accepted_tokens_total{{model_name="{MODEL}"}}']
     per_pos = sum(v for k, v in values.items() if k.startswith("dvi:spec_decode_num_accepted_tokens_per_pos_total"))
     assert drafts > 0 and accepted == per_pos
     assert values[f'dvi:generation_tokens_total{{model_name="{MODEL}"}}'] > 0
     assert any(k.startswith("dvi:time_to_first_token_seconds_count") and v > 0 for k, v in values.items())
+    assert any(k.startswith("dvi:head_version{") for k in values)
     assert any(k.startswith("dvi:transitions_written") and v > 0 for k, v in values.items())
+
+
+def _replica_pid(run_dir) -> int:
+    snapshots = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "actors" and r["actors"]]
+    return snapshots[-1]["actors"][0]["pid"]
+
+
+def test_a_killed_replica_fails_its_request_and_serve_brings_it_back(server, client):
+    proc, tmp = server
+    pid = _replica_pid(tmp / "serve")
+    outcome = []
+
+    def long_request():
+        try:
+            answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "eps"}],
+                                                    max_tokens=80, temperature=0)
+            outcome.append(("answer", answer.choices[0].finish_reason))
+        except openai.APIStatusError as err:
+            outcome.append((err.status_code, err.body))
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=150)
+    assert not thread.is_alive(), "the request hung after its replica died"
+    assert outcome and (outcome[0][0] == "answer" or outcome[0][0] in (500, 503)), outcome
+    deadline = time.monotonic() + 180
+    while True:  # Serve starts a new replica; until it loads, requests get an error, never a hang
+        try:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "eta"}], max_tokens=4)
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline, "no replica came back"
+            time.sleep(2)
+    time.sleep(2)  # the monitor's next snapshot
+    assert _replica_pid(tmp / "serve") != pid
 
 
 def test_sigterm_drains_and_writes_the_run_directory(server, client):
@@ -179,4 +223,5 @@ def test_sigterm_drains_and_writes_the_run_directory(server, client):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(records) >= 10 and summary["requests_completed"] == len(records)
     assert summary["transitions_written"] > 0 and summary["versions_published"] >= 1, summary
+    assert summary["counts_balance"] is True, summary
     assert (run_dir / "report.md").is_file() and "draining" in proc.output
