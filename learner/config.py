@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from buffer.config import RedisConfig, StreamConfig, WeightsConfig
-from selfspec.config import LossConfig, ModelSideConfig, ScheduleConfig, ScheduleName, Strict
+from selfspec.config import ModelSideConfig, Strict, TrainingConfig
 
 
 class HeldoutConfig(Strict):
@@ -41,7 +41,7 @@ class PlacementConfig(Strict):
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per rank")
 
 
-class LearnerConfig(ModelSideConfig):
+class LearnerConfig(TrainingConfig, ModelSideConfig):
     """The DeepSpeed learner: reads transitions from the stream, trains the head, publishes versions."""
     run_id: str = Field("default", description="the run's Redis keys live under dvi:{run_id}:")
     draft_vocab_from: Literal["lowest", "served"] = Field(
@@ -49,12 +49,6 @@ class LearnerConfig(ModelSideConfig):
                               "emits most in the first `vocab_tokens` served positions, the rest by lowest id")
     vocab_tokens: int = Field(2048, ge=1, description="served positions counted before the head is built "
                                                       "(draft_vocab_from: served); the actors serve meanwhile")
-    schedule: ScheduleName = Field("kl_rl", description="loss schedule by optimizer step: kl_rl (KL, then ramp to "
-                                                        "CE and PG), kl_only, ce_only or pg_only")
-    schedule_config: ScheduleConfig = Field(ScheduleConfig(), description="the schedule's steps and weights")
-    loss: LossConfig = Field(LossConfig(), description="the losses' own settings")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON (ZeRO stage 0, 1 or 2)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
     batch_size: int = Field(64, ge=1, description="transitions per optimizer step, over all ranks")

@@ -92,7 +92,17 @@ class DecodingConfig(ModelSideConfig):
                                             "carries per position")
 
 
-class OnlineConfig(DecodingConfig):
+class TrainingConfig(Strict):
+    """The keys of every part that trains the head (`dvi online`, the learner): the loss schedule and AdamW."""
+    schedule: ScheduleName = Field("kl_rl", description="loss schedule by optimizer step: kl_rl (KL, then ramp to "
+                                                        "CE and PG), kl_only, ce_only or pg_only")
+    schedule_config: ScheduleConfig = Field(ScheduleConfig(), description="the schedule's steps and weights")
+    loss: LossConfig = Field(LossConfig(), description="the losses' own settings")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+
+
+class OnlineConfig(TrainingConfig, DecodingConfig):
     """`dvi online` (configs/online.yaml): the in-process loop of selfspec.online."""
     workload: str = Field("builtin", description="prompt source: builtin, humaneval, or a Spec-Bench JSONL path")
     extra_train_workload: str | None = Field(
@@ -106,12 +116,6 @@ class OnlineConfig(DecodingConfig):
     # top 32 per position (selfspec.path_cache.TOPK_STORED); an actor computes its top-K live.
     topk: int = Field(16, ge=1, le=32, description="K of the top-K draft and verifier distributions a transition "
                                                    "carries per position (at most the 32 a cached path keeps)")
-    schedule: ScheduleName = Field("kl_rl", description="loss schedule by optimizer step: kl_rl (KL, then ramp to "
-                                                        "CE and PG), kl_only, ce_only or pg_only")
-    schedule_config: ScheduleConfig = Field(ScheduleConfig(), description="the schedule's steps and weights")
-    loss: LossConfig = Field(LossConfig(), description="the losses' own settings")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(64, ge=1, description="transitions per optimizer step")
     epochs: int = Field(2, ge=1, description="passes over each chunk's transitions")
     chunk_prompts: int = Field(8, ge=1, description="prompts decoded with one head version")
