@@ -14,7 +14,6 @@ from selfspec.loading import load_model_parts, make_length_policy
 from selfspec.prompts import chat_ids, load_prompts
 
 
-
 @pytest.fixture(scope="module")
 def parts():
     return load_model_parts("smollm2-135m", exit_layer=4)
@@ -82,7 +81,7 @@ def test_online_head_loads_in_generate_and_bench(capsys, tmp_path):
     report = json.loads(report_file.read_text())
     assert [m["name"] for m in report["methods"]] == ["hf_ar", "dvi_ar", "dvi_spec_ngram"]
     assert all(m["identical_to_ar"] == 1.0 for m in report["methods"])
-    assert report["parts"] == str(head_dir)
+    assert report["head_path"] == str(head_dir)
 
 
 def test_synthetic_prompts_imitate_their_seeds(parts, tmp_path):
