@@ -41,12 +41,12 @@ def add_parser(sub, name):
 def run(args) -> int:
     import os
 
-    from dvi.studies.serve_bench import run_serve_bench
+    from dvi.studies.serve_bench import ServeBenchSpec, run_serve_bench
 
-    report = run_serve_bench(args.url, args.trace, args.out, model=args.model,
-                             api_key=args.api_key or os.environ.get("DVI_API_KEY"), arrival=args.arrival,
-                             max_concurrency=args.max_concurrency, seed=args.seed, timeout_s=args.timeout,
-                             progress=not args.no_progress)
+    bench = ServeBenchSpec(args.url, args.trace, args.out, model=args.model,
+                           api_key=args.api_key or os.environ.get("DVI_API_KEY"), arrival=args.arrival,
+                           max_concurrency=args.max_concurrency, seed=args.seed, timeout_s=args.timeout)
+    report = run_serve_bench(bench, progress=not args.no_progress)
     print_table(report)
     write_report(report, args.out)
     print(f"per-request records: {report['requests_file']}")

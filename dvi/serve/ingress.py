@@ -34,6 +34,18 @@ class IngressSettings:
     api_key: str | None = None
 
 
+@dataclass
+class Reply:
+    """An answer under way: its id, the parsed request, the replica's stream, and when it started (and its
+    first token came), in time.perf_counter() seconds."""
+    rid: str
+    body: object  # api.ChatRequest or api.CompletionRequest
+    chat: bool
+    calls: object  # the DeploymentResponseGenerator of the replica's `generate`
+    start: float
+    ttft: float
+
+
 @app.exception_handler(api.APIError)
 async def _api_error(request: Request, err: api.APIError):
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -139,10 +151,9 @@ class Ingress:
         except api.APIError as err:
             self.metrics.error(err.status)
             raise
-        rid = api.completion_id(chat)
+        reply = Reply(api.completion_id(chat), body, chat, calls, start, ttft)
         if body.stream:
-            return StreamingResponse(self._sse(rid, body, chat, calls, first, start, ttft, len(job["prompt_ids"])),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(reply, first), media_type="text/event-stream")
         text, result = first.get("text", ""), first.get("result")
         try:
             async for chunk in calls:
@@ -156,31 +167,31 @@ class Ingress:
             if result is None:  # cancelled (the client left) or failed: stop the decode
                 calls.cancel()
         self._finished(result, ttft, start)
-        return api.response_object(chat, rid, body.model, text, result["finish_reason"],
-                                   api.usage(result["prompt_tokens"], result["tokens"]), api.dvi_fields(result))
+        return api.response_object(chat, reply.rid, body.model, text, result)
 
-    async def _sse(self, rid: str, body, chat: bool, calls, first: dict, start: float, ttft: float, n_prompt: int):
+    async def _sse(self, reply: "Reply", first: dict):
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
-        result = None
+        def chunk_of(text: str | None, **kw) -> dict:
+            return api.chunk_object(reply.chat, reply.rid, reply.body.model, text, **kw)
+
+        result, calls = None, reply.calls
         try:
-            if chat:
-                yield event(api.chunk_object(chat, rid, body.model, None, role=True))
+            if reply.chat:
+                yield event(chunk_of(None, role=True))
             chunk = first
             while True:
                 if chunk.get("text"):
-                    yield event(api.chunk_object(chat, rid, body.model, chunk["text"]))
+                    yield event(chunk_of(chunk["text"]))
                 if "result" in chunk:
                     result = chunk["result"]
                     break
                 chunk = await calls.__anext__()
-            self._finished(result, ttft, start)
-            last = api.chunk_object(chat, rid, body.model, None, finish=result["finish_reason"])
-            yield event(last | {"dvi": api.dvi_fields(result)})
-            if body.include_usage:
-                yield event({**api.chunk_object(chat, rid, body.model, None), "choices": [],
-                             "usage": api.usage(n_prompt, result["tokens"])})
+            self._finished(result, reply.ttft, reply.start)
+            yield event(chunk_of(None, finish=result["finish_reason"]) | {"dvi": api.dvi_fields(result)})
+            if reply.body.include_usage:
+                yield event({**chunk_of(None), "choices": [], "usage": api.usage(result)})
         except Exception as err:  # noqa: BLE001  after the 200: the error travels as an event
             error = _replica_error(err)
             self.metrics.error(error.status)

@@ -170,11 +170,13 @@ def completion_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def response_object(chat: bool, rid: str, model: str, text: str, finish: str, usage: dict, dvi: dict) -> dict:
+def response_object(chat: bool, rid: str, model: str, text: str, result: dict) -> dict:
+    """A whole answer; `result` is the replica's record of the request (finish reason, token counts, dvi's own)."""
+    finish = result["finish_reason"]
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
               if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage, "dvi": dvi}
+            "model": model, "choices": [choice], "usage": usage(result), "dvi": dvi_fields(result)}
 
 
 def chunk_object(chat: bool, rid: str, model: str, text: str | None, finish: str | None = None,
@@ -188,9 +190,9 @@ def chunk_object(chat: bool, rid: str, model: str, text: str | None, finish: str
             "model": model, "choices": [choice]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(result: dict) -> dict:
+    prompt, completion = result["prompt_tokens"], result["tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def dvi_fields(result: dict) -> dict:

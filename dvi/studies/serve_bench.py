@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dvi.errors import UserError
@@ -273,18 +274,31 @@ def requests_path(out: str | Path) -> Path:
 # ---------------------------------------------------------------- the replay
 
 
-def run_serve_bench(url: str, trace_path: str, out: str | Path, model: str | None = None, api_key: str | None = None,
-                    arrival: str | None = None, max_concurrency: int | None = None, seed: int = 0,
-                    timeout_s: float = 600.0, progress: bool = True) -> dict:
-    """Replay `trace_path` against the endpoint at `url`; the per-request records go to requests_path(out) as
-    they finish. Returns the report (the JSON's content): settings, versions and the summary."""
+@dataclass(frozen=True)
+class ServeBenchSpec:
+    """What `dvi bench-serve` replays, against what."""
+    url: str  # the endpoint's base URL (.../v1)
+    trace_path: str
+    out: str | Path  # the JSON report; the per-request records go beside it (requests_path)
+    model: str | None = None  # None: the first the endpoint lists
+    api_key: str | None = None
+    arrival: str | None = None  # YAML of an arrival spec; None: the trace's timestamps
+    max_concurrency: int | None = None  # HTTP clients; None: client_count decides
+    seed: int = 0
+    timeout_s: float = 600.0
+
+
+def run_serve_bench(bench: ServeBenchSpec, progress: bool = True) -> dict:
+    """Replay the trace against the endpoint; the per-request records go to requests_path(out) as they
+    finish. Returns the report (the JSON's content): settings, versions and the summary."""
+    url, trace_path, out, seed, timeout_s = bench.url, bench.trace_path, bench.out, bench.seed, bench.timeout_s
     from tqdm import tqdm
 
     from actors.dispatch import Dispatcher, line_error_records, replay_trace
     from actors.trace import read_trace
     from selfspec.versions import package_versions
 
-    spec = parse_arrival(arrival)
+    spec = parse_arrival(bench.arrival)
     try:
         requests, bad_lines = read_trace(trace_path)
     except FileNotFoundError:
@@ -292,9 +306,9 @@ def run_serve_bench(url: str, trace_path: str, out: str | Path, model: str | Non
                                 f"dvi trace make --source builtin --n 50 --rate 2 --out {trace_path}") from None
     if not requests:
         raise ValueError(f"{trace_path}: no good requests ({len(bad_lines)} bad lines; `dvi trace check {trace_path}`)")
-    clients = client_count(spec, len(requests), max_concurrency)
+    clients = client_count(spec, len(requests), bench.max_concurrency)
     url = url.rstrip("/")
-    client, model = connect(url, api_key, model, timeout_s)
+    client, model = connect(url, bench.api_key, bench.model, timeout_s)
     report = {"command": "dvi bench-serve", "url": url, "model": model, "trace": str(trace_path),
               "arrival": spec.model_dump(), "clients": clients, "seed": seed, "timeout_s": timeout_s,
               "cpus": os.cpu_count(), "versions": {**package_versions(), "openai": _version("openai")},

@@ -35,10 +35,15 @@ def test_ray_job_submit_of_dvi_run(tmp_path):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         excludes = json.dumps({"excludes": [".venv", "runs", ".git"]})
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--runtime-env-json", excludes,
-             "--no-wait", "--submission-id", "dvi-run-test", "--", "dvi", "run", "--config", str(config),
-             "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while True:  # `ray start` returns before the dashboard's job agent is up: it says so, and we wait
+            submit = subprocess.run(
+                [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--runtime-env-json",
+                 excludes, "--no-wait", "--submission-id", "dvi-run-test", "--", "dvi", "run", "--config",
+                 str(config), "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+            if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stderr[-2000:]
         client = JobSubmissionClient(address)
         deadline = time.monotonic() + 300
