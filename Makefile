@@ -64,14 +64,19 @@ demo: install
 	@echo "demo report: runs/demo/report.md (summary.json, plots/, tb/) and runs/demo/bench.json"
 
 # Unit tests are independent processes' work: two pytest-xdist workers on two cores. Integration and e2e
-# tests start Ray, redis-server and DeepSpeed themselves and run one at a time.
+# tests start Ray, redis-server and DeepSpeed themselves, each on its own ports and its own local Ray, and
+# spend much of their time waiting for them: two workers, a module (and its server fixture) per worker.
+# The `ray job submit` test starts a Ray cluster that any local ray.init would join, and stops every
+# Ray process at its end: it runs alone, last.
 PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider
+ALONE  := tests/integration/test_run_job.py
 
 # Every tier: tests/unit, then tests/integration (real redis-server / local Ray), tests/e2e (the real
 # SmolLM2) and tests/gpu (skips itself without CUDA).
 test: install
 	$(PYTEST) -n 2 tests/unit
-	$(PYTEST) tests/integration tests/e2e tests/gpu
+	$(PYTEST) -n 2 --dist loadfile tests/integration tests/e2e tests/gpu --ignore $(ALONE)
+	$(PYTEST) $(ALONE)
 
 # The fast tier only: tiny models and pure code, no redis-server, no Ray, no SmolLM2.
 test-unit: install
