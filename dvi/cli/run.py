@@ -59,11 +59,11 @@ def _report(run_dir):
     return write_run_report(run_dir)
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, command: str = "dvi run") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dvi run {summary.get('run_id', '')}", show_header=True)
+    table = Table(title=f"{command} {summary.get('run_id', '')}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     keys = ("requests_completed", "requests_failed", "tokens_per_s_first_window", "tokens_per_s_last_window",

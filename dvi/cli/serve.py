@@ -48,6 +48,6 @@ def run(args) -> int:
     check_run(cfg)  # the exit layer, lengths, vocabulary and heads against the model, before Ray starts
     run_dir, summary = serve_until_stopped(cfg, overwrite=args.overwrite)
     report = write_run_report(run_dir)
-    print_summary(summary)
+    print_summary(summary, "dvi serve")
     print(f"run directory: {run_dir}" + (f"  report: {report}" if report is not None else ""))
     return 0

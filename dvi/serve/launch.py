@@ -13,6 +13,7 @@ learner trains what is buffered, checkpoints and publishes, then the summary and
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import threading
@@ -84,6 +85,7 @@ def _deploy(cfg: ServeConfig, plane: LearningPlane):
                 "max_positions": model_facts(cfg.model).max_positions or 1 << 30, "api_key": ep.key()}
     ingress = Ingress.options(num_replicas=1, max_ongoing_requests=10_000, graceful_shutdown_timeout_s=ep.drain_timeout_s,
                               ray_actor_options={"num_cpus": 0}).bind(replica, settings)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the console is for dvi's own lines; Serve logs to files
     serve.start(http_options={"host": ep.host, "port": ep.port})
     return serve.run(ingress, name=APP, route_prefix="/")
 
