@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from actors.arrivals import RecordedSpec
 from actors.dispatch import Dispatcher, RequestRecord, line_error_records, replay_trace
 from actors.trace import TraceRequest, read_trace, write_trace
 from dvi.report.format import fixed
@@ -84,7 +86,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tu
             monitor = plane.start(actor_metrics(actors, timeout_s=max(cfg.metrics_every_s, 5)))
             ray.get([a.metrics.remote() for a in actors])  # every actor loaded
             plane.generators_ready(f"{len(actors)} actors loaded")
-            records = _replay(cfg, trace, actors, monitor, run_dir, progress)
+            records = replay_recorded(trace, cfg.trace.arrival or RecordedSpec(kind="recorded"), Dispatcher(actors),
+                                      run_dir / "requests.jsonl", cfg.seed, partial(_live, monitor) if progress else None)
             counts = plane.finish()
         finally:
             for actor in actors:
@@ -92,35 +95,37 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tu
         return run_dir, write_summary(cfg, run_dir, records, counts, plane, trace_rejected=len(trace.rejected))
 
 
-def _replay(cfg: RunConfig, trace: Trace, actors: list, monitor, run_dir: Path, progress: bool) -> list[dict]:
+def _live(monitor) -> dict:
+    """What the progress bar shows of the monitor's last snapshot."""
+    snap = monitor.latest
+    return {"tok/s": fixed(snap.get("charts/served_tokens_per_s")), "MAL": fixed(snap.get("charts/mean_accepted_length")),
+            "head": snap.get("charts/head_version")}
+
+
+def replay_recorded(trace: Trace, arrival, dispatcher, out: Path, seed: int, progress) -> list[dict]:
+    """Replay `trace` through `dispatcher` under `arrival`, writing one record per request to `out` as it
+    finishes (the rejected lines first); returns them all as dicts. `progress`: None for no bar, else a
+    callable giving what the bar shows beside the failures."""
     from tqdm import tqdm
 
-    dispatcher = Dispatcher(actors)
-    bar = tqdm(total=len(trace.requests) + len(trace.rejected), desc="requests", unit="req", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(trace.requests) + len(trace.rejected), desc="requests", unit="req",
+               disable=progress is None, dynamic_ncols=True)
     failed = [len(trace.rejected)]
     bar.update(len(trace.rejected))
-    out = (run_dir / "requests.jsonl").open("w")
-    for record in trace.rejected:
-        out.write(json.dumps(record.to_dict()) + "\n")
+    with out.open("w") as f:
+        for record in trace.rejected:
+            f.write(json.dumps(record.to_dict()) + "\n")
 
-    def on_record(record: RequestRecord) -> None:
-        out.write(json.dumps(record.to_dict()) + "\n")
-        out.flush()
-        failed[0] += not record.ok
-        snap = monitor.latest
-        bar.set_postfix({"failed": failed[0], "tok/s": fixed(snap.get("charts/served_tokens_per_s")),
-                         "MAL": fixed(snap.get("charts/mean_accepted_length")),
-                         "head": snap.get("charts/head_version")}, refresh=False)
-        bar.update(1)
+        def on_record(record: RequestRecord) -> None:
+            f.write(json.dumps(record.to_dict()) + "\n")
+            f.flush()
+            failed[0] += not record.ok
+            bar.set_postfix({"failed": failed[0], **(progress() if progress else {})}, refresh=False)
+            bar.update(1)
 
-    from actors.arrivals import RecordedSpec
-
-    arrival = cfg.trace.arrival or RecordedSpec(kind="recorded")
-    try:
-        served = replay_trace(trace.requests, arrival, dispatcher, seed=cfg.seed, on_record=on_record)
-    finally:
-        bar.close()
-        out.close()
-        dispatcher.close()
+        try:
+            served = replay_trace(trace.requests, arrival, dispatcher, seed=seed, on_record=on_record)
+        finally:
+            bar.close()
+            dispatcher.close()
     return [r.to_dict() for r in trace.rejected + served]

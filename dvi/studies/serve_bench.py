@@ -22,7 +22,6 @@ server's last chunk carries `{"dvi": {"mean_accepted_length", "drafted", "accept
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -291,12 +290,12 @@ class ServeBenchSpec:
 def run_serve_bench(bench: ServeBenchSpec, progress: bool = True) -> dict:
     """Replay the trace against the endpoint; the per-request records go to requests_path(out) as they
     finish. Returns the report (the JSON's content): settings, versions and the summary."""
-    url, trace_path, out, seed, timeout_s = bench.url, bench.trace_path, bench.out, bench.seed, bench.timeout_s
-    from tqdm import tqdm
-
-    from actors.dispatch import Dispatcher, line_error_records, replay_trace
+    from actors.dispatch import Dispatcher, line_error_records
     from actors.trace import read_trace
+    from dvi.run.runner import Trace, replay_recorded
     from selfspec.versions import package_versions
+
+    url, trace_path, out, seed, timeout_s = bench.url, bench.trace_path, bench.out, bench.seed, bench.timeout_s
 
     spec = parse_arrival(bench.arrival)
     try:
@@ -313,33 +312,15 @@ def run_serve_bench(bench: ServeBenchSpec, progress: bool = True) -> dict:
               "arrival": spec.model_dump(), "clients": clients, "seed": seed, "timeout_s": timeout_s,
               "cpus": os.cpu_count(), "versions": {**package_versions(), "openai": _version("openai")},
               "requests_file": str(requests_path(out))}
-    rejected = line_error_records(bad_lines)
     records_file = requests_path(out)
     records_file.parent.mkdir(parents=True, exist_ok=True)
     dispatcher = Dispatcher([EndpointClient(client, model, i) for i in range(clients)])
-    bar = tqdm(total=len(requests) + len(rejected), desc="requests", unit="req", disable=not progress,
-               dynamic_ncols=True)
-    failed = [len(rejected)]
-    bar.update(len(rejected))
-    with records_file.open("w") as f:
-        for record in rejected:
-            f.write(json.dumps(record.to_dict()) + "\n")
-
-        def on_record(record) -> None:
-            f.write(json.dumps(record.to_dict()) + "\n")
-            f.flush()
-            failed[0] += not record.ok
-            bar.set_postfix({"failed": failed[0]}, refresh=False)
-            bar.update(1)
-
-        start = time.perf_counter()
-        try:
-            served = replay_trace(requests, spec, dispatcher, seed=seed, on_record=on_record)
-        finally:
-            duration_s = time.perf_counter() - start
-            bar.close()
-            dispatcher.close()
-            client.close()
-    records = [r.to_dict() for r in rejected + served]
+    start = time.perf_counter()
+    try:
+        records = replay_recorded(Trace(requests, line_error_records(bad_lines)), spec, dispatcher, records_file,
+                                  seed, dict if progress else None)  # the bar: failures only
+    finally:
+        duration_s = time.perf_counter() - start
+        client.close()
     report["summary"] = summarize(records, duration_s)
     return report
