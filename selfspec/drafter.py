@@ -112,15 +112,16 @@ class DrafterHead(nn.Module):
         return KVCache(len(self.layers), attn.config.num_key_value_heads, attn.head_dim, capacity, p.dtype, p.device)
 
     def next_logits(self, hidden: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """Decoding: layer-k hidden [1, n, d] of positions start.. (committed positions the head has not
-        seen yet, then the newest) -> logits for the token after the last one [V_draft]."""
+        """Decoding: layer-k hidden [B, n, d] of positions start.. (committed positions the head has not
+        seen yet, then the newest) -> logits for the token after each row's last one [B, V_draft]. An
+        attention head reads its own cache: one row (B = 1) per call."""
         if not self.attends:
-            return self(hidden[0, -1])
+            return self(hidden[:, -1])
         # Positions before start - window are never attended again: jumping over them leaves a harmless hole.
         cache.seek(start)
         positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
         keys = torch.arange(start + hidden.shape[1], device=hidden.device)
-        return self(self._attend(hidden, positions, keys, cache=cache)[0, -1])
+        return self(self._attend(hidden, positions, keys, cache=cache)[:, -1])
 
     def path_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Teacher forcing along a committed sequence: hidden [T, d] of positions 0..T-1 -> logits for

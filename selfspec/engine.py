@@ -1,13 +1,15 @@
-"""Lossless self-speculative decoding of one request (batch 1).
+"""Lossless self-speculative decoding of a batch of requests; one request alone is a batch of one.
 
-A round: draft (copy what followed an earlier occurrence of the text's suffix, or let the head draft
-from its layer-k hidden state, each draft also going through the trunk; or draft nothing) -> verify
-(layers [k, L) on the pending token and all drafts in one pass, reusing the trunk's hidden states and
-KV) -> accept (the longest agreeing prefix plus one verifier token) -> observe (the length policy
-learns what paid) -> emit (the round's Transition for the learner, built by selfspec.transitions) ->
-commit (roll the caches back to what was kept; the verifier's token becomes the pending one).
-Prefill is no round: it verifies the prompt, whose next token is the first pending one.
-γ=0 is plain decoding: every round is one without drafts.
+A round, for every sequence of the batch at once: draft (a sequence copies what followed an earlier
+occurrence of its text's suffix, or the head drafts from its layer-k hidden state, each draft also going
+through the trunk; or it drafts nothing) -> verify (layers [k, L) on every sequence's pending token and
+drafts: one pass over the ragged block, padded and masked by position, reusing the trunk's hidden states
+and KV) -> accept (per sequence: the longest agreeing prefix plus one verifier token) -> observe (the
+length policy learns what paid) -> emit (each sequence's Transition for the learner, built by
+selfspec.transitions) -> commit (each sequence moves to what it kept; the verifier's token is pending).
+Requests join between rounds (`join`: the prompt's prefill, a pass of its own, whose next token is the
+first pending one) and leave when done (`step` retires them) or when the caller ends them (`leave`):
+continuous batching, which selfspec.batching runs for a queue of requests. γ=0 is plain batched decoding.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
 from selfspec.passes import PassRunner, pass_runner
 from selfspec.drafter import DrafterHead
+from selfspec.kv_cache import Block, carry
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
@@ -34,8 +37,9 @@ from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound,
 class RoundStats:
     drafted: int
     accepted: int
-    t_draft: float  # proposing drafts: n-gram lookup, head calls and the drafts' trunk passes
-    t_verify: float  # the pending token's trunk pass, verification and acceptance
+    t_draft: float  # the round's proposing drafts (whole batch): n-gram lookup, head calls, drafts' trunk passes
+    t_verify: float  # the round's pending tokens' trunk pass, verification and acceptance (whole batch)
+    batch: int = 1  # sequences in the round
 
 
 @dataclass
@@ -73,7 +77,7 @@ class TransitionSink:
 
 @dataclass
 class Draft:
-    """One round's drafts and what verifying them needs."""
+    """One sequence's drafts in a round and what verifying them needs."""
     kind: str  # "copied" (n-gram), "drafted" (head) or "none" (a round without drafts)
     hiddens: list[torch.Tensor]  # layer-k hidden [1, m, d]: the pending token, then each draft
     tokens: list[int] = field(default_factory=list)
@@ -87,15 +91,20 @@ class Draft:
 
 
 @dataclass
-class _Request:
-    """Decoding state between rounds: caches cover [0, position); `pending` sits at `position`."""
+class Sequence:
+    """A request in the decoder's batch, between rounds: its slot's cache covers [0, position); `pending`
+    sits at `position`. `result` grows as rounds settle tokens; `finished` once it left the batch."""
     options: DecodeOptions
-    cache: object
+    result: DecodeResult
+    eos: set[int]
     pending: int
     position: int
     budget: int  # new tokens still allowed, the pending one already counted
     generator: torch.Generator | None
+    started: float  # perf_counter() when it joined
+    slot: int = 0
     rounds: int = 0
+    finished: bool = False
     history: list[torch.Tensor] = field(default_factory=list)  # committed trunk hiddens
     head_cache: object = None  # attention heads: their own KV cache over the trunk hiddens
     ngram: NgramIndex | None = None  # committed tokens, for copied drafts
@@ -116,13 +125,17 @@ class SelfSpecDecoder:
         self.ngram = ngram
         if self.length_policy.max_drafts > 0 and head is None and not ngram:
             raise ValueError("drafting (gamma > 0) needs a drafter head or n-gram drafts")
+        self.batch: list[Sequence] = []  # in slot order: batch[i].slot == i
+        self.cache = None
         self.set_head(head)
 
     def set_head(self, head: DrafterHead | None, version: int = 0) -> None:
-        """Swap the drafter head (between requests): output never changes, only speed. `version`
-        goes into the transitions it drafts."""
+        """Swap the drafter head (between rounds): output never changes, only speed. `version` goes into
+        the transitions it drafts. An attention head's own cache starts over, from the committed window."""
         self.head, self.head_version = head, version
         self.window = head.config.context_window if head is not None else 0
+        for seq in self.batch:
+            seq.head_cache = head.new_cache(self.cache.capacity) if head is not None else None
 
     def generate(self, prompt_ids, options: DecodeOptions | None = None,
                  **overrides) -> DecodeResult:
@@ -134,37 +147,77 @@ class SelfSpecDecoder:
             except StopIteration as done:
                 return done.value
 
-    @torch.inference_mode()
     def stream(self, prompt_ids, options: DecodeOptions | None = None,
                **overrides) -> Generator[list[int], bool | None, DecodeResult]:
-        """Decode one request, yielding the tokens each step adds (prefill's first one, then each round's);
-        the DecodeResult is the generator's return value. `send(True)` ends the request there (a stop
-        sequence matched: stop_reason "stop"); closing it abandons the request (a client that left)."""
+        """Decode one request alone, yielding the tokens each step adds (prefill's first one, then each
+        round's); the DecodeResult is the generator's return value. `send(True)` ends the request there (a
+        stop sequence matched: stop_reason "stop"); closing it abandons the request (a client that left)."""
+        if self.batch:
+            raise RuntimeError("this decoder is decoding a batch: serve requests through selfspec.batching")
+        seq = self.join(prompt_ids, options, **overrides)
+        try:
+            stop = yield list(seq.result.tokens)
+            while not stop and not seq.finished:
+                ((_, new),) = self.step()
+                stop = yield new
+            if stop:
+                self.leave(seq, "stop")
+        finally:  # closed (abandoned): it leaves the batch all the same
+            self.leave(seq)
+        return seq.result
+
+    @torch.inference_mode()
+    def join(self, prompt_ids, options: DecodeOptions | None = None, **overrides) -> Sequence:
+        """Add a request to the batch: its prompt's prefill, whose next token (in result.tokens) is the
+        verifier's own. A request that ends there (EOS, one token) has left already (`finished`)."""
         opts = replace(options or DecodeOptions(), **overrides)
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.split.device).flatten()
         budget = self._check(prompt.numel(), opts)
         eos = opts.eos_ids if opts.eos_ids is not None else model_eos_ids(self.split.config)
-        clock = _Clock()
-        with clock("prefill"):
-            req = self._prefill(prompt, budget, opts)
-        result = DecodeResult([req.pending], t_prefill=clock["prefill"])
-        result.stop_reason = "eos" if req.pending in eos else "length"
-        stop = yield [req.pending]
-        while not stop and req.budget > 0 and result.stop_reason != "eos":
-            stats, emitted = self._round(req)
-            result.rounds.append(stats)
+        seq = self._prefill(prompt, budget, replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12]), eos)
+        seq.result.t_prefill = time.perf_counter() - seq.started
+        if seq.pending in eos:
+            seq.result.stop_reason = "eos"
+        if seq.pending in eos or seq.budget == 0:
+            self._retire(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """One round for every sequence of the batch: each one with the tokens it adds. Sequences that end
+        (EOS, their budget) leave the batch."""
+        batch = list(self.batch)
+        out = []
+        for seq, emitted in zip(batch, self._round(batch)):
             new = []
             for tok in emitted:
                 new.append(tok)
-                if tok in eos:
-                    result.stop_reason = "eos"
+                if tok in seq.eos:
+                    seq.result.stop_reason = "eos"
                     break
-            result.tokens += new
-            stop = yield new
-        if stop:
-            result.stop_reason = "stop"
-        result.t_total = clock.elapsed()
-        return result
+            seq.result.tokens += new
+            if seq.result.stop_reason == "eos" or seq.budget <= 0:
+                self._retire(seq)
+            out.append((seq, new))
+        return out
+
+    def leave(self, seq: Sequence, stop_reason: str | None = None) -> None:
+        """End a request between rounds (`stop_reason` "stop": a stop sequence matched; None: abandoned)."""
+        if seq.finished:
+            return
+        if stop_reason is not None:
+            seq.result.stop_reason = stop_reason
+        self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Out of the batch: the last sequence moves into its slot, so that the batch's slots stay the first ones."""
+        last = self.batch.pop()
+        if last is not seq:
+            self.cache.move(last.slot, seq.slot, last.position)
+            last.slot = seq.slot
+            self.batch[seq.slot] = last
+        seq.finished = True
+        seq.result.t_total = time.perf_counter() - seq.started
 
     def _check(self, prompt_len: int, opts: DecodeOptions) -> int:
         """The new-token budget, or a clear error for a request that cannot run."""
@@ -180,118 +233,172 @@ class SelfSpecDecoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {opts.max_new_tokens}")
         return min(opts.max_new_tokens, limit - prompt_len)
 
-    def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions) -> _Request:
-        """Run the prompt through the whole model; its next token, the verifier's own (nothing was
-        drafted), becomes the first pending one."""
-        cache = self.passes.new_cache(prompt.numel() + budget + self.length_policy.max_drafts + 1)
+    def _make_room(self, slots: int, capacity: int) -> None:
+        """A cache with at least `slots` slots of `capacity` positions, keeping what the batch holds."""
+        old = self.cache
+        if old is not None and old.slots >= slots and old.capacity >= capacity:
+            return
+        if old is not None:
+            slots, capacity = max(slots, old.slots), max(capacity, old.capacity)
+        self.cache = self.passes.new_cache(capacity, slots)
+        if old is not None and self.cache is not old:
+            carry(old, self.cache)
+            for seq in self.batch:  # attention heads' own caches have the decoder cache's capacity
+                if seq.head_cache is not None:
+                    seq.head_cache = self.head.new_cache(self.cache.capacity)
+
+    def _prefill(self, prompt: torch.Tensor, budget: int, opts: DecodeOptions, eos: set[int]) -> Sequence:
+        """Run the prompt through the whole model, in the next free slot; its next token, the verifier's own
+        (nothing was drafted), becomes the first pending one."""
+        started, slot = time.perf_counter(), len(self.batch)
+        # room for the longest block a round may pass (γ + 1 wide) and a padding row's position after it
+        self._make_room(slot + 1, prompt.numel() + budget + self.length_policy.max_drafts + 2)
         generator = None
         if opts.temperature > 0 and opts.seed is not None:
             generator = torch.Generator(self.split.device).manual_seed(opts.seed)
-        hidden = self.passes.trunk(prompt, 0, cache)
-        logits = self.passes.verify(hidden, 0, cache)
+        block = Block((0,), (prompt.numel(),), slot)
+        hidden = self.passes.trunk(prompt, block, self.cache)
+        logits = self.passes.verify(hidden, block, self.cache)[0]
         first = _next_token(logits[-1:], opts.temperature, generator)
-        opts = replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12])
-        req = _Request(opts, cache, first, prompt.numel(), budget - 1, generator)
+        seq = Sequence(opts, DecodeResult([first]), eos, first, prompt.numel(), budget - 1, generator, started, slot)
         if self.sink is not None and self.sink.prompt_rows:
-            self.sink.write(prompt_transition(self._meta(req, 0, time.time()), Prefill(prompt, hidden, logits, first),
+            self.sink.write(prompt_transition(self._meta(seq, 0, time.time()), Prefill(prompt, hidden, logits, first),
                                              self.sink.prompt_rows, self._topk()))
         if self.window:
-            req.history = list(hidden[0, -self.window:])
+            seq.history = list(hidden[0, -self.window:])
         if self.head is not None:
-            req.head_cache = self.head.new_cache(cache.capacity)
+            seq.head_cache = self.head.new_cache(self.cache.capacity)
         if self.ngram:
-            req.ngram = NgramIndex([*prompt.tolist(), first])
-        return req
+            seq.ngram = NgramIndex([*prompt.tolist(), first])
+        self.batch.append(seq)
+        return seq
 
-    def _round(self, req: _Request) -> tuple[RoundStats, list[int]]:
-        """draft -> verify -> accept -> observe -> emit -> commit."""
-        req.rounds += 1
-        clock, t_start = _Clock(), time.time()
-        room = min(self.length_policy.max_drafts, req.budget - 1)  # keep a slot for the bonus token
+    def _round(self, batch: list[Sequence]) -> list[list[int]]:
+        """draft -> verify -> accept -> observe -> emit -> commit, for every sequence at once; the tokens
+        each one emits."""
+        policy, clock, t_start = self.length_policy, _Clock(), time.time()
+        policy.begin_round(len(batch))
+        rooms = [min(policy.max_drafts, seq.budget - 1) for seq in batch]  # keep a slot for the bonus token
         with clock("draft"):
-            proposal, copied = self._copies(req, room)
+            proposals, copies = self._copies(batch, rooms)
         with clock("verify"):  # copied drafts need no head: they go through the trunk with the pending token
-            pending = self.passes.trunk(self._ids([req.pending, *copied]), req.position, req.cache)
+            first = self._trunk(batch, [[seq.pending, *c] for seq, c in zip(batch, copies)])
         with clock("draft"):
-            if copied:
-                draft = Draft("copied", [pending], copied)
-            elif room > 0 and self.head is not None and self.length_policy.start_round():
-                draft = self._head_draft(req, pending, room)
-            else:
-                draft = Draft("none", [pending])
-        with clock("verify"):
-            hidden = draft.hidden  # [1, 1 + drafts, d]: one pass over layers [k, L) verifies them all
-            logits = self.passes.verify(hidden, req.position, req.cache)
-            n_acc, bonus = self._accept(draft, logits, req.options.temperature, req.generator)
-        emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus
-        self.length_policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
-        if self.sink is not None:  # before commit: the record's context is the window before this round
-            context = req.history[-self.window:] if self.window else []
-            verified = VerifiedRound(draft, hidden, context, logits, emitted)
-            self.sink.write(round_transition(self._meta(req, req.rounds, t_start), verified, self._topk(), self.head))
-        self._commit(req, hidden, n_acc, emitted)
-        return RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"]), emitted
+            drafts = [Draft("copied" if c else "none", [first[i:i + 1, :1 + len(c)]], c) for i, c in enumerate(copies)]
+            head_rows = [i for i, (c, room) in enumerate(zip(copies, rooms)) if not c and room > 0]
+            if head_rows and self.head is not None and policy.start_round():
+                self._head_drafts(batch, drafts, head_rows, rooms)
+        with clock("verify"):  # one pass over layers [k, L) verifies every sequence's drafts
+            hiddens = [d.hidden for d in drafts]  # [1, 1 + drafts, d] each
+            width = max(h.shape[1] for h in hiddens)
+            block = Block(tuple(seq.position for seq in batch), tuple(h.shape[1] for h in hiddens))
+            logits = self.passes.verify(torch.cat([_pad(h, width) for h in hiddens]), block, self.cache)
+            logits = [logits[i, :h.shape[1]] for i, h in enumerate(hiddens)]
+            accepted = [self._accept(d, lg, seq.options.temperature, seq.generator)
+                        for seq, d, lg in zip(batch, drafts, logits)]
+        emitted_all = []
+        for seq, proposal, draft, hidden, lg, (n_acc, bonus) in zip(batch, proposals, drafts, hiddens, logits, accepted):
+            seq.rounds += 1
+            emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus token
+            policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
+            if self.sink is not None:  # before commit: the record's context is the window before this round
+                context = seq.history[-self.window:] if self.window else []
+                verified = VerifiedRound(draft, hidden, context, lg, emitted)
+                self.sink.write(round_transition(self._meta(seq, seq.rounds, t_start), verified, self._topk(), self.head))
+            self._commit(seq, hidden, n_acc, emitted)
+            seq.result.rounds.append(RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"], len(batch)))
+            emitted_all.append(emitted)
+        return emitted_all
 
-    def _copies(self, req: _Request, room: int) -> tuple[Proposal, list[int]]:
-        """The n-gram proposal and as much of it as the length policy expects to pay."""
-        if req.ngram is None or room == 0:
-            return Proposal([], 0), []
-        proposal = req.ngram.propose(room, self.ngram)
-        if not proposal.tokens:
-            return proposal, []
-        return proposal, proposal.tokens[:self.length_policy.ngram_drafts(proposal.ngram,
-                                                                  len(proposal.tokens))]
+    def _copies(self, batch: list[Sequence], rooms: list[int]) -> tuple[list[Proposal], list[list[int]]]:
+        """Each sequence's n-gram proposal, and as much of it as the length policy expects to pay."""
+        proposals = [seq.ngram.propose(room, self.ngram) if seq.ngram is not None and room > 0 else Proposal([], 0)
+                     for seq, room in zip(batch, rooms)]
+        offered = [i for i, p in enumerate(proposals) if p.tokens]
+        copies: list[list[int]] = [[] for _ in batch]
+        if offered:
+            counts = self.length_policy.copy_drafts([(proposals[i].ngram, len(proposals[i].tokens)) for i in offered])
+            for i, n in zip(offered, counts):
+                copies[i] = proposals[i].tokens[:n]
+        return proposals, copies
 
-    def _head_draft(self, req: _Request, pending: torch.Tensor, room: int) -> Draft:
-        """Draft with the head while the length policy keeps going, each draft through the trunk.
-        When it keeps none (a round without drafts), the head's greedy choice becomes a shadow,
-        judged for free by this round's token."""
-        temperature, draft = req.options.temperature, Draft("none", [pending])
-        new, start = self._unseen_by_head(req, pending)
-        while len(draft.tokens) < room:
-            logits = self.passes.head_logits(self.head, new, start, req.head_cache).float()
-            logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
-            top = float(logp.max().exp())
-            if not self.length_policy.keep(len(draft.tokens), top, float(-(logp.exp() * logp).sum())):
-                if not draft.tokens and temperature == 0:
-                    draft.shadow = Shadow(top, int(self.head.to_full_ids(logp.argmax())))
-                break
-            idx = (torch.multinomial(logp.exp(), 1, generator=req.generator)[0] if temperature
-                   else logp.argmax())
-            draft.kind = "drafted"
-            draft.tokens.append(int(self.head.to_full_ids(idx)))
-            draft.logits.append(logits)
-            draft.confidences.append(top)
-            start = req.position + len(draft.tokens)
-            new = self.passes.trunk(self._ids(draft.tokens[-1:]), start, req.cache)
-            draft.hiddens.append(new)
-        return draft
+    def _trunk(self, batch: list[Sequence], rows: list[list[int]], starts: list[int] | None = None) -> torch.Tensor:
+        """Token rows (ragged; an empty row is padding) through the trunk from each sequence's position (or
+        `starts`), one pass: hidden [B, width, d]."""
+        width = max(map(len, rows))
+        starts = starts or [seq.position for seq in batch]
+        ids = self._ids([row + [row[-1] if row else 0] * (width - len(row)) for row in rows])
+        return self.passes.trunk(ids, Block(tuple(starts), tuple(map(len, rows))), self.cache)
 
-    def _commit(self, req: _Request, hidden: torch.Tensor, n_acc: int, emitted: list[int]) -> None:
-        """Keep the pending token and the accepted drafts; the bonus token becomes pending. The one
-        place where caches roll back (a rollback is lowering lengths: no copies)."""
-        kept = req.position + n_acc + 1
-        req.cache.crop(kept)
-        if req.head_cache is not None:
-            req.head_cache.crop(kept)
+    def _head_drafts(self, batch: list[Sequence], drafts: list[Draft], rows: list[int], rooms: list[int]) -> None:
+        """The head drafts for `rows`, step by step while the length policy keeps going for each, a step's
+        drafts through the trunk in one pass. A sequence whose first draft is not kept gets a shadow: the
+        head's greedy choice, judged for free by this round's token."""
+        policy, head = self.length_policy, self.head
+        kept: dict[int, list[float]] = {i: [] for i in rows}
+        unseen = {i: self._unseen_by_head(batch[i], drafts[i].hiddens[0]) for i in rows}  # (hidden, start)
+        while rows:
+            stepped = []
+            for i, logits in zip(rows, self._head_logits(batch, rows, unseen)):
+                seq, draft = batch[i], drafts[i]
+                temperature, logits = seq.options.temperature, logits.float()
+                logp = torch.log_softmax(logits / temperature if temperature else logits, -1)
+                top = float(logp.max().exp())
+                if not policy.keep(kept[i], top, float(-(logp.exp() * logp).sum())):
+                    if not draft.tokens and temperature == 0:
+                        draft.shadow = Shadow(top, int(head.to_full_ids(logp.argmax())))
+                    continue
+                idx = torch.multinomial(logp.exp(), 1, generator=seq.generator)[0] if temperature else logp.argmax()
+                draft.kind = "drafted"
+                draft.tokens.append(int(head.to_full_ids(idx)))
+                draft.logits.append(logits)
+                draft.confidences.append(top)
+                stepped.append(i)
+            if not stepped:
+                return
+            # the step's drafts through the trunk; the other sequences are padding, past this round's block
+            after = [seq.position + policy.max_drafts + 1 for seq in batch]
+            for i in stepped:
+                after[i] = batch[i].position + len(drafts[i].tokens)
+            hidden = self._trunk(batch, [drafts[i].tokens[-1:] if i in stepped else [] for i in range(len(batch))],
+                                 after)
+            for i in stepped:
+                drafts[i].hiddens.append(hidden[i:i + 1])
+                unseen[i] = (hidden[i:i + 1], after[i])
+            rows = [i for i in stepped if len(drafts[i].tokens) < rooms[i]]
+
+    def _head_logits(self, batch: list[Sequence], rows: list[int], unseen: dict) -> list[torch.Tensor]:
+        """The head's next-token logits for each of `rows`: one call for the batch (an MLP head reads each
+        row's newest hidden state), or a call per sequence (an attention head reads its own cache)."""
+        if not self.head.attends:
+            hidden = torch.cat([unseen[i][0][:, -1:] for i in rows])
+            return list(self.passes.head_logits(self.head, hidden, 0, None))
+        return [self.passes.head_logits(self.head, unseen[i][0], unseen[i][1], batch[i].head_cache)[0] for i in rows]
+
+    def _commit(self, seq: Sequence, hidden: torch.Tensor, n_acc: int, emitted: list[int]) -> None:
+        """Keep the pending token and the accepted drafts; the bonus token becomes pending. Rejected
+        drafts need no rollback in the decoder's cache (masked by position); the head's own cache crops."""
+        kept = seq.position + n_acc + 1
+        if seq.head_cache is not None:
+            seq.head_cache.crop(kept)
         if self.window:
-            req.history.extend(hidden[0, : n_acc + 1])
-            del req.history[:-self.window]
-        if req.ngram is not None:
-            req.ngram.extend(emitted)
-        req.position, req.pending, req.budget = kept, emitted[-1], req.budget - len(emitted)
+            seq.history.extend(hidden[0, : n_acc + 1])
+            del seq.history[:-self.window]
+        if seq.ngram is not None:
+            seq.ngram.extend(emitted)
+        seq.position, seq.pending, seq.budget = kept, emitted[-1], seq.budget - len(emitted)
 
-    def _unseen_by_head(self, req: _Request, pending: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _unseen_by_head(self, seq: Sequence, pending: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The layer-k hiddens an attention head has yet to see (committed positions within its
         window it skipped in rounds without drafts, then the pending token) and the first one's
         position."""
-        if req.head_cache is None:
-            return pending, req.position
-        first = max(req.head_cache.length(0), req.position - len(req.history))
-        missed = req.history[len(req.history) - (req.position - first):]
+        if seq.head_cache is None:
+            return pending, seq.position
+        first = max(seq.head_cache.length(0), seq.position - len(seq.history))
+        missed = seq.history[len(seq.history) - (seq.position - first):]
         return (torch.cat([torch.stack(missed)[None], pending], 1) if missed else pending), first
 
-    def _ids(self, tokens: list[int]) -> torch.Tensor:
+    def _ids(self, tokens: list) -> torch.Tensor:
         return torch.tensor(tokens, dtype=torch.long, device=self.split.device)
 
     def _accept(self, draft: Draft, target_logits: torch.Tensor, temperature: float,
@@ -318,8 +425,8 @@ class SelfSpecDecoder:
         full = q.new_zeros(q.shape[0], self.split.config.vocab_size)
         return full.index_copy_(1, self.head.vocab_ids, q)
 
-    def _meta(self, req: _Request, round_index: int, t_start: float) -> RoundMeta:
-        opts = req.options
+    def _meta(self, seq: Sequence, round_index: int, t_start: float) -> RoundMeta:
+        opts = seq.options
         return RoundMeta(self.sink.run_id, self.sink.actor_id, opts.request_id, round_index,
                          self.head_version, opts.workload, t_start, time.time(), float(opts.temperature))
 
@@ -358,3 +465,8 @@ class _Clock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+def _pad(hidden: torch.Tensor, width: int) -> torch.Tensor:
+    """[1, m, d] -> [1, width, d], zeros after: padding rows of a block."""
+    return hidden if hidden.shape[1] == width else torch.cat([hidden, hidden.new_zeros(1, width - hidden.shape[1], hidden.shape[2])], 1)

@@ -1,10 +1,12 @@
-"""How many tokens to draft each round.
+"""How many tokens to draft each round, for each sequence of the batch.
 
-The engine asks `start_round()` before calling the head at all, then `keep(i, top_prob, entropy)` for
-each candidate draft (after the head produced it, before it is committed to verification). For
-copied n-gram drafts it asks `ngram_drafts(match, available)`. After verification it reports the
-round once, `observe(RoundOutcome)`, which policies learn from through `update` (head drafts) and
-`update_ngram` (copies).
+A round of B sequences starts with `begin_round(B)`. For the sequences with copied n-gram drafts on offer
+the engine asks `copy_drafts(offers)` how many of each to verify; for the others, `start_round()` says
+whether to call the head at all, then `keep(kept, top_prob, entropy)` decides on each candidate draft of
+a sequence (after the head produced it, before it is committed to verification; `kept` is that
+sequence's list of what the drafts kept so far are worth, which `keep` extends). After verification the
+engine reports each sequence's round, `observe(RoundOutcome)`, which policies learn from through `update`
+(head drafts) and `update_ngram` (copies).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from selfspec.ngram import MAX_NGRAM, Proposal
-from selfspec.pass_costs import PassCosts
+from selfspec.pass_costs import CostTable, PassCosts
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,25 @@ class LengthPolicy:
         if max_drafts < 0:
             raise ValueError(f"gamma must be >= 0, got {max_drafts}")
         self.max_drafts = max_drafts
+        self.batch = 1
+
+    def begin_round(self, batch: int) -> None:
+        """A round of `batch` sequences starts."""
+        self.batch = batch
 
     def start_round(self) -> bool:
+        """Whether the sequences without copies call the head this round."""
         return self.max_drafts > 0
 
-    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
-        return True
+    def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
+        """Whether a sequence verifies its next head draft (`kept`: the drafts it keeps so far)."""
+        return self._kept(kept, top_prob, True)
+
+    @staticmethod
+    def _kept(kept: list[float], worth: float, keep: bool) -> bool:
+        if keep:
+            kept.append(worth)
+        return keep
 
     def observe(self, outcome: RoundOutcome) -> None:
         """All feedback from one verified round."""
@@ -60,9 +75,9 @@ class LengthPolicy:
     def update(self, top_probs: list[float], n_accepted: int) -> None:
         pass
 
-    def ngram_drafts(self, match: int, available: int) -> int:
-        """How many of `available` copied drafts (from a suffix match of length `match`) to verify."""
-        return available
+    def copy_drafts(self, offers: list[tuple[int, int]]) -> list[int]:
+        """How many copied drafts each sequence verifies, of the (suffix match length, available) it has."""
+        return [min(available, self.max_drafts) for _, available in offers]
 
     def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
         """A round had this n-gram proposal (verified or not) and emitted these tokens."""
@@ -77,8 +92,8 @@ class ConfidenceThreshold(LengthPolicy):
         super().__init__(max_drafts)
         self.min_top_prob, self.max_entropy = min_top_prob, max_entropy
 
-    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
-        return top_prob >= self.min_top_prob and entropy <= self.max_entropy
+    def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
+        return self._kept(kept, top_prob, top_prob >= self.min_top_prob and entropy <= self.max_entropy)
 
 
 @dataclass(frozen=True)
@@ -92,29 +107,37 @@ class Calibration:
 
 
 class CostAware(LengthPolicy):
-    """Draft only as much as the head's calibrated confidence pays for, down to zero.
+    """Draft only as much as pays for the whole batch, down to zero: goodput, not acceptance, decides.
 
-    Acceptance of a draft is estimated from the head's top probability, calibrated online per
-    confidence bin (the raw confidence acts as a prior worth `prior_weight` observations). A round's
-    value is expected tokens / expected time, with measured per-size verify costs, which are uneven
-    here (verifying 3 tokens can cost more than 5). When no confidence the head shows would pay, the
-    head is not called at all, except in a small `explore` fraction of rounds. A round that calls the
-    head but drafts nothing still learns from its `Shadow`.
+    Acceptance of a draft is estimated per source: the head's from its top probability, calibrated
+    online per confidence bin (the raw confidence acts as a prior worth `prior_weight` observations);
+    copies' per suffix match length. A round's value is expected tokens / expected time, with pass costs
+    measured at this batch size (CostTable): uneven per width at batch 1 (verifying 3 tokens can cost more
+    than 5), and, as the batch grows, each draft costs more of what a plain token costs, until speculation
+    stops paying and the policy drafts nothing. When no confidence the head shows would pay, the head is
+    not called at all, except in a small `explore` fraction of rounds. A round that calls the head but
+    drafts nothing still learns from its `Shadow`.
     """
 
     name = "cost_aware"
 
-    def __init__(self, costs: PassCosts, max_drafts: int, calibration: Calibration = Calibration()):
-        super().__init__(min(max_drafts, len(costs.verify) - 2))
+    def __init__(self, costs: PassCosts | CostTable, max_drafts: int, calibration: Calibration = Calibration()):
+        self.table = CostTable.of(costs)
+        super().__init__(min(max_drafts, self.table.widths - 1))
         c = calibration
         # copied drafts: per matched suffix length, accepted / judged positions, prior `ngram_prior`
         self.ngram_stats = {m: [c.ngram_prior * c.prior_weight, c.prior_weight] for m in range(1, MAX_NGRAM + 1)}
-        self.costs, self.explore, self.prior_weight, self.bins = costs, c.explore, c.prior_weight, c.bins
+        self.explore, self.prior_weight, self.bins = c.explore, c.prior_weight, c.bins
         self.accepted = [0.0] * c.bins
         self.trials = [0.0] * c.bins
         self.seen = [1.0] * c.bins  # how often the head shows each confidence (uniform prior)
         self.rng = random.Random(c.seed)
-        self._head_pays = True
+        self._head_value: dict[int, float] = {}  # per batch size, until the next update
+
+    @property
+    def costs(self) -> PassCosts:
+        """The pass costs at this round's batch size."""
+        return self.table.at(self.batch)
 
     def _bin(self, top_prob: float) -> int:
         return min(int(top_prob * self.bins), self.bins - 1)
@@ -137,18 +160,17 @@ class CostAware(LengthPolicy):
         return best
 
     def start_round(self) -> bool:
-        self._round_probs: list[float] = []
-        return self.max_drafts > 0 and (self._head_pays or self.rng.random() < self.explore)
+        if self.batch not in self._head_value:
+            self._head_value[self.batch] = self._value_of_head()
+        head_pays = self._head_value[self.batch] > 1.0 / self.costs.round_time(0, 0)
+        return self.max_drafts > 0 and (head_pays or self.rng.random() < self.explore)
 
-    def keep(self, i: int, top_prob: float, entropy: float) -> bool:
+    def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
         self.seen[self._bin(top_prob)] += 1
         a = self.acceptance(top_prob)
-        stop_rate = self._best_rate(self._round_probs, 0.0, i + 1)
-        go_rate = self._best_rate(self._round_probs + [a], a, i + 1)
-        if go_rate > stop_rate:
-            self._round_probs.append(a)
-            return True
-        return False
+        stop_rate = self._best_rate(kept, 0.0, len(kept) + 1)
+        go_rate = self._best_rate(kept + [a], a, len(kept) + 1)
+        return self._kept(kept, a, go_rate > stop_rate)
 
     def update(self, top_probs: list[float], n_accepted: int) -> None:
         # Only positions up to the first reject were observed; later ones say nothing.
@@ -156,23 +178,26 @@ class CostAware(LengthPolicy):
             b = self._bin(p)
             self.trials[b] += 1
             self.accepted[b] += j < n_accepted
-        self._head_pays = self._value_of_head() > 1.0 / self.costs.round_time(0, 0)
+        self._head_value.clear()
 
     def ngram_acceptance(self, match: int) -> float:
         accepted, judged = self.ngram_stats[min(match, max(self.ngram_stats))]
         return accepted / judged
 
-    def ngram_drafts(self, match: int, available: int) -> int:
-        """The length with the best expected tokens/s, or 0 when plain decoding is faster (a round's
-        copied drafts are accepted one after another with the calibrated rate of their match length)."""
-        a = self.ngram_acceptance(match)
-        best, best_rate, expected, survive = 0, 1.0 / self.costs.round_time(0, 0), 1.0, 1.0
-        for n in range(1, min(available, self.max_drafts) + 1):
-            survive *= a
-            expected += survive
-            if expected / self.costs.copy_round_time(n) > best_rate:
-                best, best_rate = n, expected / self.costs.copy_round_time(n)
-        return best
+    def copy_drafts(self, offers: list[tuple[int, int]]) -> list[int]:
+        """The block width with the best expected tokens/s for the batch, each sequence's copies accepted
+        one after another with the calibrated rate of its match length (a sequence offering fewer copies
+        verifies what it has), or none when plain decoding is faster: the round's other sequences count as
+        one token each, and every sequence pays for the widest block."""
+        rates = [self.ngram_acceptance(match) for match, _ in offers]
+        others = self.batch - len(offers)
+        best, best_rate = 0, self.batch / self.costs.copy_round_time(0)
+        for width in range(1, min(max((a for _, a in offers), default=0), self.max_drafts) + 1):
+            expected = others + sum(sum(a ** j for j in range(min(width, available) + 1))
+                                    for a, (_, available) in zip(rates, offers))
+            if expected / self.costs.copy_round_time(width) > best_rate:
+                best, best_rate = width, expected / self.costs.copy_round_time(width)
+        return [min(best, available) for _, available in offers]
 
     def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
         # Positions are judged up to the first disagreement with what was emitted, verified or not.

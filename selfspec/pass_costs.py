@@ -1,5 +1,5 @@
-"""Measure on the running machine what a trunk step, a head call and verifying m tokens cost, and
-which CPU kernel makes a few-row pass faster.
+"""Measure on the running machine what a trunk step, a head call and verifying m tokens cost, for one
+sequence and for batches of them, and which CPU kernel makes a few-row pass faster.
 
 The cost-aware length policy needs the costs because they are uneven and machine-specific: on the
 2-core CPU verifying 2 tokens costs what 1 does, and 3 or 7 cost more than 4 or 8 (GEMM shapes).
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from selfspec.device import synchronize
+from selfspec.kv_cache import Block
 from selfspec.small_batch_linear import ALL_ROWS, SMALL_BATCH
 
 CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 covers every measured setting
@@ -22,20 +23,72 @@ CALIBRATED_ROWS = 9  # a decoding pass carries 1 to γ+1 rows, and γ <= 8 cover
 
 @dataclass
 class PassCosts:
-    """Seconds, measured on the running machine (measure_pass_costs below)."""
+    """Seconds of whole passes over `batch` sequences at once (measure_pass_costs below)."""
 
-    trunk: float  # one token through layers [0, k)
-    head: float  # one drafter-head call
-    verify: list[float]  # verify[m]: m tokens through layers [k, L) + norm + lm_head (index 0 unused)
-    trunk_block: list[float] | None = None  # trunk_block[m]: m tokens through layers [0, k) in one pass
+    trunk: float  # one token per sequence through layers [0, k)
+    head: float  # one drafter-head call for every sequence
+    verify: list[float]  # verify[m]: m tokens per sequence through layers [k, L) + norm + lm_head (index 0 unused)
+    trunk_block: list[float] | None = None  # trunk_block[m]: m tokens per sequence through layers [0, k) in one pass
+    batch: int = 1
 
     def round_time(self, n_drafts: int, n_heads: int) -> float:
-        return self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]
+        """A sequence's share of a round in which every sequence drafts n_drafts with the head."""
+        return (self.trunk * (1 + n_drafts) + self.head * n_heads + self.verify[n_drafts + 1]) / self.batch
 
     def copy_round_time(self, n_drafts: int) -> float:
-        """A round of copied drafts: pending + drafts through the trunk at once, then verified."""
+        """A sequence's share of a round of copied drafts: pending + drafts through the trunk at once, then
+        verified."""
         block = self.trunk_block[n_drafts + 1] if self.trunk_block else self.trunk * (1 + n_drafts)
-        return block + self.verify[n_drafts + 1]
+        return (block + self.verify[n_drafts + 1]) / self.batch
+
+
+@dataclass
+class CostTable:
+    """PassCosts measured at a few batch sizes; `at(B)` interpolates between them (linearly in B) and, past
+    the largest, keeps its cost per sequence. A batch of B sequences pads every sequence's block to the widest
+    one, so a round's time is a function of B and the width: what a batch-aware policy weighs."""
+
+    by_batch: dict[int, PassCosts]
+
+    def __post_init__(self):
+        if 1 not in self.by_batch:
+            raise ValueError("a cost table needs the costs at batch 1")
+        self._at: dict[int, PassCosts] = {}
+
+    @classmethod
+    def of(cls, costs: "PassCosts | CostTable") -> "CostTable":
+        return costs if isinstance(costs, CostTable) else cls({costs.batch: costs})
+
+    @property
+    def widths(self) -> int:
+        """How many block widths every measured batch size has (verify[1..widths])."""
+        return min(len(c.verify) for c in self.by_batch.values()) - 1
+
+    def at(self, batch: int) -> PassCosts:
+        if batch not in self._at:
+            self._at[batch] = self._interpolate(batch)
+        return self._at[batch]
+
+    def _interpolate(self, batch: int) -> PassCosts:
+        sizes = sorted(self.by_batch)
+        if batch in self.by_batch:
+            return self.by_batch[batch]
+        lo = max((b for b in sizes if b < batch), default=sizes[0])
+        hi = min((b for b in sizes if b > batch), default=None)
+        if hi is None:  # past the largest measured: the same cost per sequence
+            return _scaled(self.by_batch[lo], batch / lo, batch)
+        w = (batch - lo) / (hi - lo)
+        a, b = self.by_batch[lo], self.by_batch[hi]
+        mix = lambda x, y: (1 - w) * x + w * y  # noqa: E731
+        block = ([mix(x, y) for x, y in zip(a.trunk_block, b.trunk_block)]
+                 if a.trunk_block and b.trunk_block else None)
+        return PassCosts(mix(a.trunk, b.trunk), mix(a.head, b.head), [mix(x, y) for x, y in zip(a.verify, b.verify)],
+                         block, batch)
+
+
+def _scaled(costs: PassCosts, factor: float, batch: int) -> PassCosts:
+    return PassCosts(costs.trunk * factor, costs.head * factor, [v * factor for v in costs.verify],
+                     [t * factor for t in costs.trunk_block] if costs.trunk_block else None, batch)
 
 
 def _probe_ids(split, n: int) -> torch.Tensor:
@@ -58,36 +111,44 @@ def _median_seconds(fn, reps: int, device: torch.device | None = None) -> float:
 
 
 @torch.inference_mode()
-def measure_pass_costs(passes, head, max_drafts: int, context: int = 128, reps: int = 5) -> PassCosts:
+def measure_pass_costs(passes, head, max_drafts: int, batch_sizes=(1,), context: int = 128,
+                       reps: int = 5) -> CostTable:
     """`passes`: what will run the passes (a SplitModel, or selfspec.passes.StaticPasses, whose CUDA
-    graphs cost a fraction of eager passes)."""
-    cache = passes.new_cache(context + max_drafts + 2)
-    ids = _probe_ids(passes, context + 1)
+    graphs cost a fraction of eager passes); `batch_sizes`: the batches to time (1 is always among them)."""
+    sizes = sorted({1, *batch_sizes})
+    cache = passes.new_cache(context + max_drafts + 2, sizes[-1])
+    ids = _probe_ids(passes, context + max_drafts + 1)
     passes.verify(passes.trunk(ids[:context], 0, cache), 0, cache)
-    hidden = passes.trunk(ids[context:], context, cache)
-    cache.crop(context)
+    for slot in range(1, sizes[-1]):  # every slot holds the same context
+        cache.move(0, slot, context)
+    return CostTable({b: _measure_batch(passes, head, cache, ids, b, max_drafts, context, reps) for b in sizes})
 
-    def trunk_step():
-        passes.trunk(ids[context:], context, cache)
-        cache.crop(context)
 
-    def trunk_block_step(m: int):
-        passes.trunk(ids[context - m + 1:context + 1], context, cache)
-        cache.crop(context)
+def _measure_batch(passes, head, cache, ids: torch.Tensor, batch: int, max_drafts: int, context: int,
+                   reps: int) -> PassCosts:
+    """The passes' costs for `batch` sequences at `context`: each timed pass writes past the context only,
+    where the next one writes again."""
+    def block(m: int) -> Block:
+        return Block((context,) * batch, (m,) * batch)
 
-    def verify_step(m: int):
-        passes.verify(hidden.expand(1, m, -1), context, cache)
-        cache.crop(context)
-
+    rows = ids[context:context + max_drafts + 1].expand(batch, -1)
+    hidden = passes.trunk(rows[:, :1], block(1), cache)
     device = passes.device
-    trunk = _median_seconds(trunk_step, reps, device)
+    trunk = _median_seconds(lambda: passes.trunk(rows[:, :1], block(1), cache), reps, device)
     head_cost = float("inf")
     if head is not None:
         head_cache = head.new_cache(context + 1)
-        head_cost = _median_seconds(lambda: passes.head_logits(head, hidden, context, head_cache), reps, device)
-    verify = [0.0] + [_median_seconds(lambda m=m: verify_step(m), reps, device) for m in range(1, max_drafts + 2)]
-    block = [0.0] + [_median_seconds(lambda m=m: trunk_block_step(m), reps, device) for m in range(1, max_drafts + 2)]
-    return PassCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=block)
+        if head.attends:  # an attention head runs a row at a time, on its own cache
+            head_cost = batch * _median_seconds(lambda: passes.head_logits(head, hidden[:1], context, head_cache),
+                                                reps, device)
+        else:
+            head_cost = _median_seconds(lambda: passes.head_logits(head, hidden, context, head_cache), reps, device)
+    widths = range(1, max_drafts + 2)
+    verify = [0.0] + [_median_seconds(lambda m=m: passes.verify(hidden.expand(-1, m, -1), block(m), cache), reps, device)
+                      for m in widths]
+    trunk_block = [0.0] + [_median_seconds(lambda m=m: passes.trunk(rows[:, :m], block(m), cache), reps, device)
+                           for m in widths]
+    return PassCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=trunk_block, batch=batch)
 
 
 @torch.inference_mode()

@@ -11,8 +11,10 @@ Modes (`--passes`, the `passes` config key):
 - `static`: StaticPasses without graphs: positions in device tensors over one reused StaticKVCache,
   attention over its whole capacity masked by position, run eagerly. What the graphs replay, and a path
   the CPU tests check against `eager`.
-- `graphs`: StaticPasses capturing each pass shape (kind, m tokens) the first time it runs and replaying
-  it after that; the prompt's prefill and anything longer than MAX_GRAPH_TOKENS stay eager.
+- `graphs`: StaticPasses capturing each pass shape (kind, batch bucket, m tokens wide) the first time it runs
+  and replaying it after that; a batch of B rows runs in the smallest bucket of BATCH_BUCKETS that holds it,
+  the spare rows writing into free slots (vLLM captures per bucketed batch size the same way). Prefill and
+  anything wider than MAX_GRAPH_TOKENS stay eager.
 - `auto`: `graphs` on CUDA, `eager` elsewhere.
 """
 from __future__ import annotations
@@ -22,23 +24,25 @@ from typing import Callable, Protocol
 
 import torch
 
-from selfspec.kv_cache import StaticKVCache
+from selfspec.kv_cache import Block, StaticKVCache
 from selfspec.split import SplitModel
 
 PASS_MODES = ("auto", "eager", "static", "graphs")  # dvi.cli.args repeats them (no torch import there)
 MAX_GRAPH_TOKENS = 16  # a round passes at most γ+1 <= 9 tokens; longer blocks are prompts
 CAPACITY_STEP = 256  # the shared cache grows in these steps, so that requests of similar length share graphs
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # batch sizes captured as graphs; larger batches run eagerly
 
 
 class PassRunner(Protocol):
     """What a decoder runs its passes on: SplitModel itself (eager) or StaticPasses (static, graphs).
-    `start` is the block's first position; the caches cover [0, start) before the call."""
+    `start` is the block's first position (one row) or a Block (a row per sequence of the batch, each
+    from its own position); a row's cache covers [0, start) before the call."""
     config: object  # the model's transformers config
     device: torch.device
 
-    def new_cache(self, capacity: int): ...
-    def trunk(self, token_ids: torch.Tensor, start: int, cache) -> torch.Tensor: ...  # layers [0, k): hidden
-    def verify(self, hidden: torch.Tensor, start: int, cache) -> torch.Tensor: ...  # layers [k, L) + lm_head: logits
+    def new_cache(self, capacity: int, slots: int = 1): ...
+    def trunk(self, token_ids: torch.Tensor, start: int | Block, cache) -> torch.Tensor: ...  # layers [0, k): hidden
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache) -> torch.Tensor: ...  # layers [k, L) + lm_head
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor: ...
 
 
@@ -88,58 +92,79 @@ class _Graph:
 
 
 class StaticPasses:
-    """SplitModel's passes over one StaticKVCache that every request of this decoder reuses (one request
-    at a time), grown when a request needs more room; with `graphs`, replayed as CUDA graphs."""
+    """SplitModel's passes over one StaticKVCache that this decoder's sequences share (a slot each), grown
+    when a request needs more room or the batch more slots; with `graphs`, replayed as CUDA graphs."""
 
     def __init__(self, split: SplitModel, graphs: bool):
         self.split, self.graphs = split, graphs
         self.config, self.device = split.config, split.device
         self.cache: StaticKVCache | None = None
-        self.captured: dict[tuple[str, int], _Graph] = {}
-        self._head: tuple[object, _Graph] | None = None  # the head object (kept alive) and its step
+        self.captured: dict[tuple[str, int, int], _Graph] = {}
+        self._head: tuple[object, dict[int, _Graph]] | None = None  # the head (kept alive), its step per bucket
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.fallback: str | None = None  # why graphs were turned off (a capture failed), if they were
 
-    def new_cache(self, capacity: int) -> StaticKVCache:
-        if self.cache is None or capacity > self.cache.capacity:
+    def new_cache(self, capacity: int, slots: int = 1) -> StaticKVCache:
+        """The shared cache, with room for `slots` sequences of `capacity` positions (grown, keeping nothing:
+        the decoder asks before its first sequence joins, and a static decoder grows it only when empty)."""
+        slots = _bucket(slots) if self._use_graphs() else slots
+        if self.cache is None or capacity > self.cache.capacity or slots > self.cache.slots:
             size = max(capacity, min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.split.max_positions))
+            if self.cache is not None:
+                size, slots = max(size, self.cache.capacity), max(slots, self.cache.slots)
             self.captured.clear()  # graphs read the old cache's addresses
             self._head = None
             self.cache = None  # free it before allocating the next
-            self.cache = StaticKVCache.for_model(self.config, size, self.split.dtype, self.device)
+            self.cache = StaticKVCache.for_model(self.config, size, self.split.dtype, self.device, slots)
         return self.cache
 
-    def trunk(self, token_ids: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
-        return self._pass("trunk", self.split.trunk, token_ids, start, cache)
+    def trunk(self, token_ids: torch.Tensor, start: int | Block, cache: StaticKVCache) -> torch.Tensor:
+        ids = token_ids if token_ids.dim() == 2 else token_ids[None]
+        return self._pass("trunk", self.split.trunk, ids, start, cache)
 
-    def verify(self, hidden: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
-        return self._pass("verify", self.split.verify, hidden, start, cache)
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache: StaticKVCache) -> torch.Tensor:
+        logits = self._pass("verify", self.split.verify, hidden, Block.of(start, hidden.shape[1]), cache)
+        return logits if isinstance(start, Block) else logits[0]
 
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
-        """A head without attention layers reads only the newest hidden state [1, 1, d]: captured once per
-        head. Attention heads keep their own (dynamic) cache and run eagerly."""
+        """A head without attention layers reads only each row's newest hidden state [B, 1, d]: captured
+        per head and batch bucket. Attention heads keep their own (dynamic) cache and run eagerly."""
         if not self._use_graphs() or head.attends or hidden.shape[1] != 1:
             return head.next_logits(hidden, start, head_cache)
         if self._head is None or self._head[0] is not head:
-            self._head = None  # drop the last head's graph (and the head) before capturing the next
-            graph = self._capture(lambda x: head.next_logits(x, start, None), hidden)
+            self._head = (head, {})  # drop the last head's graphs (and the head) before capturing the next
+        rows, bucket = hidden.shape[0], _bucket(hidden.shape[0])
+        padded = torch.cat([hidden, hidden[:1].expand(bucket - rows, -1, -1)]) if bucket > rows else hidden
+        graph = self._head[1].get(bucket)
+        if graph is None:
+            graph = self._capture(lambda x: head.next_logits(x, start, None), padded)
             if graph is None:
                 return head.next_logits(hidden, start, head_cache)
-            self._head = (head, graph)
-        return self._head[1](hidden)
+            self._head[1][bucket] = graph
+        return graph(padded)[:rows]
 
-    def _pass(self, kind: str, fn, x: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
-        n = x.shape[0] if kind == "trunk" else x.shape[1]
-        if not self._use_graphs() or cache is not self.cache or n > MAX_GRAPH_TOKENS:
-            return fn(x, start, cache)
-        cache.place(start, n)  # checks the room and sets cache.start, which the graph reads
-        graph = self.captured.get((kind, n))
+    def _pass(self, kind: str, fn, x: torch.Tensor, start: int | Block, cache: StaticKVCache) -> torch.Tensor:
+        """x: ids [B, n] or hidden [B, n, d]; a graph per (kind, batch bucket, n), the spare rows of the
+        bucket in the free slots after the batch's."""
+        rows, n = x.shape[0], x.shape[1]
+        block = Block.of(start, n)
+        bucket = _bucket(rows)
+        if (not self._use_graphs() or cache is not self.cache or n > MAX_GRAPH_TOKENS or block.first_slot != 0
+                or bucket > cache.slots):
+            cache.set_starts(block, n)
+            return fn(x, block, cache)
+        spare = bucket - rows
+        cache.set_starts(Block(block.starts + (0,) * spare, block.counts + (n,) * spare), n)
+        if spare:
+            x = torch.cat([x, x[:1].expand(spare, *x.shape[1:])])
+        graph = self.captured.get((kind, bucket, n))
         if graph is None:
-            graph = self._capture(lambda inp: fn(inp, cache.start, cache), x)
+            full = Block((0,) * bucket, (n,) * bucket)  # its starts are read from the cache when replayed
+            graph = self._capture(lambda inp: fn(inp, full, cache), x)
             if graph is None:
-                return fn(x, start, cache)
-            self.captured[(kind, n)] = graph
-        return graph(x)
+                return fn(x, block, cache)[:rows]
+            self.captured[(kind, bucket, n)] = graph
+        return graph(x)[:rows]
 
     def _use_graphs(self) -> bool:
         return self.graphs and self.fallback is None
@@ -154,3 +179,8 @@ class StaticPasses:
             self._head = None
             warnings.warn(self.fallback, RuntimeWarning, stacklevel=3)
             return None
+
+
+def _bucket(rows: int) -> int:
+    """The smallest captured batch size that holds `rows` (rows itself beyond the largest)."""
+    return next((b for b in BATCH_BUCKETS if b >= rows), rows)

@@ -2,7 +2,7 @@
 
 Only the decoder layers' own forward is used, so any Llama-like HF model works; plain Llama layers
 run as lean tensor code that computes the same (selfspec.lean_layers). Both halves share one
-KVCache and one set of rotary embeddings: a token's trunk pass during drafting is the same pass the
+cache and one set of rotary embeddings: a token's trunk pass during drafting is the same pass the
 verifier would have run, which is what lets verification start at layer k.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import torch
 
 from selfspec.device import decode_attention
-from selfspec.kv_cache import KVCache, StaticKVCache, cache_arg
+from selfspec.kv_cache import BatchKVCache, Block, StaticKVCache, cache_arg
 from selfspec.lean_layers import lean_layers
 from selfspec.small_batch_linear import ALL_ROWS, small_batch_copy
 from selfspec.pass_costs import measure_thin_rows, parse_rows
@@ -63,21 +63,14 @@ class SplitModel:
         self.thin_rows.clear()
         self.thin_rows.update(rows)
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache.for_model(self.config, capacity, self.dtype, self.device)
+    def new_cache(self, capacity: int, slots: int = 1) -> BatchKVCache:
+        return BatchKVCache.for_model(self.config, capacity, self.dtype, self.device, slots)
 
-    def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int | torch.Tensor,
-             cache: KVCache | StaticKVCache) -> torch.Tensor:
-        """Layers [lo, hi) on hidden [1, n, d] at positions start..start+n-1, appending to the cache.
-        A StaticKVCache also takes its own `start` tensor as `start` (selfspec.passes)."""
-        n = hidden.shape[1]
-        if isinstance(cache, StaticKVCache):
-            positions, mask = cache.place(start, n)
-        else:
-            positions = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
-            mask = None
-            if n > 1:  # a block of new tokens: each sees the whole cache plus the block up to itself
-                mask = (torch.arange(start + n, device=hidden.device)[None, :] <= positions[0, :, None])[None, None]
+    def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int | Block,
+             cache: BatchKVCache | StaticKVCache) -> torch.Tensor:
+        """Layers [lo, hi) on hidden [B, n, d], writing the cache: row b at positions start.., as a Block
+        says (an int: one row). A StaticKVCache reads the starts set on it before (selfspec.passes)."""
+        positions, mask = cache.place(Block.of(start, hidden.shape[1]), hidden.shape[1])
         rope = self.rotary(hidden, positions)
         with decode_attention(self.device):
             if self.lean is not None:
@@ -89,14 +82,15 @@ class SplitModel:
                                position_embeddings=rope, **cache_arg(layer, cache))
             return hidden
 
-    def trunk(self, token_ids: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
-        """token ids [n] -> layer-k hidden [1, n, d]."""
-        return self._run(self.embed(token_ids[None]), 0, self.exit_layer, start, cache)
+    def trunk(self, token_ids: torch.Tensor, start: int | Block, cache: BatchKVCache) -> torch.Tensor:
+        """token ids [n] (one row) or [B, n] -> layer-k hidden [B, n, d]."""
+        ids = token_ids if token_ids.dim() == 2 else token_ids[None]
+        return self._run(self.embed(ids), 0, self.exit_layer, start, cache)
 
-    def verify(self, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
-        """layer-k hidden [1, n, d] -> full-model logits [n, V] (float32)."""
-        hidden = self._run(hidden, self.exit_layer, self.num_layers, start, cache)
-        return self.lm_head(self.norm(hidden))[0].float()
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache: BatchKVCache) -> torch.Tensor:
+        """layer-k hidden [B, n, d] -> full-model logits (float32): [n, V] for one row, [B, n, V] for a Block."""
+        logits = self.lm_head(self.norm(self._run(hidden, self.exit_layer, self.num_layers, start, cache))).float()
+        return logits if isinstance(start, Block) else logits[0]
 
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
         """A drafting step of `head` (DrafterHead.next_logits): here eager, captured in

@@ -12,13 +12,13 @@ def run_rounds(policy, accept: bool, confidence: float, rounds: int = 2000) -> t
     shadow draft (accepted or not) like the engine."""
     head_calls, lengths = 0, []
     for _ in range(rounds):
-        kept = 0
+        kept = []
         if policy.start_round():
             head_calls += 1
-            while kept < policy.max_drafts and policy.keep(kept, confidence, 0.1):
-                kept += 1
-            policy.update([confidence] * max(kept, 1), kept if accept else 0)
-        lengths.append(kept)
+            while len(kept) < policy.max_drafts and policy.keep(kept, confidence, 0.1):
+                pass
+            policy.update([confidence] * max(len(kept), 1), len(kept) if accept else 0)
+        lengths.append(len(kept))
     return head_calls, lengths
 
 
@@ -42,15 +42,17 @@ def test_slow_verify_shapes_are_skipped():
     # called for a 4th candidate that cost is sunk: 4 drafts (0.926) beat stopping at 3 (0.914).
     policy = CostAware(COSTS, 4, Calibration(prior_weight=1e9))  # trust the confidence as the acceptance estimate
     assert policy.start_round()
-    kept = 0
-    while kept < 4 and policy.keep(kept, 0.6, 0.5):
-        kept += 1
-    assert kept == 4
+    kept = []
+    while len(kept) < 4 and policy.keep(kept, 0.6, 0.5):
+        pass
+    assert len(kept) == 4
 
 
 def test_threshold_policy_stops_on_low_confidence():
     policy = ConfidenceThreshold(6, min_top_prob=0.5, max_entropy=1.0)
-    assert policy.keep(0, 0.9, 0.2) and not policy.keep(1, 0.4, 0.2) and not policy.keep(1, 0.9, 1.5)
+    kept = []
+    assert policy.keep(kept, 0.9, 0.2) and not policy.keep(kept, 0.4, 0.2) and not policy.keep(kept, 0.9, 1.5)
+    assert kept == [0.9]
 
 
 def test_copied_drafts_only_when_their_match_length_pays():
@@ -62,12 +64,12 @@ def test_copied_drafts_only_when_their_match_length_pays():
     policy = CostAware(costs, 4)
     for _ in range(200):
         for match, right in ((1, False), (4, True)):
-            n = policy.ngram_drafts(match, 4)
+            (n,) = policy.copy_drafts([(match, 4)])
             proposal = [7, 8, 9, 10]
             emitted = proposal[:n + 1] if right else [99]  # right: the model emits the copy anyway
             policy.update_ngram(match, proposal, emitted)
-    assert policy.ngram_drafts(1, 4) == 0
+    assert policy.copy_drafts([(1, 4)]) == [0]
     assert policy.ngram_acceptance(1) < 0.05
-    assert policy.ngram_drafts(4, 4) == 4 and policy.ngram_drafts(4, 2) == 2
+    assert policy.copy_drafts([(4, 4)]) == [4] and policy.copy_drafts([(4, 2)]) == [2]
     assert policy.ngram_acceptance(4) > 0.9
-    assert ConfidenceThreshold(4).ngram_drafts(1, 3) == 3  # the other policies verify every copy offered
+    assert ConfidenceThreshold(4).copy_drafts([(1, 3)]) == [3]  # the other policies verify every copy offered
