@@ -40,6 +40,9 @@ class GenerationConfig(DecodingConfig):
     passes: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto", description="how decode passes run (selfspec.passes; auto: CUDA graphs on a GPU, else eager)")
     max_restarts: int = Field(3, ge=-1, description="Ray restarts a crashed actor this often (-1: always)")
-    max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once; it decodes one at a "
-                                                       "time in arrival order, the rest are its queue depth")
+    max_batch: int = Field(8, ge=1, description="requests an actor decodes together, round by round (continuous "
+                                                "batching; 1: one at a time); the length policy decides what to "
+                                                "draft at each batch size")
+    max_concurrency: int = Field(64, ge=1, description="requests an actor accepts at once: max_batch decode, the rest "
+                                                       "wait in arrival order (its queue depth)")
     stream: StreamConfig = Field(StreamConfig(), description="how the actor writes transitions to the stream")

@@ -12,18 +12,18 @@ tokenizer). The result is the dict the dispatcher reads (`actors/dispatch.py`):
 (rounds, drafted, accepted, head_version, ...). A request that cannot run (a prompt longer than the
 model's context, malformed messages) comes back with `error` set and the actor serves the next one.
 
-Per request: check for a newer head -> encode the prompt -> decode (every round's Transition goes to
-the Redis stream through TransitionWriter) -> flush the stream -> result.
+Per request: encode the prompt -> join the batch (selfspec.batching: up to `max_batch` requests decode
+together, round by round; every round's Transition goes to the Redis stream through TransitionWriter) ->
+flush the stream -> result.
 
 Weights: `weights:latest` is read (one GET) once `weights_check_every_rounds` rounds went by since the
-last read, at the next request boundary; a newer blob is fetched, validated (WeightStore) and swapped in
-before that request starts. Swaps happen between requests only, never inside one: output never depends
-on the head (lossless), and a swap inside a request would also have to rebuild an attention head's own
-KV cache, for a speed-up of a few rounds at most. A refused blob is counted (`weights_refused`) and the
-actor keeps its head.
+last read, when waiting requests are about to join; a newer blob is fetched, validated (WeightStore) and
+swapped in between two rounds. Output never depends on the head (lossless), so the requests in flight go
+on with the new one (an attention head rebuilds its own cache from their committed windows). A refused
+blob is counted (`weights_refused`) and the actor keeps its head.
 
-Concurrency: the actor accepts up to `max_concurrency` requests at once but decodes one at a time, in
-arrival order; the ones waiting are its queue depth, and `metrics()` answers while it decodes.
+Concurrency: the actor accepts up to `max_concurrency` requests at once and decodes up to `max_batch` of
+them together; the rest wait in arrival order (its queue depth), and `metrics()` answers while it decodes.
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ from actors.config import GenerationConfig
 from actors.trace import ConversationMemory
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightsRefused, WeightStore
+from selfspec.batching import Batcher
 from selfspec.drafter import head_from_weights, head_weights
-from selfspec.engine import TransitionSink, SelfSpecDecoder
+from selfspec.engine import DecodeOptions, TransitionSink, SelfSpecDecoder
 from selfspec.head_format import HeadSpec
 from selfspec.loading import ModelParts, DeviceSettings, load_model_parts, make_length_policy
 from selfspec.prompts import messages_ids
@@ -58,7 +59,7 @@ def load_for_actor(cfg: GenerationConfig, device: str) -> ModelParts:
 
 
 class GenerationWorker:
-    """One model, one decoder, one stream writer; requests decoded one at a time.
+    """One model, one decoder, one stream writer; requests decoded in a batch of up to `cfg.max_batch`.
 
     `redis_client`: where transitions and weights go (None: no streaming and no weight pulls, e.g. a
     baseline without learning). `parts`: an already built model + head (tests pass a tiny model);
@@ -77,7 +78,7 @@ class GenerationWorker:
             parts = load_for_actor(cfg, device)
         self.parts, self.tokenizer = parts, parts.tokenizer
         self.split, self.head = parts.split, parts.head
-        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head)
+        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head, cfg.max_batch)
         self.writer = self.store = None
         if redis_client is not None:
             from selfspec.model import model_name
@@ -94,15 +95,14 @@ class GenerationWorker:
         self.version: int | None = None
         self.latest_published: int | None = None
         self._rounds_since_check = cfg.weights_check_every_rounds  # the first request checks
-        self._turn = threading.Condition()
-        self._next_ticket = self._serving = 0
+        self._lock = threading.Lock()  # counts and the stream writer: request threads and the batcher's loop
         self.in_flight = 0
         self.counts = {"requests_done": 0, "requests_failed": 0, "requests_abandoned": 0, "tokens": 0, "rounds": 0, "drafted": 0,
                        "accepted": 0, "transitions_emitted": 0, "stream_errors": 0, "weights_swaps": 0,
                        "weights_refused": 0, "weights_errors": 0}
-        self.decode_s = 0.0  # summed t_total_s of completed requests: what tokens/s divides by
         self.last_weights_problem: str | None = None
         self.last_stream_problem: str | None = None
+        self.batcher = Batcher(self.decoder, cfg.max_batch, between_rounds=self._maybe_swap_head)
 
     # -- serving ----------------------------------------------------------------------------------
 
@@ -114,74 +114,77 @@ class GenerationWorker:
     def stream(self, request: dict) -> Generator[list[int] | dict, bool | None, None]:
         """Serve one request: yield its new token ids as each round settles them, then its result dict.
         `send(True)` after a chunk ends the request there (a stop sequence matched); closing the generator
-        abandons it after the current round (a client that left). Thread-safe: concurrent callers are
-        served one at a time, in call order."""
-        with self._turn:
-            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        abandons it after the current round (a client that left). Thread-safe: concurrent callers share the
+        batch (up to max_batch), the others wait their turn in call order."""
+        with self._lock:
             self.in_flight += 1
-            self._turn.wait_for(lambda: self._serving == ticket)
         try:
             yield (yield from self._serve(request))
         finally:
-            with self._turn:
+            with self._lock:
                 self.in_flight -= 1
-                self._serving += 1
-                self._turn.notify_all()
 
     def _serve(self, request: dict) -> Generator[list[int], bool | None, dict]:
         start = time.perf_counter()
         request_id = str(request.get("request_id", "")) if isinstance(request, dict) else ""
         result = {"request_id": request_id, "tokens": 0, "t_first_token_s": 0.0, "t_total_s": 0.0,
                   "mean_accepted_length": None, "error": None, "actor_id": self.actor_id, "pid": os.getpid()}
+        handle = None
         try:
             if not isinstance(request, dict) or not request_id:
                 raise ValueError("a request is a dict with a request_id")
-            self._maybe_swap_head()
             prompt_ids = self._prompt_ids(request)
             seed = request.get("seed")
             t_prep = time.perf_counter() - start
-            steps = self.decoder.stream(
-                prompt_ids, max_new_tokens=int(request.get("max_new_tokens", 128)),
+            handle = self.batcher.submit(prompt_ids, DecodeOptions(
+                max_new_tokens=int(request.get("max_new_tokens", 128)),
                 temperature=float(request.get("temperature", 0.0)), request_id=request_id,
                 # unseeded requests are seeded by their id: a replayed trace samples the same tokens
                 seed=int(seed) if seed is not None else zlib.crc32(request_id.encode()),
-                workload=str(request.get("workload", "")))
-            out = yield from steps  # send() reaches the decoder: True ends the request there
+                workload=str(request.get("workload", ""))))
+            for chunk in handle:
+                if (yield chunk):  # True: a stop sequence matched, the request ends there
+                    handle.stop()
+                    break
+            out = handle.wait()
             self._flush()
             if self.tokenizer is not None and request.get("messages") is not None:
                 self.memory.remember(request, self.tokenizer.decode(out.tokens, skip_special_tokens=True))
         except GeneratorExit:  # the caller left: what was decoded still reached the stream
+            if handle is not None:
+                handle.cancel()
             self._flush()
-            self.counts["requests_abandoned"] += 1
+            self._count(requests_abandoned=1)
             raise
         except Exception as err:  # a bad request, reported in its result; the actor serves the next one
             self._flush()
-            self.counts["requests_failed"] += 1
+            self._count(requests_failed=1)
             lines = str(err).strip().splitlines()
             result.update(error=f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "),
                           t_total_s=time.perf_counter() - start, head_version=self.version)
             return result
-        t_total = time.perf_counter() - start
         drafted = sum(r.drafted for r in out.rounds)
         accepted = sum(r.accepted for r in out.rounds)
         per_pos = [0] * self.decoder.length_policy.max_drafts
         for r in out.rounds:
             for position in range(r.accepted):
                 per_pos[position] += 1
-        c = self.counts
-        c["requests_done"] += 1
-        c["tokens"] += len(out.tokens)
-        c["rounds"] += len(out.rounds)
-        c["drafted"] += drafted
-        c["accepted"] += accepted
-        self._rounds_since_check += len(out.rounds)
-        self.decode_s += t_total
-        result.update(tokens=len(out.tokens), t_first_token_s=t_prep + out.t_prefill, t_total_s=t_total,
+        self._count(requests_done=1, tokens=len(out.tokens), rounds=len(out.rounds), drafted=drafted, accepted=accepted)
+        with self._lock:
+            self._rounds_since_check += len(out.rounds)
+        # its own times, from when it joined the batch (the dispatcher adds the queue from its latency)
+        result.update(tokens=len(out.tokens), t_first_token_s=t_prep + out.t_prefill, t_total_s=t_prep + out.t_total,
                       mean_accepted_length=out.mean_accepted_length, rounds=len(out.rounds), drafted=drafted,
                       accepted=accepted, draft_rounds=sum(r.drafted > 0 for r in out.rounds),
                       accepted_per_pos=per_pos, stop_reason=out.stop_reason, prompt_tokens=len(prompt_ids),
-                      head_version=self.version, output_ids=list(out.tokens))
+                      head_version=self.version, output_ids=list(out.tokens),
+                      mean_batch_size=sum(r.batch for r in out.rounds) / len(out.rounds) if out.rounds else None)
         return result
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                self.counts[key] += value
 
     def _prompt_ids(self, request: dict) -> list[int]:
         """Token ids of the request: `prompt_ids` as given, `messages` through the chat template (earlier
@@ -213,20 +216,22 @@ class GenerationWorker:
     # -- streaming --------------------------------------------------------------------------------
 
     def _sink(self, t: Transition) -> None:
-        self.counts["transitions_emitted"] += 1
-        try:
-            self.writer.write(t)
-        except STREAM_ERRORS as err:
-            # Serving goes on without Redis: the writer keeps the batch and the next flush retries it.
-            self._stream_failed(err)
+        with self._lock:
+            self.counts["transitions_emitted"] += 1
+            try:
+                self.writer.write(t)
+            except STREAM_ERRORS as err:
+                # Serving goes on without Redis: the writer keeps the batch and the next flush retries it.
+                self._stream_failed(err)
 
     def _flush(self) -> None:
         if self.writer is None:
             return
-        try:
-            self.writer.flush()
-        except STREAM_ERRORS as err:
-            self._stream_failed(err)
+        with self._lock:
+            try:
+                self.writer.flush()
+            except STREAM_ERRORS as err:
+                self._stream_failed(err)
 
     def _stream_failed(self, err: Exception) -> None:
         self.counts["stream_errors"] += 1
@@ -235,7 +240,8 @@ class GenerationWorker:
     # -- weights ----------------------------------------------------------------------------------
 
     def _maybe_swap_head(self) -> None:
-        """Between requests: once enough rounds went by, read weights:latest and swap a newer head in."""
+        """Between rounds, before requests join: once enough rounds went by, read weights:latest and swap a
+        newer head in."""
         if self.store is None or self._rounds_since_check < self.cfg.weights_check_every_rounds:
             return
         self._rounds_since_check = 0
@@ -280,17 +286,21 @@ class GenerationWorker:
         if self.latest_published is not None:
             lag = self.latest_published - (self.version if self.version is not None else -1)
         writer = self.writer.counts if self.writer is not None else {}
-        return {"actor_id": self.actor_id, "pid": os.getpid(), **c, "decode_s": self.decode_s,
-                "tokens_per_s": c["tokens"] / self.decode_s if self.decode_s > 0 else None,
+        busy = self.batcher.busy_s  # seconds with requests in the batch: what the actor's tokens/s divides by
+        return {"actor_id": self.actor_id, "pid": os.getpid(), **c, "decode_s": busy,
+                "tokens_per_s": c["tokens"] / busy if busy > 0 else None,
+                "batch_size": self.batcher.batch_size, "batch_rounds": self.batcher.rounds,
+                "mean_batch_size": self.batcher.mean_batch_size,
                 "mean_accepted_length": (c["accepted"] / c["rounds"] + 1) if c["rounds"] else None,
                 "drafted_per_round": c["drafted"] / rounds, "accepted_per_round": c["accepted"] / rounds,
                 "head_version": self.version, "latest_published": self.latest_published, "head_lag": lag,
                 "transitions_written": writer.get("written", 0), "transitions_dropped": writer.get("dropped_oldest", 0),
-                "queue_depth": self.in_flight, "last_weights_problem": self.last_weights_problem,
+                "in_flight": self.in_flight, "queue_depth": len(self.batcher.waiting), "last_weights_problem": self.last_weights_problem,
                 "last_stream_problem": self.last_stream_problem}
 
     def close(self) -> None:
-        """Send what the stream still buffers (after a failed flush)."""
+        """Stop the batch loop (requests still in it fail) and send what the stream still buffers."""
+        self.batcher.close()
         self._flush()
 
 

@@ -60,8 +60,9 @@ def load_model_parts(model_spec: str, exit_layer: int = 4, head_path: str | None
 
 
 def make_length_policy(name: str, gamma: int, passes: PassRunner | None = None,
-                head: DrafterHead | None = None) -> LengthPolicy:
-    """`passes`: what will run the passes (a cost-aware policy measures their costs on it)."""
+                head: DrafterHead | None = None, max_batch: int = 1) -> LengthPolicy:
+    """`passes`: what will run the passes (a cost-aware policy measures their costs on it, at batch sizes
+    1, 2, 4, ... up to `max_batch`, the most sequences its decoder will batch)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if name == "fixed":
@@ -70,5 +71,6 @@ def make_length_policy(name: str, gamma: int, passes: PassRunner | None = None,
         return ConfidenceThreshold(gamma)
     if name == "cost_aware":
         # the policy may pick any length up to gamma, so measure verify costs up to gamma + 1 tokens
-        return CostAware(measure_pass_costs(passes, head, gamma), gamma)
+        sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        return CostAware(measure_pass_costs(passes, head, gamma, sizes), gamma)
     raise ValueError(f"unknown length policy {name!r}: choose one of {', '.join(POLICIES)}")

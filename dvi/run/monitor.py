@@ -147,7 +147,7 @@ class Monitor:
             if before is not None and before["pid"] != m["pid"]:
                 self.event("actor_restart", actor=i, detail=f"actor {i} came back as pid {m['pid']}")
                 before = None  # a restarted actor counts from zero
-            for key in ("tokens", "decode_s", "rounds", "accepted"):
+            for key in ("tokens", "decode_s", "rounds", "accepted", "batch_rounds"):
                 delta[key] += m[key] - (before[key] if before else 0)
             self._previous[i] = m
         live = [m for m in metrics if m is not None]
@@ -165,6 +165,8 @@ class Monitor:
             "charts/head_version": min(versions) if versions else None,
             "charts/head_lag": max(lags) if lags else None,
             "charts/queue_depth": sum(m["queue_depth"] for m in live),
+            # sequences per batched round over the interval: how much continuous batching batches
+            "charts/batch_size": delta["rounds"] / delta["batch_rounds"] if delta["batch_rounds"] else None,
             "actors": metrics,
             # where each process is, for an operator (and the fault tests) to find it
             "learner_pids": list(self.learner.group.pids) if self.learner is not None else [],

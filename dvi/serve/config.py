@@ -20,8 +20,8 @@ class EndpointConfig(Strict):
     api_key: SecretStr | None = Field(None, description=f"clients must send `Authorization: Bearer <key>`; "
                                                         f"null: ${API_KEY_ENV} if set, else no key")
     served_model_name: str | None = Field(None, description="the `model` clients send; null: the model's name")
-    max_ongoing_requests: int = Field(4, ge=1, description="requests a replica holds at once (it decodes one at "
-                                                           "a time, the rest wait in order)")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests a replica holds at once (it decodes up to "
+                                                           "actors.max_batch together, the rest wait in order)")
     max_queued_requests: int = Field(16, ge=-1, description="requests waiting for a replica beyond those; more "
                                                             "get 503 with Retry-After (-1: no limit)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on Ctrl-C or SIGTERM, in-flight requests get this "

@@ -1,16 +1,18 @@
 """A generation replica: the Ray Serve face of `actors.generation.GenerationWorker`, the same decoder,
-transition stream and weight pulls as a `dvi run` actor, answering one request at a time in arrival order
-(Serve's `max_ongoing_requests` is its queue, `max_queued_requests` the callers waiting beyond it).
+transition stream and weight pulls as a `dvi run` actor, decoding up to `actors.max_batch` requests together
+(continuous batching, selfspec.batching); Serve's `max_ongoing_requests` bounds what it holds, the rest of
+them waiting for room in the batch, and `max_queued_requests` the callers waiting beyond it.
 
-`generate` streams text as it settles: each decoded round goes through a thread (torch releases the GIL,
-the replica's event loop stays free for new calls and cancellations), its tokens through a TextStream that
-holds back a possible stop sequence. A cancelled call (the client left) stops decoding after the round in
+`generate` streams text as it settles: each request is read on a thread of the replica's own pool (the
+batch loop decodes on its own thread; the replica's event loop stays free for new calls and cancellations),
+its tokens through a TextStream that holds back a possible stop sequence. A cancelled call (the client left) stops decoding after the round in
 progress, so the replica is free for the next request.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -31,6 +33,8 @@ class GenerationReplica:
         actor_id = int(getattr(rank, "rank", rank) or 0)
         client = connect(redis_url, password=redis_password) if redis_url else None
         self.worker = GenerationWorker(cfg, run_id, actor_id, redis_client=client)
+        # a thread per request it holds (asyncio's default pool has only a few: they would cap the batch)
+        self.readers = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="dvi-request")
 
     async def generate(self, request: dict):
         """Yield {"text"} chunks as they settle, then {"text", "result"}: the worker's result dict with
@@ -59,7 +63,7 @@ class GenerationReplica:
             except BaseException as err:  # reaches the caller as the call's error
                 loop.call_soon_threadsafe(chunks.put_nowait, err)
 
-        loop.run_in_executor(None, decode)
+        loop.run_in_executor(self.readers, decode)
         try:
             while True:
                 chunk = await chunks.get()

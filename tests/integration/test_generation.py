@@ -176,16 +176,19 @@ def test_bad_requests_are_reported_and_the_actor_carries_on(model, redis_client)
         GenerationConfig(gama=4)
 
 
-def test_concurrent_callers_are_served_one_at_a_time_without_redis(model):
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_concurrent_callers_share_the_batch_without_redis(model, max_batch):
     # no Redis: a serving baseline without streaming or weight pulls; callers on threads (as Ray's
-    # threaded actor calls it) queue, and each is decoded alone
-    gen = GenerationWorker(config(), RUN, parts=model_parts(model))
+    # threaded actor calls it) decode together up to max_batch, the rest queue; each gets its own tokens
+    gen = GenerationWorker(config(max_batch=max_batch), RUN, parts=model_parts(model))
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(gen.generate, [request(i, max_new_tokens=8 + i) for i in range(3)]))
+        results = list(pool.map(gen.generate, [request(i, max_new_tokens=20 + i) for i in range(3)]))
     for i, r in enumerate(results):
-        assert r["error"] is None and r["output_ids"] == plain_greedy(model, PROMPT, 8 + i)
+        assert r["error"] is None and r["output_ids"] == plain_greedy(model, PROMPT, 20 + i)
     m = gen.metrics()
     assert (m["requests_done"], m["queue_depth"], m["transitions_written"], m["head_lag"]) == (3, 0, 0, None)
+    assert m["batch_size"] == 0 and 1 <= m["mean_batch_size"] <= max_batch
+    assert m["batch_rounds"] < m["rounds"] if max_batch > 1 else m["batch_rounds"] == m["rounds"]
 
 
 def test_ray_actor_serves_a_request(model, redis_server):
