@@ -46,7 +46,7 @@ from selfspec.batching import Batcher
 from selfspec.drafter import head_from_weights, head_weights
 from selfspec.engine import DecodeOptions, TransitionSink, SelfSpecDecoder
 from selfspec.head_format import HeadSpec
-from selfspec.loading import ModelParts, DeviceSettings, load_model_parts, make_length_policy
+from selfspec.loading import ModelParts, DeviceSettings, cost_batch_sizes, load_model_parts, make_length_policy
 from selfspec.prompts import messages_ids
 from selfspec.transitions import Transition
 
@@ -78,7 +78,7 @@ class GenerationWorker:
             parts = load_for_actor(cfg, device)
         self.parts, self.tokenizer = parts, parts.tokenizer
         self.split, self.head = parts.split, parts.head
-        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head, cfg.max_batch)
+        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head, cost_batch_sizes(cfg.max_batch))
         self.writer = self.store = None
         if redis_client is not None:
             from selfspec.model import model_name

@@ -152,7 +152,7 @@ class Batcher:
                 continue
             try:
                 seq = self.decoder.join(handle.prompt_ids, handle.options)
-            except ValueError as err:
+            except Exception as err:  # this request's alone (a bad one): the batch goes on
                 handle._finish(None, err)
                 continue
             handle._put(list(seq.result.tokens))

@@ -172,7 +172,7 @@ class SelfSpecDecoder:
         verifier's own. A request that ends there (EOS, one token) has left already (`finished`)."""
         opts = replace(options or DecodeOptions(), **overrides)
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.split.device).flatten()
-        budget = self._check(prompt.numel(), opts)
+        budget = self._check(prompt, opts)
         eos = opts.eos_ids if opts.eos_ids is not None else model_eos_ids(self.split.config)
         seq = self._prefill(prompt, budget, replace(opts, request_id=opts.request_id or uuid.uuid4().hex[:12]), eos)
         seq.result.t_prefill = time.perf_counter() - seq.started
@@ -201,6 +201,7 @@ class SelfSpecDecoder:
             out.append((seq, new))
         return out
 
+    @torch.inference_mode()
     def leave(self, seq: Sequence, stop_reason: str | None = None) -> None:
         """End a request between rounds (`stop_reason` "stop": a stop sequence matched; None: abandoned)."""
         if seq.finished:
@@ -211,19 +212,22 @@ class SelfSpecDecoder:
 
     def _retire(self, seq: Sequence) -> None:
         """Out of the batch: the last sequence moves into its slot, so that the batch's slots stay the first ones."""
-        last = self.batch.pop()
+        last = self.batch[-1]
         if last is not seq:
             self.cache.move(last.slot, seq.slot, last.position)
             last.slot = seq.slot
             self.batch[seq.slot] = last
+        self.batch.pop()
         seq.finished = True
         seq.result.t_total = time.perf_counter() - seq.started
 
-    def _check(self, prompt_len: int, opts: DecodeOptions) -> int:
+    def _check(self, prompt: torch.Tensor, opts: DecodeOptions) -> int:
         """The new-token budget, or a clear error for a request that cannot run."""
-        limit = self.split.max_positions
+        limit, prompt_len = self.split.max_positions, prompt.numel()
         if prompt_len == 0:
             raise ValueError("empty prompt: give at least one token")
+        if prompt.min() < 0 or prompt.max() >= self.split.config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.split.config.vocab_size})")
         if prompt_len >= limit:
             raise ValueError(f"prompt has {prompt_len} tokens but the model has {limit} positions; "
                              f"shorten it to at most {limit - 1}")

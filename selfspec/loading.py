@@ -60,9 +60,9 @@ def load_model_parts(model_spec: str, exit_layer: int = 4, head_path: str | None
 
 
 def make_length_policy(name: str, gamma: int, passes: PassRunner | None = None,
-                head: DrafterHead | None = None, max_batch: int = 1) -> LengthPolicy:
-    """`passes`: what will run the passes (a cost-aware policy measures their costs on it, at batch sizes
-    1, 2, 4, ... up to `max_batch`, the most sequences its decoder will batch)."""
+                head: DrafterHead | None = None, batch_sizes: tuple[int, ...] = (1,)) -> LengthPolicy:
+    """`passes`: what will run the passes (a cost-aware policy measures their costs on it, at `batch_sizes`:
+    the batches its decoder will run, or `cost_batch_sizes(max_batch)`)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if name == "fixed":
@@ -71,6 +71,11 @@ def make_length_policy(name: str, gamma: int, passes: PassRunner | None = None,
         return ConfidenceThreshold(gamma)
     if name == "cost_aware":
         # the policy may pick any length up to gamma, so measure verify costs up to gamma + 1 tokens
-        sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        return CostAware(measure_pass_costs(passes, head, gamma, sizes), gamma)
+        return CostAware(measure_pass_costs(passes, head, gamma, batch_sizes), gamma)
     raise ValueError(f"unknown length policy {name!r}: choose one of {', '.join(POLICIES)}")
+
+
+def cost_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a cost-aware policy times for a decoder of up to `max_batch` sequences: 1, 2, 4, ...
+    and max_batch itself (costs in between are interpolated)."""
+    return tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))

@@ -2,26 +2,34 @@
 
 All methods run in one process on the same prompts (chat template, batch 1, greedy), interleaved
 prompt by prompt with the order rotated, so that machine noise hits every method alike.
+
+At concurrency N (run_concurrency_bench) N requests are in flight on one model instead: N clients, each
+sending its next prompt when its last one is answered, to one dvi decoder batching them (selfspec.batching),
+or transformers' generate on groups of N prompts at once; hf_ar at batch 1 is the reference for identity.
 """
 from __future__ import annotations
 
 import copy
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from dvi.studies.methods import METHODS
+from dvi.studies.methods import CONCURRENT_DEFAULT, METHODS
 from selfspec.acceptance import mean_accepted_length
+from selfspec.batching import Batcher
 from selfspec.passes import StaticPasses, passes_mode
 from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import ModelParts, make_length_policy
-from selfspec.prompts import Prompt, chat_ids
+from selfspec.model import eos_ids
+from selfspec.prompts import Prompt, chat_ids, left_padded
 from selfspec.versions import cpu_name, package_versions
 
 
@@ -41,6 +49,25 @@ class MethodRuns:
         """The runs of prompts number `keep`, in that order."""
         return MethodRuns(self.name, [self.tokens[i] for i in keep], [self.seconds[i] for i in keep],
                           [self.results[i] for i in keep] if self.results else [])
+
+
+# dvi method -> (length policy, drafts up to the bench's γ (else none: plain decoding), n-gram copies)
+DVI_METHODS = {
+    "dvi_ar": ("fixed", False, 0),
+    "dvi_spec": ("fixed", True, 0),
+    "dvi_spec_dynamic": ("cost_aware", True, 0),
+    # copied n-gram drafts when the text recurs, the head otherwise
+    "dvi_spec_ngram": ("fixed", True, 1),
+    "dvi_spec_ngram_dynamic": ("cost_aware", True, 1),
+}
+
+
+def make_decoder(parts: ModelParts, method: str, gamma: int, batch_sizes: tuple[int, ...] = (1,)) -> SelfSpecDecoder:
+    """The decoder of a dvi method; a cost-aware one times the passes at `batch_sizes`, the batches it will run."""
+    policy, drafts, ngram = DVI_METHODS[method]
+    gamma = gamma if drafts else 0
+    length_policy = make_length_policy(policy, gamma, parts.passes, parts.head, batch_sizes)
+    return SelfSpecDecoder(parts.split, parts.head, length_policy, ngram=ngram, passes=parts.passes)
 
 
 def _hf_runner(model, max_new_tokens: int, **assist):
@@ -65,12 +92,7 @@ def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
 def make_runners(parts: ModelParts, max_new_tokens: int, gamma: int, methods: tuple[str, ...] = METHODS,
                  prompt_lookup_tokens: int = 10) -> dict[str, Callable[[list[int]], tuple[list[int], DecodeResult | None]]]:
     """One runner per method, hf_ar first (the reference for speedup and identity): ids -> (new tokens, result)."""
-    model, split, head, passes = parts.model, parts.split, parts.head, parts.passes
-
-    def dvi(name: str, gamma: int, ngram: int = 0):  # built only when asked for: cost_aware measures costs at start-up
-        policy = make_length_policy(name, gamma, passes, head)
-        return _dvi_runner(SelfSpecDecoder(split, head, policy, ngram=ngram, passes=passes), max_new_tokens)
-
+    model, split = parts.model, parts.split
     makers = {
         "hf_ar": lambda: _hf_runner(model, max_new_tokens),
         "hf_prompt_lookup": lambda: _hf_runner(model, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens),
@@ -80,12 +102,9 @@ def make_runners(parts: ModelParts, max_new_tokens: int, gamma: int, methods: tu
         # the same as transformers runs it out of the box: on CUDA it compiles the forward (recompiling for
         # every new cache length, i.e. per prompt length); elsewhere it is hf_static
         "hf_compile": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
-        "dvi_ar": lambda: dvi("fixed", 0),
-        "dvi_spec": lambda: dvi("fixed", gamma),
-        "dvi_spec_dynamic": lambda: dvi("cost_aware", gamma),
-        # copied n-gram drafts when the text recurs, the head otherwise
-        "dvi_spec_ngram": lambda: dvi("fixed", gamma, ngram=1),
-        "dvi_spec_ngram_dynamic": lambda: dvi("cost_aware", gamma, ngram=1),
+        # built only when asked for: cost_aware measures costs at start-up
+        **{name: (lambda name=name: _dvi_runner(make_decoder(parts, name, gamma), max_new_tokens))
+           for name in DVI_METHODS},
     }
     names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]
     return {name: makers[name]() for name in names}
@@ -132,27 +151,41 @@ def machine_info(parts: ModelParts) -> dict:
             "versions": package_versions()}  # what hf_ar's and dvi's speeds were measured with
 
 
-def size_static_cache(parts: ModelParts, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int) -> None:
-    """Grow a static KV cache (selfspec.passes) to fit the longest prompt before anything is timed or
-    measured: growing it later drops every captured CUDA graph, and recapturing them would land inside a
-    timed generation."""
+def size_static_cache(parts: ModelParts, prompts_ids: list[list[int]], max_new_tokens: int, gamma: int,
+                      slots: int = 1) -> None:
+    """Grow a static KV cache (selfspec.passes) to fit the longest prompt, `slots` sequences at once, before
+    anything is timed or measured: growing it later drops every captured CUDA graph, and recapturing them
+    would land inside a timed generation."""
     if isinstance(parts.passes, StaticPasses):
-        parts.passes.new_cache(max(map(len, prompts_ids)) + max_new_tokens + gamma + 1)
+        # what the decoder asks for: a round's widest block (γ + 1) and a padding row's position after it
+        parts.passes.new_cache(max(map(len, prompts_ids)) + max_new_tokens + gamma + 2, slots)
 
 
 def run_bench(parts: ModelParts, prompts: list[Prompt], max_new_tokens: int, gamma: int,
               methods: tuple[str, ...] = METHODS, prompt_lookup_tokens: int = 10) -> dict:
-    model, split = parts.model, parts.split
     encoded = [chat_ids(parts.tokenizer, p.text) for p in prompts]
     size_static_cache(parts, encoded, max_new_tokens, gamma)  # before make_runners: cost-aware ones capture
     runners = make_runners(parts, max_new_tokens, gamma, methods, prompt_lookup_tokens)
+    runs = run_interleaved(runners, encoded, parts.split.device)
+    return bench_report(parts, prompts, encoded, runs, max_new_tokens, gamma)
+
+
+def run_interleaved(runners: dict, encoded: list[list[int]], device: torch.device) -> dict[str, MethodRuns]:
+    """Every runner on every prompt, one at a time (run_prompt), after an untimed warm-up."""
     names = list(runners)
     warm_up(runners, encoded[0])
     runs = {name: MethodRuns(name) for name in names}
-    with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
+    with tqdm(total=len(encoded) * len(names), desc="bench", unit="gen") as bar:
         for i, ids in enumerate(encoded):
-            run_prompt(runners, runs, ids, i, bar, split.device)
+            run_prompt(runners, runs, ids, i, bar, device)
             bar.update(len(names))
+    return runs
+
+
+def bench_report(parts: ModelParts, prompts: list[Prompt], encoded: list[list[int]], runs: dict[str, MethodRuns],
+                 max_new_tokens: int, gamma: int) -> dict:
+    """The JSON report of batch-1 runs: the machine, the settings, and each method against hf_ar."""
+    model, split = parts.model, parts.split
     reference = runs["hf_ar"]
     report = {
         "model": parts.meta.get("base_model", getattr(model.config, "_name_or_path", "")) or "unknown",
@@ -160,7 +193,7 @@ def run_bench(parts: ModelParts, prompts: list[Prompt], max_new_tokens: int, gam
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "exit_layer": split.exit_layer,
         "gamma": gamma, "head_path": parts.meta.get("path"),
         "prompts": [{"id": p.id, "category": p.category} for p in prompts],
-        "methods": [method_summary(runs[name], reference, model, encoded) for name in names],
+        "methods": [method_summary(runs[name], reference, model, encoded) for name in runs],
     }
     if "dvi_ar" in runs:  # does drafting itself ever change a token? (in bfloat16 hf_ar and dvi_ar may differ)
         for m in report["methods"]:
@@ -218,3 +251,161 @@ def _divergence(model, prompt: list[int], ref: list[int], got: list[int]) -> dic
     top = logits.topk(2).values
     return {"index": i, "ref_token": ref[i] if i < len(ref) else None, "got_token": got[i] if i < len(got) else None,
             "logit_margin": float(top[0] - top[1])}
+
+
+# `dvi bench --concurrency`: N requests in flight on one model.
+
+# per untimed warm-up request: a few rounds at the level's batch size, so that first calls' allocations and
+# kernel choices fall outside the timed set
+WARM_UP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """What `dvi bench --concurrency` runs: every method of `methods` with N requests in flight, for every N
+    of `levels`."""
+    levels: tuple[int, ...]
+    methods: tuple[str, ...] = CONCURRENT_DEFAULT
+
+
+@dataclass
+class Request:
+    """One request as its client saw it."""
+    tokens: list[int]
+    ttft: float  # seconds from sending it to its first token
+    latency: float  # seconds from sending it to its last token
+    result: DecodeResult | None = None  # dvi methods only
+
+
+@dataclass
+class LevelRun:
+    """A method's requests at one level, in prompt order, and the wall time of the whole set."""
+    requests: list[Request]
+    seconds: float
+    mean_batch_size: float | None = None  # dvi methods: sequences per decoder round
+
+
+def run_concurrency_bench(parts: ModelParts, prompts: list[Prompt], max_new_tokens: int, gamma: int,
+                          concurrency: Concurrency) -> dict:
+    """hf_ar alone at batch 1 on every prompt (the reference: report["methods"]), then every method of
+    `concurrency` at each of its levels (report["by_concurrency"]["N"][method])."""
+    encoded = [chat_ids(parts.tokenizer, p.text) for p in prompts]
+    # before any decoder is built (cost-aware ones capture), with a slot for every sequence of the largest batch
+    size_static_cache(parts, encoded, max_new_tokens, gamma, max(concurrency.levels))
+    runs = run_interleaved(make_runners(parts, max_new_tokens, gamma, ("hf_ar",)), encoded, parts.split.device)
+    report = bench_report(parts, prompts, encoded, runs, max_new_tokens, gamma)
+    servers = {name: _hf_batched_runner(parts.model) if name == "hf_batched" else
+               _batcher_runner(make_decoder(parts, name, gamma, concurrency.levels)) for name in concurrency.methods}
+    levels = run_levels(servers, encoded, concurrency.levels, max_new_tokens, parts.split.device)
+    reference = runs["hf_ar"].tokens
+    report["by_concurrency"] = {str(n): {name: level_summary(levels[n][name], reference) for name in servers}
+                                for n in concurrency.levels}
+    return report
+
+
+def run_levels(servers: dict, encoded: list[list[int]], levels: tuple[int, ...], max_new_tokens: int,
+               device: torch.device) -> dict[int, dict[str, LevelRun]]:
+    """Every server (method) on every prompt at every level, each after an untimed warm-up at that level."""
+    names = list(servers)
+    out: dict[int, dict[str, LevelRun]] = {n: {} for n in levels}
+    with tqdm(total=len(levels) * len(names) * len(encoded), desc="bench --concurrency", unit="req") as bar:
+        for j, level in enumerate(levels):
+            for name in names[j % len(names):] + names[: j % len(names)]:  # rotated, as run_prompt's order
+                bar.set_postfix_str(f"{name}, {level} in flight")
+                servers[name]([ids[:16] for ids in encoded[:level]], level, WARM_UP_TOKENS, lambda n: None)
+                synchronize(device)
+                out[level][name] = servers[name](encoded, level, max_new_tokens, bar.update)
+    return out
+
+
+def level_summary(run: LevelRun, reference: list[list[int]]) -> dict:
+    """A method's numbers at one level; `reference`: hf_ar's batch-1 tokens, prompt by prompt."""
+    requests, tokens = run.requests, [r.tokens for r in run.requests]
+    out = {"tokens_per_s": sum(map(len, tokens)) / run.seconds,
+           "tokens_per_s_per_request": float(np.mean([len(r.tokens) / r.latency for r in requests])),
+           "ttft_p50_s": float(np.median([r.ttft for r in requests])),
+           "latency_p50_s": float(np.median([r.latency for r in requests])),
+           "identical_to_ar": _identical(tokens, reference),
+           "tokens": int(sum(map(len, tokens))), "seconds": run.seconds}
+    if all(r.result is not None for r in requests):
+        out["mean_batch_size"] = run.mean_batch_size
+        out["mean_accepted_length"] = mean_accepted_length(s.accepted for r in requests for s in r.result.rounds)
+    return out
+
+
+class _FirstCall(LogitsProcessor):
+    """Notes when generate first processes logits: the prefill is done and the first token one argmax away."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            synchronize(self.device)  # on a GPU the prefill may still be queued
+            self.at = time.perf_counter()
+        return scores
+
+
+def _hf_batched_runner(model):
+    """transformers' generate on consecutive groups of N prompts, left-padded: a group's requests are all
+    sent at its start and all answered at its end (generate returns nothing earlier), so their latency is
+    the group's wall time, and their TTFT the time to the group's first token."""
+    eos = eos_ids(model.generation_config)
+    pad = min(eos, default=0)  # any id: padded positions are masked, and a row's tokens after EOS cut off
+    device = model.device
+
+    def group(prompts: list[list[int]], max_new_tokens: int) -> list[Request]:
+        config = copy.deepcopy(model.generation_config)
+        config.update(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        input_ids, mask = left_padded(prompts, pad)
+        first = _FirstCall(device)
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             logits_processor=LogitsProcessorList([first]))
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        rows = [_until_eos(row, eos) for row in out[:, input_ids.shape[1]:].tolist()]
+        return [Request(row, first.at - start, seconds) for row in rows]
+
+    def run(prompts: list[list[int]], level: int, max_new_tokens: int, done: Callable[[int], None]) -> LevelRun:
+        start, requests = time.perf_counter(), []
+        for i in range(0, len(prompts), level):
+            requests += group(prompts[i:i + level], max_new_tokens)
+            done(len(prompts[i:i + level]))
+        return LevelRun(requests, time.perf_counter() - start)
+    return run
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """A batched row as batch 1 would have returned it: up to its first EOS (what follows is padding)."""
+    return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+def _batcher_runner(decoder: SelfSpecDecoder):
+    """The decoder serving N clients with continuous batching (selfspec.batching), each client sending its next
+    prompt as soon as its last one is answered (a closed loop): a request's TTFT and latency are what its
+    client waits for it, never time queued behind prompts a real client would not have sent yet."""
+    def run(prompts: list[list[int]], level: int, max_new_tokens: int, done: Callable[[int], None]) -> LevelRun:
+        batcher = Batcher(decoder, level)
+        try:
+            start, requests = time.perf_counter(), []
+            with ThreadPoolExecutor(level) as clients:  # a free client takes the next prompt, in order
+                for request in clients.map(lambda ids: _request(batcher, ids, max_new_tokens), prompts):
+                    requests.append(request)
+                    done(1)
+            seconds = time.perf_counter() - start
+        finally:
+            batcher.close()
+        return LevelRun(requests, seconds, batcher.mean_batch_size)
+    return run
+
+
+def _request(batcher: Batcher, ids: list[int], max_new_tokens: int) -> Request:
+    """One client's request: sent, its chunks read as they come, its result."""
+    handle = batcher.submit(ids, max_new_tokens=max_new_tokens)
+    first = None
+    for _ in handle:
+        first = first if first is not None else time.perf_counter()
+    result = handle.wait()
+    return Request(result.tokens, first - handle.submitted, time.perf_counter() - handle.submitted, result)

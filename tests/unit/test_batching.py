@@ -1,0 +1,519 @@
+"""Continuous batching with per-sequence speculation (issue 29): every row of a batch decodes what it decodes
+alone. Greedy rows are plain greedy decoding whatever joins and leaves around them; sampled rows follow the
+model's distribution and a seeded one repeats; each row emits its own transition every round; the static
+passes batch like the eager ones; the Batcher stops, cancels, rejects and closes request by request."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from test_sampling import ALPHA, chi_square_pvalue
+from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
+
+from selfspec.batching import Batcher
+from selfspec.drafter import DrafterHead, HeadConfig
+from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
+from selfspec.length_policy import LengthPolicy
+from selfspec.passes import StaticPasses, pass_runner
+from selfspec.split import SplitModel
+from selfspec.transitions import ARRAY_FIELDS, COPIED, DRAFTED, PLAIN
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(max_positions=MAX_POS)
+
+
+FREE_RUN = 8  # EOS candidates: the first tokens of the model's own greedy run
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """16 requests (prompt, max_new, EOS or None) and each one's plain greedy run of max(max_new, FREE_RUN)
+    tokens (fewer only at the context limit). Half the prompts repeat a span with the model's own
+    continuation between (copied n-gram drafts get accepted), one ends at its prefill (max_new 1), one has
+    room for 3 tokens only (its prompt near the context limit); half of the others stop at an EOS taken from
+    their own run, so rows end by EOS while others go on."""
+    rng = np.random.default_rng(29)
+    bases = [rng.integers(0, 256, int(rng.integers(2, 6))).tolist() for _ in range(8)]
+    continued = plain_greedy_batch(model, bases, [int(rng.integers(1, 6)) for _ in bases])
+    prompts = [[*base, *cont, *base] for base, cont in zip(bases, continued, strict=True)]
+    prompts += [rng.integers(0, 256, int(rng.integers(1, 24))).tolist() for _ in range(7)]
+    prompts.append(rng.integers(0, 256, MAX_POS - 3).tolist())
+    max_new = [int(rng.integers(2, 30)) for _ in prompts]
+    max_new[3] = 1
+    runs = plain_greedy_batch(model, prompts, [max(n, FREE_RUN) for n in max_new])
+    cases = []
+    for i, (prompt, n, run) in enumerate(zip(prompts, max_new, runs, strict=True)):
+        eos = {run[int(rng.integers(0, FREE_RUN))]} if len(run) >= FREE_RUN and i % 2 else set()
+        expected = run[:n]
+        expected = expected[:next((j + 1 for j, t in enumerate(expected) if t in eos), len(expected))]
+        cases.append((prompt, dict(max_new_tokens=n, eos_ids=eos), expected))
+    assert len(runs[-1]) == 3 and any(c[1]["eos_ids"] and len(c[2]) < c[1]["max_new_tokens"] for c in cases)
+    return cases
+
+
+@dataclass
+class Run:
+    seqs: list[Sequence]
+    sizes: list[int] = field(default_factory=list)  # each round's batch size
+    steps: list[list[tuple[str, int]]] = field(default_factory=list)  # each round's rows: (request_id, its round)
+    eos_beside_others: int = 0  # requests that ended by EOS in a round after which others went on
+
+
+def decode_batched(decoder: SelfSpecDecoder, requests: list[tuple[list[int], dict]], max_batch: int,
+                   seed: int = 0, most: int = 2) -> Run:
+    """Continuous batching by hand, on join/step: before each step() 0 to `most` waiting requests join (at least
+    one into an empty batch) while there is room, so requests join and leave at different rounds. Checks what a step
+    promises: one (sequence, new tokens) per row in slot order, the new tokens at the end of its result,
+    the rows still in the batch in the first slots."""
+    rng = np.random.default_rng(seed)
+    waiting = list(enumerate(requests))
+    run = Run([None] * len(requests))
+    while waiting or decoder.batch:
+        for _ in range(int(rng.integers(0 if decoder.batch else 1, most + 1))):
+            if not waiting or len(decoder.batch) >= max_batch:
+                break
+            i, (prompt, options) = waiting.pop(0)
+            run.seqs[i] = decoder.join(prompt, **options)
+            assert run.seqs[i].finished == (run.seqs[i] not in decoder.batch)
+        if not decoder.batch:
+            continue
+        before = list(decoder.batch)
+        stepped = decoder.step()
+        assert [s for s, _ in stepped] == before
+        assert [s.slot for s in decoder.batch] == list(range(len(decoder.batch)))
+        assert all(not s.finished for s in decoder.batch) and all(s.finished for s in before if s not in decoder.batch)
+        for seq, new in stepped:
+            assert new and seq.result.tokens[-len(new):] == new
+            assert seq.result.rounds[-1].batch == len(before)
+            run.eos_beside_others += seq.finished and seq.result.stop_reason == "eos" and bool(decoder.batch)
+        run.sizes.append(len(before))
+        run.steps.append([(s.options.request_id, s.rounds) for s in before])
+    return run
+
+
+def seeded_head(model, k, noise, vocab=None, attention=None):
+    """make_head, LoRA's A (which it draws from the global generator) seeded: the same settings give the same
+    head whatever ran before. noise None: no head."""
+    if noise is None:
+        return None
+    torch.manual_seed(0)
+    return make_head(model, k, noise, vocab, attention=attention)
+
+
+def make_decoder(model, k, gamma, policy, noise, vocab=None, attention=None, ngram=0, **kwargs) -> SelfSpecDecoder:
+    """A decoder with a fresh length policy and head (noise None: none)."""
+    head = seeded_head(model, k, noise, vocab, attention)
+    return SelfSpecDecoder(SplitModel(model, k), head, make_length_policy(policy, gamma), ngram=ngram, **kwargs)
+
+
+def drafting_counts(results) -> tuple[int, int, int]:
+    """(drafts verified, accepted, rounds with a reject) over the results' rounds."""
+    rounds = [r for res in results for r in res.rounds]
+    return (sum(r.drafted for r in rounds), sum(r.accepted for r in rounds),
+            sum(r.accepted < r.drafted for r in rounds))
+
+
+# (exit layer k, gamma, policy, head noise (None: no head), draft vocab, (attention layers, window), ngram)
+SETTINGS = [
+    (2, 4, "fixed", 0.05, None, None, 0),
+    (3, 4, "cost_aware", 0.05, None, None, 0),
+    (2, 5, "threshold", 0.0, None, None, 0),
+    (3, 5, "fixed", 0.0, 64, None, 0),  # a draft vocabulary
+    (1, 5, "fixed", 0.05, None, (2, 16), 0),  # an attention head
+    (1, 5, "cost_aware", 0.05, 64, (2, 16), 0),
+    (2, 4, "fixed", None, None, None, 1),  # copied drafts without a head
+    (2, 4, "cost_aware", 0.05, None, None, 1),  # copies, and the head where none matches
+    (2, 4, "fixed", 0.05, None, (1, 3), 1),
+    (2, 0, "fixed", None, None, None, 0),  # γ=0: plain batched decoding
+]
+
+
+@pytest.mark.parametrize("k,gamma,policy,noise,vocab,attention,ngram", SETTINGS)
+def test_every_row_is_plain_greedy(model, reference, k, gamma, policy, noise, vocab, attention, ngram):
+    """Each row of a batch whose rows join and leave at different rounds is plain greedy decoding, and what
+    the request decodes alone; where the length policy's decisions do not depend on the batch (fixed,
+    threshold), the rounds are the same too: speculation is per sequence."""
+    decoder = make_decoder(model, k, gamma, policy, noise, vocab, attention, ngram)
+    run = decode_batched(decoder, [(p, o) for p, o, _ in reference], max_batch=4, seed=k * 10 + gamma)
+    alone = make_decoder(model, k, gamma, policy, noise, vocab, attention, ngram)
+    for seq, (prompt, options, expected) in zip(run.seqs, reference, strict=True):
+        assert seq.finished
+        assert seq.result.tokens == expected, f"prompt={prompt} {options}"
+        single = alone.generate(prompt, **options)
+        assert single.tokens == expected and seq.result.stop_reason == single.stop_reason
+        if policy != "cost_aware":
+            rounds = [(r.drafted, r.accepted) for r in seq.result.rounds]
+            assert rounds == [(r.drafted, r.accepted) for r in single.rounds]
+    assert max(run.sizes) == 4 and min(run.sizes) < 4
+    assert any(len({r.batch for r in s.result.rounds}) > 1 for s in run.seqs), "no row saw the batch change"
+    assert run.eos_beside_others > 0, "no row ended by EOS while others went on"
+    drafted, accepted, rejected = drafting_counts(s.result for s in run.seqs)
+    if gamma:
+        assert drafted > 0 and accepted > 0 and rejected > 0
+    else:
+        assert drafted == 0
+
+
+def test_eos_inside_a_draft_ends_its_row_only(model):
+    """Rows of one prompt, each with its own EOS (the k-th token of the greedy run), one with none: a good
+    head drafts past most of them, so the round is cut at the EOS for that row only."""
+    prompt = [17, 3, 99, 42, 8]
+    run_ = plain_greedy(model, prompt, 30)
+    # EOS candidates: tokens first emitted by a round (not prefill), each at its first occurrence
+    eos_tokens = [t for j, t in enumerate(run_[:12]) if j > 0 and t not in run_[:j]]
+    requests = [(prompt, dict(max_new_tokens=30, eos_ids=eos)) for eos in [*({t} for t in eos_tokens), set()]]
+    decoder = make_decoder(model, 3, 5, "fixed", 0.0, ngram=1)
+    run = decode_batched(decoder, requests, max_batch=len(requests), most=len(requests))  # all join at once
+    cut_short = 0
+    for seq, t in zip(run.seqs, eos_tokens):
+        assert seq.result.tokens == run_[:run_.index(t) + 1] and seq.result.stop_reason == "eos"
+        cut_short += 1 + sum(r.accepted + 1 for r in seq.result.rounds) > len(seq.result.tokens)
+    assert run.seqs[-1].result.tokens == run_ and run.seqs[-1].result.stop_reason == "length"
+    assert len(eos_tokens) >= 4 and cut_short > 0 and run.eos_beside_others == len(eos_tokens)
+
+
+def test_join_and_leave_between_steps(model, reference):
+    """Sequences join between step() calls and one leaves in the middle of the batch (the last moves into its
+    slot): every other row stays plain greedy; the one that left keeps a prefix of its run."""
+    pa, pb, pc = (reference[i][0] for i in (0, 4, 6))
+    pd, od, ed = reference[8]
+    ea, ec = plain_greedy_batch(model, [pa, pc], [40, 30])
+    decoder = make_decoder(model, 2, 4, "fixed", 0.05, ngram=1)
+    with pytest.raises(ValueError, match="empty prompt"):
+        decoder.join([])
+    a = decoder.join(pa, max_new_tokens=40, eos_ids=set())
+    b = decoder.join(pb, max_new_tokens=60, eos_ids=set())
+    decoder.step()
+    c = decoder.join(pc, max_new_tokens=30, eos_ids=set())
+    decoder.step()
+    assert [s.slot for s in decoder.batch] == [0, 1, 2] and decoder.batch == [a, b, c]
+    with pytest.raises(RuntimeError, match="decoding a batch"):
+        decoder.generate([1, 2, 3], max_new_tokens=3)
+    read = list(b.result.tokens)
+    decoder.leave(b)  # abandoned in the middle slot: c moves into it
+    assert b.finished and b.result.tokens == read and b.result.stop_reason == "length"
+    assert decoder.batch == [a, c] and c.slot == 1
+    d = decoder.join(pd, **od)
+    while decoder.batch:
+        decoder.step()
+        assert [s.slot for s in decoder.batch] == list(range(len(decoder.batch)))
+    assert (a.result.tokens, c.result.tokens, d.result.tokens) == (ea, ec, ed)
+    assert read == plain_greedy(model, pb, len(read))
+    # a request that stops ("stop") leaves with that reason; alone again, the decoder generates
+    e = decoder.join(pa, max_new_tokens=20, eos_ids=set())
+    decoder.step()
+    decoder.leave(e, "stop")
+    assert e.result.stop_reason == "stop" and not decoder.batch
+    assert decoder.generate(pc, max_new_tokens=30, eos_ids=set()).tokens == ec
+
+
+# ---- sampling ----
+
+TEMPERATURE = 0.8
+
+
+def exact_marginals(model, prompt: list[int], vocab: int) -> list[np.ndarray]:
+    """The model's exact marginals of the 1st, 2nd and 3rd sampled tokens after `prompt`."""
+    with torch.no_grad():
+        def next_probs(seqs):
+            return torch.softmax(model(torch.tensor(seqs)).logits[:, -1] / TEMPERATURE, -1)
+        p1 = next_probs([prompt])[0]
+        p2_given = next_probs([prompt + [a] for a in range(vocab)])
+        p3_given = next_probs([prompt + [a, b] for a in range(vocab) for b in range(vocab)]).view(vocab, vocab, vocab)
+    joint12 = p1[:, None] * p2_given
+    return [p.numpy() for p in (p1, joint12.sum(0), (joint12[:, :, None] * p3_given).sum((0, 1)))]
+
+
+def test_sampled_rows_follow_the_model_distribution():
+    """Two prompts decoded in one batch of 8 (rows joining as others finish, each with its own seed): each
+    row's first three sampled tokens follow its own prompt's exact marginals (chi-square, fixed seeds),
+    through the head's drafts and copied ones, both accepted and rejected. The test tells the rows apart:
+    one prompt's tokens do not fit the other's marginals."""
+    vocab = 32
+    model = tiny_llama(seed=2, vocab=vocab)
+    split = SplitModel(model, 2)
+    head = DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0))
+    transitions = []
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=1, sink=TransitionSink(transitions.append))
+    a = [5, 9, 2, 30]
+    b = [11, 4, 20]
+    b = [*b, *plain_greedy(model, b, 4), *b]  # copies: the prompt repeats with the model's continuation between
+    prompts, samples = (a, b), 800
+    requests = [(prompts[s % 2], dict(max_new_tokens=3, temperature=TEMPERATURE, seed=s, eos_ids=set()))
+                for s in range(2 * samples)]
+    run = decode_batched(decoder, requests, max_batch=8, seed=2, most=8)
+    assert np.mean(run.sizes) > 5
+    counts = np.zeros((2, 3, vocab))
+    for s, seq in enumerate(run.seqs):
+        assert len(seq.result.tokens) == 3
+        for i, tok in enumerate(seq.result.tokens):
+            counts[s % 2, i, tok] += 1
+    rounds = {s.options.request_id: s.result.rounds for s in run.seqs}
+    for kind in (DRAFTED, COPIED):  # rounds of both kinds of drafts, some accepted, some rejected
+        verified = [rounds[t.request_id][t.round - 1] for t in transitions if t.kind[0] == kind]
+        assert sum(r.accepted > 0 for r in verified) > 50 and sum(r.accepted < r.drafted for r in verified) > 50, kind
+    exact = [exact_marginals(model, p, vocab) for p in prompts]
+    for r in range(2):
+        for i in range(3):
+            assert chi_square_pvalue(counts[r, i], exact[r][i]) > ALPHA, f"prompt {r} token {i + 1}"
+    for i in range(3):  # power: the rows are told apart
+        assert chi_square_pvalue(counts[0, i], exact[1][i]) < ALPHA
+        assert chi_square_pvalue(counts[1, i], exact[0][i]) < ALPHA
+
+
+def test_seeded_sampled_rows_repeat(model, reference):
+    """A seeded sampled request gives the same tokens twice in the same batch composition, and (fixed γ: its
+    drafts and draws do not depend on the batch) the tokens it gives alone; greedy rows beside it stay greedy."""
+    requests = [(reference[i][0], dict(max_new_tokens=24, temperature=t, seed=s, eos_ids=set()))
+                for i, t, s in ((0, 0.7, 1), (5, 1.0, 2), (6, 1.3, 3), (1, 1.0, 4))]
+    requests.append(reference[2][:2])
+    first, second = (decode_batched(make_decoder(model, 2, 3, "fixed", 0.05, ngram=1), requests, 3, seed=5)
+                     for _ in range(2))
+    assert [s.result.tokens for s in first.seqs] == [s.result.tokens for s in second.seqs]
+    alone = make_decoder(model, 2, 3, "fixed", 0.05, ngram=1)
+    for seq, (prompt, options) in zip(first.seqs, requests, strict=True):
+        assert seq.result.tokens == alone.generate(prompt, **options).tokens
+    assert first.seqs[-1].result.tokens == reference[2][2]
+    assert len({tuple(s.result.tokens) for s in first.seqs}) == len(requests)
+    drafted, accepted, rejected = drafting_counts(s.result for s in first.seqs[:-1])
+    assert accepted > 0 and rejected > 0
+
+
+# ---- transitions ----
+
+def test_one_transition_per_row_per_round(model, reference):
+    """A batched run emits, each round, one transition per row in slot order, with the row's request id and
+    round index (and each request's prompt rows, round 0, when it joins); a request's transitions are the
+    ones it emits alone (fixed γ)."""
+    def decoder(out):
+        return make_decoder(model, 2, 3, "fixed", 0.05, attention=(1, 4), ngram=1,
+                            sink=TransitionSink(out.append, prompt_rows=2))
+    requests = [(p, {**o, "request_id": f"r{i}"}) for i, (p, o, _) in enumerate(reference[:10])]
+    batched = []
+    run = decode_batched(decoder(batched), requests, max_batch=4, seed=3)
+    assert [(t.request_id, t.round) for t in batched if t.round > 0] == [row for step in run.steps for row in step]
+    for seq, (_, options) in zip(run.seqs, requests, strict=True):
+        mine = [t.round for t in batched if t.request_id == options["request_id"]]
+        assert mine == list(range(len(seq.result.rounds) + 1))
+    alone = []
+    single = decoder(alone)
+    for prompt, options in requests:
+        single.generate(prompt, **options)
+    assert len(alone) == len(batched)
+    by_request = {}
+    for t in alone:
+        by_request.setdefault(t.request_id, []).append(t)
+    kinds = set()
+    for t in batched:
+        u = by_request[t.request_id].pop(0)
+        for name in ("round", "head_version", "workload", "temperature", "run_id", "actor_id"):
+            assert getattr(t, name) == getattr(u, name), name
+        for name, (dtype, _) in ARRAY_FIELDS.items():
+            x, y = getattr(t, name), getattr(u, name)
+            assert x.shape == y.shape, name
+            if dtype.kind == "f":
+                assert np.allclose(x, y, rtol=2e-3, atol=2e-3), name
+            else:
+                assert (x == y).all(), name
+        kinds.update(t.kind.tolist())
+    assert {DRAFTED, COPIED, PLAIN} <= kinds
+
+
+# ---- static passes ----
+
+@pytest.mark.parametrize("k,gamma,policy,noise,vocab,attention,ngram", [
+    (2, 4, "fixed", 0.05, None, None, 1),
+    (1, 5, "cost_aware", 0.05, 64, (2, 16), 0),
+])
+def test_static_passes_decode_a_batch_like_eager(model, reference, k, gamma, policy, noise, vocab, attention, ngram):
+    """The static-position passes (what CUDA graphs replay) decode a batch like the eager ones: the shared
+    cache grows its slots while sequences are in flight, padding rows write past their own tokens."""
+    split = SplitModel(model, k)
+    static = pass_runner(split, "static")
+    assert isinstance(static, StaticPasses)
+    head = seeded_head(model, k, noise, vocab, attention)
+    requests = [(p, o) for p, o, _ in reference]
+    runs = {}
+    for name, passes in (("eager", split), ("static", static)):
+        decoder = SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram, passes=passes)
+        runs[name] = decode_batched(decoder, requests, max_batch=4, seed=7)
+    for e, s, (_, _, expected) in zip(runs["eager"].seqs, runs["static"].seqs, reference, strict=True):
+        assert s.result.tokens == e.result.tokens == expected
+    assert static.cache.slots >= 4
+    assert drafting_counts(s.result for s in runs["static"].seqs)[0] > 0
+
+
+# ---- the Batcher ----
+
+def finish(handle, timeout: float = 60.0):
+    """(the handle's chunks, its DecodeResult or the exception wait() raised), or a failure if it hangs."""
+    out = {}
+
+    def read():
+        out["chunks"] = list(handle)
+        try:
+            out["result"] = handle.wait()
+        except Exception as err:  # noqa: BLE001 - the test looks at it
+            out["result"] = err
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        pytest.fail(f"a request hung: {handle.prompt_ids[:8]}... {handle.options}")
+    return out["chunks"], out["result"]
+
+
+@pytest.mark.parametrize("policy,ngram", [("fixed", 0), ("cost_aware", 1)])
+def test_batcher_rows_are_plain_greedy(model, reference, policy, ngram):
+    """Requests submitted to a Batcher (at most 3 at once) stream their chunks and end as plain greedy
+    decoding; between_rounds runs on the loop thread."""
+    calls = []
+    batcher = Batcher(make_decoder(model, 2, 4, policy, 0.05, ngram=ngram), max_batch=3,
+                      between_rounds=lambda: calls.append(threading.current_thread().name))
+    try:
+        handles = [batcher.submit(p, **o) for p, o, _ in reference]
+        for handle, (prompt, options, expected) in zip(handles, reference, strict=True):
+            chunks, result = finish(handle)
+            assert sum(chunks, []) == result.tokens == expected, f"prompt={prompt} {options}"
+        assert 1 < batcher.mean_batch_size <= 3
+        assert calls and set(calls) == {"dvi-batcher"}
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit([1, 2])
+
+
+def test_stop_ends_a_request_where_its_reader_stopped(model, reference):
+    """stop() after the first chunk (the prefill's token) or the third: the result holds what was read, with
+    stop_reason "stop"; the request beside it (in the next slot: it moves into the stopped one's) decodes on,
+    and the batch empties."""
+    long_prompt, other_prompt = reference[0][0], reference[2][0]
+    full, other_run = plain_greedy_batch(model, [long_prompt, other_prompt], [60, 40])
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=3)
+    try:
+        for after in (1, 3):
+            stopped = batcher.submit(long_prompt, max_new_tokens=60, eos_ids=set())
+            other = batcher.submit(other_prompt, max_new_tokens=40, eos_ids=set())
+            read = []
+            for n, chunk in enumerate(stopped, 1):
+                read += chunk
+                if n == after:
+                    stopped.stop()
+            chunks, result = finish(stopped)
+            assert not isinstance(result, Exception), result
+            assert result.stop_reason == "stop" and result.tokens == read == full[:len(read)]
+            assert len(read) < 60 and (after == 1) == (len(read) == 1)
+            chunks, result = finish(other)
+            assert not isinstance(result, Exception), result
+            assert sum(chunks, []) == result.tokens == other_run
+        for _ in range(100):
+            if batcher.batch_size == 0:
+                break
+            time.sleep(0.05)
+        assert batcher.batch_size == 0
+    finally:
+        batcher.close()
+
+
+def test_cancel_frees_the_slot(model, reference):
+    """cancel() abandons a running request (it leaves before it would have ended; the request in the slot
+    after it moves into its slot and decodes on) and a waiting one (never decoded): the requests after them
+    take the freed slots and decode correctly."""
+    companion_prompt = reference[1][0]
+    (companion_run,) = plain_greedy_batch(model, [companion_prompt], 50)
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05, ngram=1), max_batch=2)
+    try:
+        running = batcher.submit(reference[0][0], max_new_tokens=60, eos_ids=set())
+        companion = batcher.submit(companion_prompt, max_new_tokens=50, eos_ids=set())
+        waiting = batcher.submit(reference[5][0], max_new_tokens=60, eos_ids=set())
+        after = [batcher.submit(p, **o) for p, o, _ in reference[4:7]]
+        waiting.cancel()
+        next(iter(running))
+        running.cancel()
+        abandoned = finish(running)[1]
+        assert not isinstance(abandoned, Exception), abandoned
+        assert abandoned.stop_reason == "length" and 1 <= len(abandoned.tokens) < 60
+        assert finish(waiting) == ([], None)
+        for handle, expected in zip([companion, *after], [companion_run, *(c[2] for c in reference[4:7])], strict=True):
+            result = finish(handle)[1]
+            assert not isinstance(result, Exception), result
+            assert result.tokens == expected
+    finally:
+        batcher.close()
+
+
+def test_bad_request_fails_alone(model, reference):
+    """Requests that cannot run fail alone with the decoder's ValueError; the others decode."""
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2)
+    bad = {"empty prompt": ([], {}), "prompt has 96 tokens": (list(range(MAX_POS)), {}),
+           "temperature must be >= 0": ([1, 2], {"temperature": -1.0}),
+           "max_new_tokens must be >= 1": ([1, 2], {"max_new_tokens": 0})}
+    try:
+        good = [batcher.submit(p, **o) for p, o, _ in reference[:2]]
+        failing = {message: batcher.submit(p, **o) for message, (p, o) in bad.items()}
+        good += [batcher.submit(p, **o) for p, o, _ in reference[2:4]]
+        for message, handle in failing.items():
+            chunks, err = finish(handle)
+            assert chunks == [] and isinstance(err, ValueError) and str(err).startswith(message)
+        for handle, (_, _, expected) in zip(good, reference[:4], strict=True):
+            assert finish(handle)[1].tokens == expected
+    finally:
+        batcher.close()
+
+
+def test_request_with_an_unknown_token_fails_alone(model, reference):
+    """A prompt with a token id outside the vocabulary cannot run: it fails (its wait() raises, it does not
+    hang), and the request decoding beside it is not failed with it."""
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2)
+    try:
+        prompt, options, expected = reference[0]
+        good = batcher.submit(prompt, **{**options, "max_new_tokens": 40, "eos_ids": set()})
+        next(iter(good))  # decoding when the bad one joins
+        bad = batcher.submit([1, model.config.vocab_size + 7], max_new_tokens=5)
+        err = finish(bad, 5)[1]
+        assert isinstance(err, Exception)
+        result = finish(good, 20)[1]
+        assert not isinstance(result, Exception), f"the good request failed with the bad one: {result!r}"
+        assert result.tokens == plain_greedy(model, prompt, 40)
+    finally:
+        batcher.close()
+
+
+def test_close_fails_what_is_in_flight_or_waiting(model):
+    """close() while requests run and wait: each of them fails with an error (none hangs), and no request is
+    accepted after. The loop is held in between_rounds while close() is called, so the order is certain."""
+    entered, release = threading.Event(), threading.Event()
+    admits = []
+
+    def between_rounds():
+        admits.append(1)
+        if len(admits) == 2:  # the second admission: a request is running, another about to join
+            entered.set()
+            release.wait(30)
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2, between_rounds=between_rounds)
+    running = batcher.submit([1, 2, 3], max_new_tokens=80, eos_ids=set())
+    next(iter(running))  # it runs
+    joining = batcher.submit([4, 5, 6], max_new_tokens=80, eos_ids=set())
+    assert entered.wait(30)
+    waiting = [batcher.submit([7, 8, 9], max_new_tokens=80, eos_ids=set()) for _ in range(3)]
+    closer = threading.Thread(target=batcher.close, daemon=True)
+    closer.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # once submit refuses, close() has marked the batcher closed
+        try:
+            waiting.append(batcher.submit([7, 8, 9], max_new_tokens=80, eos_ids=set()))
+        except RuntimeError:
+            break
+        time.sleep(0.01)
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung"
+    for handle in [running, joining, *waiting]:
+        err = finish(handle, 10)[1]
+        assert isinstance(err, RuntimeError) and "closed" in str(err)
