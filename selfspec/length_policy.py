@@ -99,7 +99,7 @@ class ConfidenceThreshold(LengthPolicy):
 @dataclass(frozen=True)
 class Calibration:
     """How CostAware learns what the head's confidence is worth."""
-    explore: float = 0.03  # fraction of rounds that call a head not expected to pay
+    explore: float = 0.03  # fraction of sequence-rounds that call a head not expected to pay
     prior_weight: float = 4.0  # observations the raw confidence is worth as a prior
     bins: int = 10  # confidence bins
     seed: int = 0  # of the exploration coin
@@ -163,7 +163,9 @@ class CostAware(LengthPolicy):
         if self.batch not in self._head_value:
             self._head_value[self.batch] = self._value_of_head()
         head_pays = self._head_value[self.batch] > 1.0 / self.costs.round_time(0, 0)
-        return self.max_drafts > 0 and (head_pays or self.rng.random() < self.explore)
+        # exploring calls the head for every sequence of the batch: explore / batch of the rounds keeps the
+        # share of sequence-rounds (what calibration learns from, and what exploring costs) the same
+        return self.max_drafts > 0 and (head_pays or self.rng.random() < self.explore / self.batch)
 
     def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
         self.seen[self._bin(top_prob)] += 1
