@@ -32,7 +32,7 @@ class GenerationConfig(DecodingConfig):
                                                    "prefill verified them); 0: generated positions only")
     weights_check_every_rounds: int = Field(
         64, ge=1, description="read weights:latest once this many rounds went by (checked, and swapped, "
-                              "between requests)")
+                              "between rounds, when waiting requests join)")
     num_threads: int | None = Field(None, ge=1, description="torch threads (CPU); None: num_cpus when set, "
                                                            "else torch's default")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")

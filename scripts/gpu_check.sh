@@ -129,16 +129,18 @@ profile() {  # profile NAME ARGS...: dvi profile on CUDA into profile_NAME/
     return "${PIPESTATUS[0]}"
 }
 METHODS=hf_ar,hf_static,dvi_ar,dvi_spec_dynamic,dvi_spec_ngram_dynamic
-# decode passes as CUDA graphs (--steps auto on CUDA), in both dtypes
+# decode passes as CUDA graphs (--passes auto on CUDA), in both dtypes
 check "dvi bench float32" bench float32 150 --dtype float32 --methods "$METHODS"
 check "dvi bench bfloat16" bench bfloat16 150 --dtype bfloat16 --methods "$METHODS"
 # the same passes without graphs: what the graphs gain
-check "dvi bench float32 eager" bench float32_eager 90 --dtype float32 --steps eager --n 4 \
+check "dvi bench float32 eager" bench float32_eager 90 --dtype float32 --passes eager --n 4 \
     --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
+# continuous batching: graphs per batch bucket, N requests in flight on one decoder
+check "dvi bench --concurrency" bench concurrency 150 --dtype float32 --n 32 --concurrency 1,8,32
 # where a token's time goes (CPU time, kernels, GPU idle): the bfloat16 slowdown, with and without graphs
 check "dvi profile float32" profile float32 --dtype float32 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
 check "dvi profile bfloat16" profile bfloat16 --dtype bfloat16 --methods hf_ar,dvi_ar,dvi_spec_ngram_dynamic
-check "dvi profile bfloat16 eager" profile bfloat16_eager --dtype bfloat16 --steps eager --methods dvi_ar
+check "dvi profile bfloat16 eager" profile bfloat16_eager --dtype bfloat16 --passes eager --methods dvi_ar
 profile_cudnn() {  # the same with cuDNN attention allowed in dvi's passes (hf_ar always may): the suspect
     export DVI_DECODE_CUDNN_SDPA=1
     profile "$@"
@@ -146,7 +148,7 @@ profile_cudnn() {  # the same with cuDNN attention allowed in dvi's passes (hf_a
     unset DVI_DECODE_CUDNN_SDPA
     return $rc
 }
-check "dvi profile bfloat16 eager, cuDNN attention" profile_cudnn bfloat16_eager_cudnn --dtype bfloat16 --steps eager \
+check "dvi profile bfloat16 eager, cuDNN attention" profile_cudnn bfloat16_eager_cudnn --dtype bfloat16 --passes eager \
     --methods dvi_ar
 
 # transformers' static cache as it runs by default (compiling per prompt length): whatever time is left

@@ -28,6 +28,7 @@ from selfspec.kv_cache import Block, carry
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
+from selfspec.span_clock import SpanClock
 from selfspec.split import SplitModel
 from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound, prompt_transition,
                                   round_transition)
@@ -280,7 +281,7 @@ class SelfSpecDecoder:
     def _round(self, batch: list[Sequence]) -> list[list[int]]:
         """draft -> verify -> accept -> observe -> emit -> commit, for every sequence at once; the tokens
         each one emits."""
-        policy, clock, t_start = self.length_policy, _Clock(), time.time()
+        policy, clock, t_start = self.length_policy, SpanClock(), time.time()
         policy.begin_round(len(batch))
         rooms = [min(policy.max_drafts, seq.budget - 1) for seq in batch]  # keep a slot for the bonus token
         with clock("draft"):
@@ -296,7 +297,8 @@ class SelfSpecDecoder:
             hiddens = [d.hidden for d in drafts]  # [1, 1 + drafts, d] each
             width = max(h.shape[1] for h in hiddens)
             block = Block(tuple(seq.position for seq in batch), tuple(h.shape[1] for h in hiddens))
-            logits = self.passes.verify(torch.cat([_pad(h, width) for h in hiddens]), block, self.cache)
+            padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in hiddens]  # zeros after
+            logits = self.passes.verify(torch.cat(padded), block, self.cache)
             logits = [logits[i, :h.shape[1]] for i, h in enumerate(hiddens)]
             accepted = [self._accept(d, lg, seq.options.temperature, seq.generator)
                         for seq, d, lg in zip(batch, drafts, logits)]
@@ -446,31 +448,3 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
         return int(logits.argmax(-1)[0])
     return int(torch.multinomial(torch.softmax(logits.double() / temperature, -1)[0], 1, generator=generator))
 
-
-class _Clock:
-    """Seconds spent in named spans, summed where a name recurs: `with clock("verify"): ...` (spans do
-    not nest), then clock["verify"]."""
-
-    def __init__(self):
-        self.started, self.spans, self._name, self._t = time.perf_counter(), {}, "", 0.0
-
-    def __call__(self, name: str) -> _Clock:
-        self._name = name
-        return self
-
-    def __enter__(self) -> None:
-        self._t = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        self.spans[self._name] = self[self._name] + time.perf_counter() - self._t
-
-    def __getitem__(self, name: str) -> float:
-        return self.spans.get(name, 0.0)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-def _pad(hidden: torch.Tensor, width: int) -> torch.Tensor:
-    """[1, m, d] -> [1, width, d], zeros after: padding rows of a block."""
-    return hidden if hidden.shape[1] == width else torch.cat([hidden, hidden.new_zeros(1, width - hidden.shape[1], hidden.shape[2])], 1)

@@ -84,16 +84,10 @@ class BatchKVCache:
     covers positions up to the block's furthest one; for one row the mask is the plain causal one (none for a
     single token), so a batch of one computes what a one-sequence cache does."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", slots: int = 1):
-        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, config, capacity: int, dtype: torch.dtype, device, slots: int = 1):
+        """For an HF decoder `config`: `slots` sequences of `capacity` positions."""
+        self.keys, self.values = _slots(config, capacity, dtype, device, slots)
         self._block, self._end, self._writes = Block((0,), (0,)), 0, None
-
-    @classmethod
-    def for_model(cls, config, capacity: int, dtype: torch.dtype, device, slots: int = 1) -> "BatchKVCache":
-        return cls(*_model_dims(config), capacity, dtype, device, slots)
 
     @property
     def capacity(self) -> int:
@@ -163,19 +157,13 @@ class StaticKVCache:
     passes overwrite it before anything attends there). Nothing a pass does depends on Python-side values,
     so one captured graph serves every position, and forgetting rejected drafts costs nothing."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", slots: int = 1):
-        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, config, capacity: int, dtype: torch.dtype, device, slots: int = 1):
+        """For an HF decoder `config`: `slots` sequences of `capacity` positions."""
+        self.keys, self.values = _slots(config, capacity, dtype, device, slots)
         self.capacity, self.slots = capacity, slots
         self.starts = torch.zeros(slots, dtype=torch.long, device=device)
         self.key_positions = torch.arange(capacity, device=device)
         self._positions, self._rows = self.key_positions[None, :0], slice(0, 1)
-
-    @classmethod
-    def for_model(cls, config, capacity: int, dtype: torch.dtype, device, slots: int = 1) -> "StaticKVCache":
-        return cls(*_model_dims(config), capacity, dtype, device, slots)
 
     move = BatchKVCache.move
 
@@ -214,10 +202,11 @@ def carry(old, new) -> None:
     new.values[:, :slots, :, :capacity] = old.values
 
 
-def _model_dims(config) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of an HF decoder config."""
+def _slots(config, capacity: int, dtype: torch.dtype, device, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed keys and values [layers, slots, KV heads, capacity, head dim] for an HF decoder config."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+    shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, head_dim)
+    return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
 
 @functools.cache

@@ -62,14 +62,16 @@ class LeanLlamaLayer:
         return hidden + self._linear(F.silu(self._linear(x, self.gate)) * self._linear(x, self.up), self.down)
 
     def _attention(self, q, keys, values, mask):
-        """[1, heads, n, dim] queries over the cache -> [1, n, heads * dim], grouped as HF's SDPA path groups them."""
+        """[B, heads, n, dim] queries over the cache -> [B, n, heads * dim]. Each key/value head serves its
+        group's queries at once: the group's n queries become one axis of groups * n (the mask repeated per
+        group), so the cache is read as it is. Expanding keys and values to every query head instead copies
+        the whole cache per layer, which made a 2-token block over a 700-token context 4x a 1-token one."""
         b, heads, n, dim = q.shape
-        if self.groups > 1 and n == 1:  # one query: each key/value head serves its group's queries at once
-            out = F.scaled_dot_product_attention(q.view(b, heads // self.groups, self.groups, dim), keys, values,
-                                                 attn_mask=mask, scale=self.scale)
-            return out.reshape(b, 1, heads * dim)
-        if self.groups > 1:
-            keys, values = (t[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(b, heads, -1, dim)
-                            for t in (keys, values))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2).reshape(b, n, heads * dim)
+        if self.groups == 1:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            return out.transpose(1, 2).reshape(b, n, heads * dim)
+        grouped = q.reshape(b, heads // self.groups, self.groups * n, dim)
+        if mask is not None and n > 1:
+            mask = mask[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(mask.shape[0], 1, self.groups * n, -1)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
+        return out.view(b, heads, n, dim).transpose(1, 2).reshape(b, n, heads * dim)

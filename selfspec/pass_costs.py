@@ -121,34 +121,47 @@ def measure_pass_costs(passes, head, max_drafts: int, batch_sizes=(1,), context:
     passes.verify(passes.trunk(ids[:context], 0, cache), 0, cache)
     for slot in range(1, sizes[-1]):  # every slot holds the same context
         cache.move(0, slot, context)
-    return CostTable({b: _measure_batch(passes, head, cache, ids, b, max_drafts, context, reps) for b in sizes})
+    probe = _Probe(passes, head, cache, ids[context:], context, reps)
+    return CostTable({b: probe.costs(b) for b in sizes})
 
 
-def _measure_batch(passes, head, cache, ids: torch.Tensor, batch: int, max_drafts: int, context: int,
-                   reps: int) -> PassCosts:
-    """The passes' costs for `batch` sequences at `context`: each timed pass writes past the context only,
-    where the next one writes again."""
-    def block(m: int) -> Block:
-        return Block((context,) * batch, (m,) * batch)
+@dataclass
+class _Probe:
+    """What timing the passes at one batch size needs: a cache whose slots hold `context` positions, and the
+    tokens after them."""
+    passes: object
+    head: object
+    cache: object
+    tokens: torch.Tensor  # max_drafts + 1 ids: the widest block
+    context: int
+    reps: int
 
-    rows = ids[context:context + max_drafts + 1].expand(batch, -1)
-    hidden = passes.trunk(rows[:, :1], block(1), cache)
-    device = passes.device
-    trunk = _median_seconds(lambda: passes.trunk(rows[:, :1], block(1), cache), reps, device)
-    head_cost = float("inf")
-    if head is not None:
-        head_cache = head.new_cache(context + 1)
-        if head.attends:  # an attention head runs a row at a time, on its own cache
-            head_cost = batch * _median_seconds(lambda: passes.head_logits(head, hidden[:1], context, head_cache),
-                                                reps, device)
-        else:
-            head_cost = _median_seconds(lambda: passes.head_logits(head, hidden, context, head_cache), reps, device)
-    widths = range(1, max_drafts + 2)
-    verify = [0.0] + [_median_seconds(lambda m=m: passes.verify(hidden.expand(-1, m, -1), block(m), cache), reps, device)
-                      for m in widths]
-    trunk_block = [0.0] + [_median_seconds(lambda m=m: passes.trunk(rows[:, :m], block(m), cache), reps, device)
-                           for m in widths]
-    return PassCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=trunk_block, batch=batch)
+    def costs(self, batch: int) -> PassCosts:
+        """The passes' costs for `batch` sequences: each timed pass writes past the context only, where
+        the next one writes again."""
+        passes, head, cache, context, reps = self.passes, self.head, self.cache, self.context, self.reps
+
+        def block(m: int) -> Block:
+            return Block((context,) * batch, (m,) * batch)
+
+        rows = self.tokens.expand(batch, -1)
+        hidden = passes.trunk(rows[:, :1], block(1), cache)
+        device = passes.device
+        trunk = _median_seconds(lambda: passes.trunk(rows[:, :1], block(1), cache), reps, device)
+        head_cost = float("inf")
+        if head is not None:
+            head_cache = head.new_cache(context + 1)
+            if head.attends:  # an attention head runs a row at a time, on its own cache
+                head_cost = batch * _median_seconds(lambda: passes.head_logits(head, hidden[:1], context, head_cache),
+                                                    reps, device)
+            else:
+                head_cost = _median_seconds(lambda: passes.head_logits(head, hidden, context, head_cache), reps, device)
+        widths = range(1, len(self.tokens) + 1)
+        verify = [0.0] + [_median_seconds(lambda m=m: passes.verify(hidden.expand(-1, m, -1), block(m), cache), reps,
+                                          device) for m in widths]
+        trunk_block = [0.0] + [_median_seconds(lambda m=m: passes.trunk(rows[:, :m], block(m), cache), reps, device)
+                               for m in widths]
+        return PassCosts(trunk=trunk, head=head_cost, verify=verify, trunk_block=trunk_block, batch=batch)
 
 
 @torch.inference_mode()

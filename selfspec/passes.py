@@ -115,7 +115,7 @@ class StaticPasses:
             self.captured.clear()  # graphs read the old cache's addresses
             self._head = None
             self.cache = None  # free it before allocating the next
-            self.cache = StaticKVCache.for_model(self.config, size, self.split.dtype, self.device, slots)
+            self.cache = StaticKVCache(self.config, size, self.split.dtype, self.device, slots)
         return self.cache
 
     def trunk(self, token_ids: torch.Tensor, start: int | Block, cache: StaticKVCache) -> torch.Tensor:

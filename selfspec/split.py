@@ -64,7 +64,7 @@ class SplitModel:
         self.thin_rows.update(rows)
 
     def new_cache(self, capacity: int, slots: int = 1) -> BatchKVCache:
-        return BatchKVCache.for_model(self.config, capacity, self.dtype, self.device, slots)
+        return BatchKVCache(self.config, capacity, self.dtype, self.device, slots)
 
     def _run(self, hidden: torch.Tensor, lo: int, hi: int, start: int | Block,
              cache: BatchKVCache | StaticKVCache) -> torch.Tensor:

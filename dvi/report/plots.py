@@ -195,9 +195,9 @@ def plot_latency_percentiles(stats: dict[str, dict[str, list[float | None]]], fi
     _save(fig, file)
 
 
-def plot_head_lag(series: list[dict], file: Path, *, ylabel: str = "head lag (versions behind latest)",
-                    title: str = "Policy lag of the served drafter heads",
-                    events: list[tuple[float, str]] = ()) -> None:
+def plot_over_time(series: list[dict], file: Path, *, ylabel: str = "head lag (versions behind latest)",
+                   title: str = "Policy lag of the served drafter heads",
+                   events: list[tuple[float, str]] = ()) -> None:
     """Lines or points over time: each series {label, t, y, points: bool, jitter: float (points only: a
     uniform vertical spread, so that integer values shared by many points still show how many)}."""
     import numpy as np

@@ -17,7 +17,7 @@ from dvi.report.format import mean, md_table, number, percentiles, read_yaml, ro
 from dvi.run import files as rf  # the run directory read leniently
 
 PLOT_FILES = {"heldout_mal": "heldout_mal.png", "live": "live_mal_throughput.png", "learner": "learner.png",
-              "latency": "latency_percentiles.png", "head_lag": "head_lag.png"}
+              "latency": "latency_percentiles.png", "head_lag": "head_lag.png", "batching": "batching.png"}
 SUMMARY_ROWS = (  # (key, label, kind, core): core keys are named when summary.json lacks them
     ("requests_total", "requests (trace lines)", "int", False),
     ("requests_completed", "requests completed", "int", True),
@@ -185,7 +185,7 @@ def _plot_head_lag(files: rf.RunFiles, out: Path, events):
     snapshots = rf.actors_events(files.metrics)
     lag = rf.series(snapshots, "t", "charts/head_lag")
     if lag[0]:
-        plots.plot_head_lag([{"label": "largest lag over actors", "t": lag[0], "y": lag[1]}], out, events=events)
+        plots.plot_over_time([{"label": "largest lag over actors", "t": lag[0], "y": lag[1]}], out, events=events)
         return out, ("Policy lag: how many published versions the most out-of-date actor's drafter head is behind "
                      "the latest (metrics.jsonl actor snapshots).")
     timeline = rf.version_timeline(files)
@@ -205,17 +205,38 @@ def _plot_head_lag(files: rf.RunFiles, out: Path, events):
                 series.append({"label": workload, "t": [t for t, _ in pts], "y": [y for _, y in pts],
                                "points": True, "jitter": 0.12})
     if series:
-        plots.plot_head_lag(series, out, events=events)
+        plots.plot_over_time(series, out, events=events)
         return out, (f"Policy lag per request: the latest published version at its completion ({timeline[1]}) "
                      "minus the head version it was served with (points jittered ±0.12 vertically to show "
                      "how many share a value).")
     for workload in sorted({w for _, _, w in served}):
         pts = [(t, v) for t, v, w in served if w == workload]
         series.append({"label": workload, "t": [t for t, _ in pts], "y": [y for _, y in pts], "points": True})
-    plots.plot_head_lag(series, out, ylabel="head version served", events=events,
+    plots.plot_over_time(series, out, ylabel="head version served", events=events,
                           title="ModelParts head version served per request")
     return out, ("Head version each request was served with (the lag itself is unknown: no head_lag or versions "
                  "events in metrics.jsonl, and no run start time to place versions.jsonl on the replay clock).")
+
+
+def _plot_batching(files: rf.RunFiles, out: Path, events):
+    snapshots = rf.actors_events(files.metrics)
+    series = [{"label": label, "t": t, "y": y} for label, (t, y) in (
+        ("sequences per round (over each snapshot interval)", rf.series(snapshots, "t", "charts/batch_size")),
+        ("requests waiting for a place in a batch (all actors)", rf.series(snapshots, "t", "charts/queue_depth")))
+        if t]
+    caption = ("Continuous batching: how many sequences the actors' rounds decoded together, and how many "
+               "requests waited for a place (metrics.jsonl actor snapshots).")
+    if not series:
+        done = [(r["done_s"], number(rf.extra(r).get("mean_batch_size"))) for r in files.requests
+                if number(r.get("done_s")) is not None]
+        done = [(t, b) for t, b in done if b is not None]
+        if not done:
+            return None, "no charts/batch_size in metrics.jsonl and no requests with extra.mean_batch_size"
+        series = [{"label": "each request", "t": [t for t, _ in done], "y": [b for _, b in done], "points": True}]
+        caption = "Mean batch size each request was decoded in, by completion time (requests.jsonl)."
+    plots.plot_over_time(series, out, ylabel="sequences / requests", events=events,
+                         title="Batch size and queue of the generation actors")
+    return out, caption
 
 
 # ---------------------------------------------------------------- markdown
@@ -388,7 +409,8 @@ def write_run_report(run_dir: str | Path) -> Path:
               ("Live MAL and served throughput", "live", lambda out: _plot_live(files, out, events)),
               ("Learner losses and schedule", "learner", lambda out: _plot_learner(files, out)),
               ("Latency percentiles", "latency", lambda out: _plot_latency(files, out)),
-              ("Head lag", "head_lag", lambda out: _plot_head_lag(files, out, events))]
+              ("Head lag", "head_lag", lambda out: _plot_head_lag(files, out, events)),
+              ("Batching", "batching", lambda out: _plot_batching(files, out, events))]
     plot_lines = ["## Plots", ""]
     for i, (title, key, make) in enumerate(makers, 1):
         out = plot_dir / PLOT_FILES[key]

@@ -34,6 +34,27 @@ def test_identical_to_hf_generate(parts, policy, gamma):
             result.stop_reason == "eos"
 
 
+def test_a_batch_decodes_each_row_as_hf_generate(parts):
+    """Continuous batching on the real model: four requests of different lengths, joining as others leave
+    (max_batch 3), each with fixed γ=4 and copied drafts, token-identical to transformers' greedy generate
+    on it alone."""
+    from selfspec.batching import Batcher
+
+    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("fixed", 4, parts.split, parts.head), ngram=1)
+    requests = [(chat_ids(parts.tokenizer, p.text), n) for p, n in zip(load_prompts("builtin", 4), (12, 40, 24, 32))]
+    batcher = Batcher(decoder, 3)
+    try:
+        handles = [batcher.submit(ids, max_new_tokens=n) for ids, n in requests]
+        results = [h.wait() for h in handles]
+    finally:
+        batcher.close()
+    for (ids, n), result in zip(requests, results):
+        with torch.inference_mode():
+            ref = parts.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+        assert result.tokens == ref
+    assert batcher.mean_batch_size > 1.5 and max(r.batch for res in results for r in res.rounds) == 3
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()

@@ -1,6 +1,6 @@
 """The GPU path on CUDA (skipped without one; run with `pytest -m gpu`): decode passes replayed as CUDA graphs
 equal the same passes run eagerly, bit for bit; greedy decoding of the tiny model (graphs, the default on
-CUDA, and eager) is token-identical to a plain full-forward greedy reference in float64 and float32;
+CUDA, and eager; alone and batched) is token-identical to a plain full-forward greedy reference in float64 and float32;
 speculative sampling passes the same chi-square tests as on the CPU with CUDA generators; cost
 measurement synchronises; and `dvi bench --device cuda` runs end to end (float32 and bfloat16)."""
 from __future__ import annotations
@@ -85,6 +85,28 @@ def test_greedy_identical_on_cuda(dtype, policy, mode):
     assert drafted > 0 and 0 < accepted < drafted
     assert identical >= (n if dtype == torch.float64 else n - 2)
     assert passes_mode(decoder.passes) == mode  # auto is graphs on CUDA, and no capture fell back
+
+
+@pytest.mark.parametrize("max_batch", [3, 8])
+def test_batched_graphs_decode_like_alone_on_cuda(max_batch):
+    """Continuous batching on CUDA graphs (a graph per batch bucket, spare rows in free slots): every row is
+    plain greedy decoding, in float64."""
+    from selfspec.batching import Batcher
+
+    model = tiny_llama(max_positions=MAX_POS).to(CUDA, torch.float64)
+    split = SplitModel(model, 2)
+    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_length_policy("fixed", 4), ngram=1,
+                              passes=pass_runner(split, "graphs"))
+    rng = np.random.default_rng(5)
+    requests = [(rng.integers(0, 256, int(rng.integers(1, 24))).tolist(), int(rng.integers(1, 30))) for _ in range(12)]
+    batcher = Batcher(decoder, max_batch)
+    try:
+        handles = [batcher.submit(prompt, max_new_tokens=n) for prompt, n in requests]
+        for (prompt, n), handle in zip(requests, handles):
+            assert handle.wait().tokens == plain_greedy(model, prompt, n)
+    finally:
+        batcher.close()
+    assert batcher.mean_batch_size > 1 and passes_mode(decoder.passes) == "graphs"
 
 
 def test_measured_costs_on_cuda():

@@ -61,7 +61,8 @@ def make_run_dir(out: Path, n_requests: int = 8, workloads=("chat", "code"), ste
                         "requests_failed": int(s > 0), "charts/served_tokens_per_s": 90 + 40 * s / snapshots
                         + rng.gauss(0, 5), "charts/mean_accepted_length": 1.3 + 1.3 * s / snapshots,
                         "charts/head_version": max(latest - lag, 0) if s else None,
-                        "charts/head_lag": lag if s else None, "charts/queue_depth": s % 3, "actors": []})
+                        "charts/head_lag": lag if s else None, "charts/queue_depth": s % 3,
+                        "charts/batch_size": 1 + s % 4 if s else None, "actors": []})
     metrics.append({"t": duration_s * 0.4, "event": "actor_restart", "detail": "actor 1 died; restarted"})
     metrics.sort(key=lambda m: m["t"])
     _jsonl(out / "metrics.jsonl", metrics)
