@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -138,32 +138,16 @@ class SelfSpecDecoder:
         for seq in self.batch:
             seq.head_cache = head.new_cache(self.cache.capacity) if head is not None else None
 
-    def generate(self, prompt_ids, options: DecodeOptions | None = None,
-                 **overrides) -> DecodeResult:
-        """Decode one request; `overrides` set DecodeOptions fields (max_new_tokens=...)."""
-        steps = self.stream(prompt_ids, options, **overrides)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
-    def stream(self, prompt_ids, options: DecodeOptions | None = None,
-               **overrides) -> Generator[list[int], bool | None, DecodeResult]:
-        """Decode one request alone, yielding the tokens each step adds (prefill's first one, then each
-        round's); the DecodeResult is the generator's return value. `send(True)` ends the request there (a
-        stop sequence matched: stop_reason "stop"); closing it abandons the request (a client that left)."""
+    def generate(self, prompt_ids, options: DecodeOptions | None = None, **overrides) -> DecodeResult:
+        """Decode one request alone (a batch of one); `overrides` set DecodeOptions fields (max_new_tokens=...).
+        Many at once: selfspec.batching."""
         if self.batch:
             raise RuntimeError("this decoder is decoding a batch: serve requests through selfspec.batching")
         seq = self.join(prompt_ids, options, **overrides)
         try:
-            stop = yield list(seq.result.tokens)
-            while not stop and not seq.finished:
-                ((_, new),) = self.step()
-                stop = yield new
-            if stop:
-                self.leave(seq, "stop")
-        finally:  # closed (abandoned): it leaves the batch all the same
+            while not seq.finished:
+                self.step()
+        finally:  # a failed round leaves the decoder empty for the next request
             self.leave(seq)
         return seq.result
 
@@ -291,7 +275,8 @@ class SelfSpecDecoder:
         with clock("draft"):
             drafts = [Draft("copied" if c else "none", [first[i:i + 1, :1 + len(c)]], c) for i, c in enumerate(copies)]
             head_rows = [i for i, (c, room) in enumerate(zip(copies, rooms)) if not c and room > 0]
-            if head_rows and self.head is not None and policy.start_round():
+            head_called = bool(head_rows) and self.head is not None and policy.start_round()
+            if head_called:
                 self._head_drafts(batch, drafts, head_rows, rooms)
         with clock("verify"):  # one pass over layers [k, L) verifies every sequence's drafts
             hiddens = [d.hidden for d in drafts]  # [1, 1 + drafts, d] each
@@ -302,6 +287,8 @@ class SelfSpecDecoder:
             logits = [logits[i, :h.shape[1]] for i, h in enumerate(hiddens)]
             accepted = [self._accept(d, lg, seq.options.temperature, seq.generator)
                         for seq, d, lg in zip(batch, drafts, logits)]
+        if not head_called:  # what copy rounds of this width cost now: the policy judges goodput on it
+            policy.observe_round(width - 1, clock["draft"] + clock["verify"])
         emitted_all = []
         for seq, proposal, draft, hidden, lg, (n_acc, bonus) in zip(batch, proposals, drafts, hiddens, logits, accepted):
             seq.rounds += 1

@@ -82,6 +82,9 @@ class LengthPolicy:
     def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
         """A round had this n-gram proposal (verified or not) and emitted these tokens."""
 
+    def observe_round(self, drafts: int, seconds: float) -> None:
+        """A round of this batch without head calls, its widest block `drafts` copies wide, took `seconds`."""
+
 
 class ConfidenceThreshold(LengthPolicy):
     """SVIP / AdaEDL style: stop drafting once the head is unsure (entropy high or top probability low)."""
@@ -94,6 +97,9 @@ class ConfidenceThreshold(LengthPolicy):
 
     def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
         return self._kept(kept, top_prob, top_prob >= self.min_top_prob and entropy <= self.max_entropy)
+
+
+ROUND_SMOOTHING = 0.1  # weight of a new round in the moving average of measured round times
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class CostAware(LengthPolicy):
         self.seen = [1.0] * c.bins  # how often the head shows each confidence (uniform prior)
         self.rng = random.Random(c.seed)
         self._head_value: dict[int, float] = {}  # per batch size, until the next update
+        self._seconds: dict[tuple[int, int], float] = {}  # (batch, drafts) -> a copy round's measured seconds
 
     @property
     def costs(self) -> PassCosts:
@@ -193,13 +200,30 @@ class CostAware(LengthPolicy):
         one token each, and every sequence pays for the widest block."""
         rates = [self.ngram_acceptance(match) for match, _ in offers]
         others = self.batch - len(offers)
-        best, best_rate = 0, self.batch / self.costs.copy_round_time(0)
+        best, best_rate = 0, self.batch / self._copy_seconds(0)
         for width in range(1, min(max((a for _, a in offers), default=0), self.max_drafts) + 1):
             expected = others + sum(sum(a ** j for j in range(min(width, available) + 1))
                                     for a, (_, available) in zip(rates, offers))
-            if expected / self.costs.copy_round_time(width) > best_rate:
-                best, best_rate = width, expected / self.costs.copy_round_time(width)
+            if expected / self._copy_seconds(width) > best_rate:
+                best, best_rate = width, expected / self._copy_seconds(width)
         return [min(best, available) for _, available in offers]
+
+    def observe_round(self, drafts: int, seconds: float) -> None:
+        # Goodput is judged on what rounds cost while serving: the start-up table is timed at one context
+        # length, and longer contexts, padding and per-sequence work change what a wider block costs.
+        key = (self.batch, drafts)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else old + ROUND_SMOOTHING * (seconds - old)
+
+    def _copy_seconds(self, drafts: int) -> float:
+        """What a round of the batch with copies `drafts` wide takes: as measured while serving, else the
+        start-up table's prediction scaled by how the measured plain rounds compare with their prediction."""
+        measured = self._seconds.get((self.batch, drafts))
+        if measured is not None:
+            return measured
+        predicted = self.costs.copy_round_time(drafts) * self.batch
+        plain = self._seconds.get((self.batch, 0))
+        return predicted * plain / (self.costs.copy_round_time(0) * self.batch) if plain is not None else predicted
 
     def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
         # Positions are judged up to the first disagreement with what was emitted, verified or not.

@@ -2,7 +2,7 @@
 and never a round length whose verification shape is too slow."""
 import pytest
 
-from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware
+from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
 from selfspec.pass_costs import CostTable, PassCosts
 
 # Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
@@ -177,3 +177,27 @@ def test_rows_without_copies_count_one_token_each():
     assert steady.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
     # the second has one copy only: w=1 3.6 / 0.75 = 4.8, w=2 (2.44 + 1.8) / 1.0 = 4.24: 1 each
     assert steady.copy_drafts([(1, 4), (1, 1)]) == [1, 1]
+
+
+def test_copy_widths_are_judged_on_measured_round_times():
+    # steady costs at batch 2 (above): one offering row, copies accepted with 0.8, 2 copies when both offer.
+    table = CostTable({1: BATCH_COSTS.at(1), 2: PassCosts(trunk=0.1, head=0.05, verify=[0.0, 1.0, 1.5, 2.0, 2.5, 3.0],
+                                                           trunk_block=[0.0] * 6, batch=2)})
+    policy = CostAware(table, 4, TRUSTED)
+    policy.begin_round(2)
+    assert policy.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
+    # plain rounds measured at the table's 1.0 s, but 2-wide ones at 2.5 s (a long context, say): w=2 gives
+    # 4.88 / 2.5 = 1.95 < 2 tokens/s; w=1 (table scaled by 1.0) 3.6 / 1.5 = 2.4 > 2: one copy each
+    policy.observe_round(0, 1.0)
+    policy.observe_round(2, 2.5)
+    assert policy.copy_drafts([(1, 4), (1, 4)]) == [1, 1]
+    # plain rounds measured at twice the table: every unmeasured width scales alike (the choice stays 2 each);
+    # the moving average moves a tenth of the way per round
+    slow = CostAware(table, 4, TRUSTED)
+    slow.begin_round(2)
+    slow.observe_round(0, 2.0)
+    assert slow._copy_seconds(1) == pytest.approx(3.0) and slow._copy_seconds(3) == pytest.approx(5.0)
+    assert slow.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
+    slow.observe_round(0, 3.0)
+    assert slow._copy_seconds(0) == pytest.approx(2.1)
+    assert LengthPolicy(4).observe_round(1, 1.0) is None  # the other policies do not judge costs
