@@ -105,8 +105,9 @@ class StaticPasses:
         self.fallback: str | None = None  # why graphs were turned off (a capture failed), if they were
 
     def new_cache(self, capacity: int, slots: int = 1) -> StaticKVCache:
-        """The shared cache, with room for `slots` sequences of `capacity` positions (grown, keeping nothing:
-        the decoder asks before its first sequence joins, and a static decoder grows it only when empty)."""
+        """The shared cache, with room for `slots` sequences of `capacity` positions. Growing it allocates a
+        new one (and drops the captured graphs, which read the old addresses); the decoder copies its
+        sequences over (selfspec.kv_cache.carry)."""
         slots = _bucket(slots) if self._use_graphs() else slots
         if self.cache is None or capacity > self.cache.capacity or slots > self.cache.slots:
             size = max(capacity, min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.split.max_positions))
