@@ -70,26 +70,8 @@ class GenerationWorker:
     def __init__(self, cfg: GenerationConfig, run_id: str, actor_id: int = 0, *,
                  redis_client: redis.Redis | None = None, parts: ModelParts | None = None):
         self.cfg, self.run_id, self.actor_id = cfg, run_id, actor_id
-        threads = cfg.num_threads or (max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None)
-        if threads:
-            torch.set_num_threads(threads)
-        if parts is None:
-            device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-            parts = load_for_actor(cfg, device)
-        self.parts, self.tokenizer = parts, parts.tokenizer
-        self.split, self.head = parts.split, parts.head
-        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head, cost_batch_sizes(cfg.max_batch))
-        self.writer = self.store = None
-        if redis_client is not None:
-            from selfspec.model import model_name
-
-            self.writer = TransitionWriter(redis_client, run_id, cfg.stream)
-            base_model = parts.meta.get("base_model") or model_name(cfg.model)
-            # the one fit rule: a version must have this head's arrays, exit layer and base model
-            spec = HeadSpec.of(*head_weights(self.head), base_model=base_model)
-            self.store = WeightStore(redis_client, run_id, expected=spec)
-        sink = TransitionSink(self._sink, run_id, actor_id, cfg.topk, cfg.prompt_rows) if self.writer is not None else None
-        self.decoder = SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes)
+        self.writer = TransitionWriter(redis_client, run_id, cfg.stream) if redis_client is not None else None
+        self.store: WeightStore | None = None
         self.memory = ConversationMemory()
         # None: the actor's own starting head, not a published one (its transitions carry version 0)
         self.version: int | None = None
@@ -102,7 +84,33 @@ class GenerationWorker:
                        "weights_refused": 0, "weights_errors": 0}
         self.last_weights_problem: str | None = None
         self.last_stream_problem: str | None = None
-        self.batcher = Batcher(self.decoder, cfg.max_batch, between_rounds=self._maybe_swap_head)
+        # the model is loaded on the batcher's loop thread, the one that decodes (why: selfspec.batching)
+        self.batcher = Batcher(lambda: self._build_decoder(parts, redis_client), cfg.max_batch,
+                               between_rounds=self._maybe_swap_head)
+        self.decoder = self.batcher.decoder
+
+    def _build_decoder(self, parts: ModelParts | None, redis_client: redis.Redis | None) -> SelfSpecDecoder:
+        """The model (`parts`, else cfg.model loaded on this process's device), its cost-measured length
+        policy and the decoder; the weight store that checks published heads against this one."""
+        cfg = self.cfg
+        threads = cfg.num_threads or (max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None)
+        if threads:
+            torch.set_num_threads(threads)
+        if parts is None:
+            device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            parts = load_for_actor(cfg, device)
+        self.parts, self.tokenizer = parts, parts.tokenizer
+        self.split, self.head = parts.split, parts.head
+        policy = make_length_policy(cfg.length_policy, cfg.gamma, parts.passes, self.head, cost_batch_sizes(cfg.max_batch))
+        if redis_client is not None:
+            from selfspec.model import model_name
+
+            base_model = parts.meta.get("base_model") or model_name(cfg.model)
+            # the one fit rule: a version must have this head's arrays, exit layer and base model
+            spec = HeadSpec.of(*head_weights(self.head), base_model=base_model)
+            self.store = WeightStore(redis_client, self.run_id, expected=spec)
+        sink = TransitionSink(self._sink, self.run_id, self.actor_id, cfg.topk, cfg.prompt_rows) if self.writer else None
+        return SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes)
 
     # -- serving ----------------------------------------------------------------------------------
 

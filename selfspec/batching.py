@@ -4,7 +4,16 @@ Up to `max_batch` requests decode together; the others wait in arrival order. Be
 requests join (each prompt's prefill is a pass of its own) and requests that ended leave, so a short
 request never waits for a long one (vLLM's and SGLang's schedulers work the same way, in tokens rather
 than requests). One thread, the loop, owns the decoder; callers on any thread `submit` a request and
-iterate its `Handle` for token chunks as rounds settle them. What to draft for each sequence is the length
+iterate its `Handle` for token chunks as rounds settle them.
+
+The loop's thread should be the only one in its process that runs the model. PyTorch's OpenMP (libgomp)
+gives every thread that runs a parallel region a team of its own, and once the teams hold more threads
+than the machine has cores, libgomp stops spinning between regions and every small op pays a wake-up:
+decoding ran 35% slower on 2 cores when the model had been loaded, or a baseline run, on another thread.
+So the loop builds its decoder itself when given a function that does (an actor, a replica), or runs on
+the caller's thread (`own_thread=False`, then `run()`: a benchmark whose main thread ran the model already).
+
+What to draft for each sequence is the length
 policy's decision, made per round for the batch size of that round (selfspec.length_policy.CostAware).
 """
 from __future__ import annotations
@@ -73,21 +82,34 @@ class Handle:
 
 
 class Batcher:
-    """Serves submitted requests on `decoder`, up to `max_batch` at once. `between_rounds` runs on the loop
-    thread before waiting requests join (an actor pulls new head weights there)."""
+    """Serves submitted requests on a decoder, up to `max_batch` at once. `decoder`: the decoder, or a
+    function that builds it, called on the loop's thread (the constructor waits for it and raises what it
+    raised). `between_rounds` runs on the loop thread before waiting requests join (an actor pulls new head
+    weights there). `own_thread=False`: the loop runs in `run()`, on its caller's thread, until `close()`."""
 
-    def __init__(self, decoder: SelfSpecDecoder, max_batch: int, between_rounds: Callable[[], None] | None = None):
+    def __init__(self, decoder: SelfSpecDecoder | Callable[[], SelfSpecDecoder], max_batch: int,
+                 between_rounds: Callable[[], None] | None = None, *, own_thread: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.decoder, self.max_batch, self.between_rounds = decoder, max_batch, between_rounds
+        build = None if isinstance(decoder, SelfSpecDecoder) else decoder
+        if build is not None and not own_thread:
+            raise ValueError("a Batcher builds its decoder only on its own thread: pass the decoder")
+        self.decoder, self.max_batch, self.between_rounds = None if build else decoder, max_batch, between_rounds
         self.waiting: deque[Handle] = deque()
         self.running: dict[int, tuple[Sequence, Handle]] = {}  # by id(sequence)
         self.rounds = self.sequence_rounds = 0  # rounds run, and sequences in them summed (mean batch size)
         self.busy_s = 0.0  # seconds with at least one request in the batch
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="dvi-batcher", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if own_thread:
+            built: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._build_and_run, args=(build, built), name="dvi-batcher",
+                                            daemon=True)
+            self._thread.start()
+            error = built.get()
+            if error is not None:
+                raise error
 
     def submit(self, prompt_ids, options: DecodeOptions | None = None, **overrides) -> Handle:
         """Queue a request (thread-safe); it joins the batch at the next round with room."""
@@ -112,10 +134,22 @@ class Batcher:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+    def _build_and_run(self, build: Callable[[], SelfSpecDecoder] | None, built: queue.Queue) -> None:
+        if build is not None:
+            try:
+                self.decoder = build()
+            except BaseException as err:  # the constructor raises it
+                built.put(err)
+                return
+        built.put(None)
+        self.run()
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """The loop: admit waiting requests, run a round, until `close()`; then fail what is left."""
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._closed or self.waiting or self.running)

@@ -173,6 +173,8 @@ class SelfSpecDecoder:
         (EOS, their budget) leave the batch."""
         batch = list(self.batch)
         out = []
+        if not batch:
+            return out
         for seq, emitted in zip(batch, self._round(batch)):
             new = []
             for tok in emitted:

@@ -385,19 +385,28 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
 def _batcher_runner(decoder: SelfSpecDecoder):
     """The decoder serving N clients with continuous batching (selfspec.batching), each client sending its next
     prompt as soon as its last one is answered (a closed loop): a request's TTFT and latency are what its
-    client waits for it, never time queued behind prompts a real client would not have sent yet."""
+    client waits for it, never time queued behind prompts a real client would not have sent yet. The batch
+    loop runs on this thread, the one that ran the model so far (why: selfspec.batching)."""
     def run(prompts: list[list[int]], level: int, max_new_tokens: int, done: Callable[[int], None]) -> LevelRun:
-        batcher = Batcher(decoder, level)
-        try:
-            start, requests = time.perf_counter(), []
-            with ThreadPoolExecutor(level) as clients:  # a free client takes the next prompt, in order
-                for request in clients.map(lambda ids: _request(batcher, ids, max_new_tokens), prompts):
-                    requests.append(request)
-                    done(1)
-            seconds = time.perf_counter() - start
-        finally:
-            batcher.close()
-        return LevelRun(requests, seconds, batcher.mean_batch_size)
+        batcher = Batcher(decoder, level, own_thread=False)
+
+        def clients() -> list[Request]:
+            try:
+                with ThreadPoolExecutor(level) as pool:  # a free client takes the next prompt, in order
+                    requests = []
+                    for request in pool.map(lambda ids: _request(batcher, ids, max_new_tokens), prompts):
+                        requests.append(request)
+                        done(1)
+                    return requests
+            finally:
+                batcher.close()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(1) as sender:
+            sent = sender.submit(clients)
+            batcher.run()
+            requests = sent.result()
+        return LevelRun(requests, time.perf_counter() - start, batcher.mean_batch_size)
     return run
 
 

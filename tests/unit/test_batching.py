@@ -1,20 +1,18 @@
 """Continuous batching with per-sequence speculation (issue 29): every row of a batch decodes what it decodes
 alone. Greedy rows are plain greedy decoding whatever joins and leaves around them; sampled rows follow the
 model's distribution and a seeded one repeats; each row emits its own transition every round; the static
-passes batch like the eager ones; the Batcher stops, cancels, rejects and closes request by request."""
+passes batch like the eager ones. The Batcher: test_batcher.py."""
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 from test_sampling import ALPHA, chi_square_pvalue
-from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
+from batch_cases import make_decoder, requests_and_runs, seeded_head
+from tiny_model import MAX_POS, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
-from selfspec.batching import Batcher
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
 from selfspec.length_policy import LengthPolicy
@@ -23,38 +21,15 @@ from selfspec.split import SplitModel
 from selfspec.transitions import ARRAY_FIELDS, COPIED, DRAFTED, PLAIN
 
 
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(max_positions=MAX_POS)
 
 
-FREE_RUN = 8  # EOS candidates: the first tokens of the model's own greedy run
-
-
 @pytest.fixture(scope="module")
 def reference(model):
-    """16 requests (prompt, max_new, EOS or None) and each one's plain greedy run of max(max_new, FREE_RUN)
-    tokens (fewer only at the context limit). Half the prompts repeat a span with the model's own
-    continuation between (copied n-gram drafts get accepted), one ends at its prefill (max_new 1), one has
-    room for 3 tokens only (its prompt near the context limit); half of the others stop at an EOS taken from
-    their own run, so rows end by EOS while others go on."""
-    rng = np.random.default_rng(29)
-    bases = [rng.integers(0, 256, int(rng.integers(2, 6))).tolist() for _ in range(8)]
-    continued = plain_greedy_batch(model, bases, [int(rng.integers(1, 6)) for _ in bases])
-    prompts = [[*base, *cont, *base] for base, cont in zip(bases, continued, strict=True)]
-    prompts += [rng.integers(0, 256, int(rng.integers(1, 24))).tolist() for _ in range(7)]
-    prompts.append(rng.integers(0, 256, MAX_POS - 3).tolist())
-    max_new = [int(rng.integers(2, 30)) for _ in prompts]
-    max_new[3] = 1
-    runs = plain_greedy_batch(model, prompts, [max(n, FREE_RUN) for n in max_new])
-    cases = []
-    for i, (prompt, n, run) in enumerate(zip(prompts, max_new, runs, strict=True)):
-        eos = {run[int(rng.integers(0, FREE_RUN))]} if len(run) >= FREE_RUN and i % 2 else set()
-        expected = run[:n]
-        expected = expected[:next((j + 1 for j, t in enumerate(expected) if t in eos), len(expected))]
-        cases.append((prompt, dict(max_new_tokens=n, eos_ids=eos), expected))
-    assert len(runs[-1]) == 3 and any(c[1]["eos_ids"] and len(c[2]) < c[1]["max_new_tokens"] for c in cases)
-    return cases
+    return requests_and_runs(model)
 
 
 @dataclass
@@ -95,21 +70,6 @@ def decode_batched(decoder: SelfSpecDecoder, requests: list[tuple[list[int], dic
         run.sizes.append(len(before))
         run.steps.append([(s.options.request_id, s.rounds) for s in before])
     return run
-
-
-def seeded_head(model, k, noise, vocab=None, attention=None):
-    """make_head, LoRA's A (which it draws from the global generator) seeded: the same settings give the same
-    head whatever ran before. noise None: no head."""
-    if noise is None:
-        return None
-    torch.manual_seed(0)
-    return make_head(model, k, noise, vocab, attention=attention)
-
-
-def make_decoder(model, k, gamma, policy, noise, vocab=None, attention=None, ngram=0, **kwargs) -> SelfSpecDecoder:
-    """A decoder with a fresh length policy and head (noise None: none)."""
-    head = seeded_head(model, k, noise, vocab, attention)
-    return SelfSpecDecoder(SplitModel(model, k), head, make_length_policy(policy, gamma), ngram=ngram, **kwargs)
 
 
 def drafting_counts(results) -> tuple[int, int, int]:
@@ -347,173 +307,3 @@ def test_static_passes_decode_a_batch_like_eager(model, reference, k, gamma, pol
         assert s.result.tokens == e.result.tokens == expected
     assert static.cache.slots >= 4
     assert drafting_counts(s.result for s in runs["static"].seqs)[0] > 0
-
-
-# ---- the Batcher ----
-
-def finish(handle, timeout: float = 60.0):
-    """(the handle's chunks, its DecodeResult or the exception wait() raised), or a failure if it hangs."""
-    out = {}
-
-    def read():
-        out["chunks"] = list(handle)
-        try:
-            out["result"] = handle.wait()
-        except Exception as err:  # noqa: BLE001 - the test looks at it
-            out["result"] = err
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if reader.is_alive():
-        pytest.fail(f"a request hung: {handle.prompt_ids[:8]}... {handle.options}")
-    return out["chunks"], out["result"]
-
-
-@pytest.mark.parametrize("policy,ngram", [("fixed", 0), ("cost_aware", 1)])
-def test_batcher_rows_are_plain_greedy(model, reference, policy, ngram):
-    """Requests submitted to a Batcher (at most 3 at once) stream their chunks and end as plain greedy
-    decoding; between_rounds runs on the loop thread."""
-    calls = []
-    batcher = Batcher(make_decoder(model, 2, 4, policy, 0.05, ngram=ngram), max_batch=3,
-                      between_rounds=lambda: calls.append(threading.current_thread().name))
-    try:
-        handles = [batcher.submit(p, **o) for p, o, _ in reference]
-        for handle, (prompt, options, expected) in zip(handles, reference, strict=True):
-            chunks, result = finish(handle)
-            assert sum(chunks, []) == result.tokens == expected, f"prompt={prompt} {options}"
-        assert 1 < batcher.mean_batch_size <= 3
-        assert calls and set(calls) == {"dvi-batcher"}
-    finally:
-        batcher.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        batcher.submit([1, 2])
-
-
-def test_stop_ends_a_request_where_its_reader_stopped(model, reference):
-    """stop() after the first chunk (the prefill's token) or the third: the result holds what was read, with
-    stop_reason "stop"; the request beside it (in the next slot: it moves into the stopped one's) decodes on,
-    and the batch empties."""
-    long_prompt, other_prompt = reference[0][0], reference[2][0]
-    full, other_run = plain_greedy_batch(model, [long_prompt, other_prompt], [60, 40])
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=3)
-    try:
-        for after in (1, 3):
-            stopped = batcher.submit(long_prompt, max_new_tokens=60, eos_ids=set())
-            other = batcher.submit(other_prompt, max_new_tokens=40, eos_ids=set())
-            read = []
-            for n, chunk in enumerate(stopped, 1):
-                read += chunk
-                if n == after:
-                    stopped.stop()
-            chunks, result = finish(stopped)
-            assert not isinstance(result, Exception), result
-            assert result.stop_reason == "stop" and result.tokens == read == full[:len(read)]
-            assert len(read) < 60 and (after == 1) == (len(read) == 1)
-            chunks, result = finish(other)
-            assert not isinstance(result, Exception), result
-            assert sum(chunks, []) == result.tokens == other_run
-        for _ in range(100):
-            if batcher.batch_size == 0:
-                break
-            time.sleep(0.05)
-        assert batcher.batch_size == 0
-    finally:
-        batcher.close()
-
-
-def test_cancel_frees_the_slot(model, reference):
-    """cancel() abandons a running request (it leaves before it would have ended; the request in the slot
-    after it moves into its slot and decodes on) and a waiting one (never decoded): the requests after them
-    take the freed slots and decode correctly."""
-    companion_prompt = reference[1][0]
-    (companion_run,) = plain_greedy_batch(model, [companion_prompt], 50)
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05, ngram=1), max_batch=2)
-    try:
-        running = batcher.submit(reference[0][0], max_new_tokens=60, eos_ids=set())
-        companion = batcher.submit(companion_prompt, max_new_tokens=50, eos_ids=set())
-        waiting = batcher.submit(reference[5][0], max_new_tokens=60, eos_ids=set())
-        after = [batcher.submit(p, **o) for p, o, _ in reference[4:7]]
-        waiting.cancel()
-        next(iter(running))
-        running.cancel()
-        abandoned = finish(running)[1]
-        assert not isinstance(abandoned, Exception), abandoned
-        assert abandoned.stop_reason == "length" and 1 <= len(abandoned.tokens) < 60
-        assert finish(waiting) == ([], None)
-        for handle, expected in zip([companion, *after], [companion_run, *(c[2] for c in reference[4:7])], strict=True):
-            result = finish(handle)[1]
-            assert not isinstance(result, Exception), result
-            assert result.tokens == expected
-    finally:
-        batcher.close()
-
-
-def test_bad_request_fails_alone(model, reference):
-    """Requests that cannot run fail alone with the decoder's ValueError; the others decode."""
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2)
-    bad = {"empty prompt": ([], {}), "prompt has 96 tokens": (list(range(MAX_POS)), {}),
-           "temperature must be >= 0": ([1, 2], {"temperature": -1.0}),
-           "max_new_tokens must be >= 1": ([1, 2], {"max_new_tokens": 0})}
-    try:
-        good = [batcher.submit(p, **o) for p, o, _ in reference[:2]]
-        failing = {message: batcher.submit(p, **o) for message, (p, o) in bad.items()}
-        good += [batcher.submit(p, **o) for p, o, _ in reference[2:4]]
-        for message, handle in failing.items():
-            chunks, err = finish(handle)
-            assert chunks == [] and isinstance(err, ValueError) and str(err).startswith(message)
-        for handle, (_, _, expected) in zip(good, reference[:4], strict=True):
-            assert finish(handle)[1].tokens == expected
-    finally:
-        batcher.close()
-
-
-def test_request_with_an_unknown_token_fails_alone(model, reference):
-    """A prompt with a token id outside the vocabulary cannot run: it fails (its wait() raises, it does not
-    hang), and the request decoding beside it is not failed with it."""
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2)
-    try:
-        prompt, options, expected = reference[0]
-        good = batcher.submit(prompt, **{**options, "max_new_tokens": 40, "eos_ids": set()})
-        next(iter(good))  # decoding when the bad one joins
-        bad = batcher.submit([1, model.config.vocab_size + 7], max_new_tokens=5)
-        err = finish(bad, 5)[1]
-        assert isinstance(err, Exception)
-        result = finish(good, 20)[1]
-        assert not isinstance(result, Exception), f"the good request failed with the bad one: {result!r}"
-        assert result.tokens == plain_greedy(model, prompt, 40)
-    finally:
-        batcher.close()
-
-
-def test_close_fails_what_is_in_flight_or_waiting(model):
-    """close() while requests run and wait: each of them fails with an error (none hangs), and no request is
-    accepted after. The loop is held in between_rounds while close() is called, so the order is certain."""
-    entered, release = threading.Event(), threading.Event()
-    admits = []
-
-    def between_rounds():
-        admits.append(1)
-        if len(admits) == 2:  # the second admission: a request is running, another about to join
-            entered.set()
-            release.wait(30)
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05), max_batch=2, between_rounds=between_rounds)
-    running = batcher.submit([1, 2, 3], max_new_tokens=80, eos_ids=set())
-    next(iter(running))  # it runs
-    joining = batcher.submit([4, 5, 6], max_new_tokens=80, eos_ids=set())
-    assert entered.wait(30)
-    waiting = [batcher.submit([7, 8, 9], max_new_tokens=80, eos_ids=set()) for _ in range(3)]
-    closer = threading.Thread(target=batcher.close, daemon=True)
-    closer.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # once submit refuses, close() has marked the batcher closed
-        try:
-            waiting.append(batcher.submit([7, 8, 9], max_new_tokens=80, eos_ids=set()))
-        except RuntimeError:
-            break
-        time.sleep(0.01)
-    release.set()
-    closer.join(10)
-    assert not closer.is_alive(), "close() hung"
-    for handle in [running, joining, *waiting]:
-        err = finish(handle, 10)[1]
-        assert isinstance(err, RuntimeError) and "closed" in str(err)
