@@ -12,7 +12,17 @@ from typing import Literal
 from pydantic import Field
 
 from buffer.config import StreamConfig
-from selfspec.config import DecodingConfig
+from selfspec.config import DecodingConfig, Strict
+
+
+class MemoryConfig(Strict):
+    """The traffic memory's bounds (selfspec.suffix_index) and what goes into it."""
+    max_sequences: int = Field(2_000, ge=1, description="responses (and prompts) an actor's memory holds; the oldest go first")
+    max_tokens: int = Field(500_000, ge=1, description="tokens it holds; the oldest sequences go first")
+    min_match: int = Field(2, ge=1, le=16, description="shortest suffix match with stored text that drafts")
+    prompts: bool = Field(False, description="also store each request's prompt, not only its response")
+    stream_maxlen: int = Field(10_000, ge=1, description="shared: entries the run's `served` stream keeps "
+                                                         "(approximately), which a new actor reads to catch up")
 
 
 class GenerationConfig(DecodingConfig):
@@ -28,6 +38,10 @@ class GenerationConfig(DecodingConfig):
         "cost_aware", description="drafts per round: fixed (always gamma), threshold (stop once the head is "
                                   "unsure) or cost_aware (as many as its calibrated confidence pays for, down to 0)")
     ngram: int = Field(1, ge=0, description="shortest suffix match to copy drafts from the request's own text (0: off)")
+    memory: Literal["off", "local", "shared"] = Field(
+        "off", description="traffic memory: also copy drafts from responses served before (selfspec.suffix_index): "
+                           "off, local (this actor's own) or shared (every actor's, through the run's `served` stream)")
+    memory_bounds: MemoryConfig = Field(MemoryConfig(), description="the traffic memory's bounds")
     prompt_rows: int = Field(64, ge=0, description="also send the prompt's last N positions as KL rows (the "
                                                    "prefill verified them); 0: generated positions only")
     weights_check_every_rounds: int = Field(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 import zlib
 from typing import Generator
 
@@ -40,6 +41,8 @@ import torch
 
 from actors.config import GenerationConfig
 from actors.trace import ConversationMemory
+from actors.traffic_memory import TrafficMemory
+from buffer.served import ServedLog
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightsRefused, WeightStore
 from selfspec.batching import Batcher
@@ -85,8 +88,9 @@ class GenerationWorker:
         self.last_weights_problem: str | None = None
         self.last_stream_problem: str | None = None
         # the model is loaded on the batcher's loop thread, the one that decodes (why: selfspec.batching)
+        self.traffic: TrafficMemory | None = None  # what the decoder copies drafts from besides each request's text
         self.batcher = Batcher(lambda: self._build_decoder(parts, redis_client), cfg.max_batch,
-                               between_rounds=self._maybe_swap_head)
+                               between_rounds=self._between_rounds)
         self.decoder = self.batcher.decoder
 
     def _build_decoder(self, parts: ModelParts | None, redis_client: redis.Redis | None) -> SelfSpecDecoder:
@@ -110,7 +114,14 @@ class GenerationWorker:
             spec = HeadSpec.of(*head_weights(self.head), base_model=base_model)
             self.store = WeightStore(redis_client, self.run_id, expected=spec)
         sink = TransitionSink(self._sink, self.run_id, self.actor_id, cfg.topk, cfg.prompt_rows) if self.writer else None
-        return SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes)
+        if cfg.memory != "off":
+            shared = cfg.memory == "shared" and redis_client is not None
+            log = ServedLog(redis_client, self.run_id, f"{self.actor_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                            cfg.memory_bounds.stream_maxlen) if shared else None
+            self.traffic = TrafficMemory(cfg.memory_bounds, log)
+            self.traffic.catch_up()
+        return SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes,
+                               memory=self.traffic.index if self.traffic is not None else None)
 
     # -- serving ----------------------------------------------------------------------------------
 
@@ -156,6 +167,8 @@ class GenerationWorker:
                     break
             out = handle.wait()
             self._flush()
+            if self.traffic is not None and out.tokens:
+                self.traffic.served(prompt_ids, out.tokens)
             if self.tokenizer is not None and request.get("messages") is not None:
                 self.memory.remember(request, self.tokenizer.decode(out.tokens, skip_special_tokens=True))
         except GeneratorExit:  # the caller left: what was decoded still reached the stream
@@ -184,6 +197,7 @@ class GenerationWorker:
         result.update(tokens=len(out.tokens), t_first_token_s=t_prep + out.t_prefill, t_total_s=t_prep + out.t_total,
                       mean_accepted_length=out.mean_accepted_length, rounds=len(out.rounds), drafted=drafted,
                       accepted=accepted, draft_rounds=sum(r.drafted > 0 for r in out.rounds),
+                      drafted_by_kind=_by_kind(out.rounds, "drafted"), accepted_by_kind=_by_kind(out.rounds, "accepted"),
                       accepted_per_pos=per_pos, stop_reason=out.stop_reason, prompt_tokens=len(prompt_ids),
                       head_version=self.version, output_ids=list(out.tokens),
                       mean_batch_size=sum(r.batch for r in out.rounds) / len(out.rounds) if out.rounds else None)
@@ -247,6 +261,13 @@ class GenerationWorker:
 
     # -- weights ----------------------------------------------------------------------------------
 
+    def _between_rounds(self) -> None:
+        """On the batch loop, before waiting requests join: what was served goes into the traffic memory, and
+        a newer head may come in."""
+        if self.traffic is not None:
+            self.traffic.refresh()
+        self._maybe_swap_head()
+
     def _maybe_swap_head(self) -> None:
         """Between rounds, before requests join: once enough rounds went by, read weights:latest and swap a
         newer head in."""
@@ -304,12 +325,22 @@ class GenerationWorker:
                 "head_version": self.version, "latest_published": self.latest_published, "head_lag": lag,
                 "transitions_written": writer.get("written", 0), "transitions_dropped": writer.get("dropped_oldest", 0),
                 "in_flight": self.in_flight, "queue_depth": len(self.batcher.waiting), "last_weights_problem": self.last_weights_problem,
-                "last_stream_problem": self.last_stream_problem}
+                "last_stream_problem": self.last_stream_problem,
+                **(self.traffic.metrics() if self.traffic is not None else {})}
 
     def close(self) -> None:
         """Stop the batch loop (requests still in it fail) and send what the stream still buffers."""
         self.batcher.close()
         self._flush()
+
+
+def _by_kind(rounds, field: str) -> dict[str, int]:
+    """A request's drafted (or accepted) tokens per source: copied, remembered, drafted (the head)."""
+    out: dict[str, int] = {}
+    for r in rounds:
+        if r.drafted:
+            out[r.kind] = out.get(r.kind, 0) + getattr(r, field)
+    return out
 
 
 class GenerationActor:

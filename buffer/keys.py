@@ -13,6 +13,7 @@ class RunKeys:
         self.prefix = f"dvi:{run_id}:"
         self.transitions = self.prefix + "transitions"
         self.deadletter = self.prefix + "deadletter"
+        self.served = self.prefix + "served"  # stream of served responses as token ids: the actors' traffic memory
         self.stats = self.prefix + "stats"  # hash of run-wide counters: written, consumed, dropped_*, ...
         self.weights_latest = self.prefix + "weights:latest"
         self.weights_index = self.prefix + "weights:index"  # sorted set of published versions, for pruning

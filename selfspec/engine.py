@@ -1,7 +1,7 @@
 """Lossless self-speculative decoding of a batch of requests; one request alone is a batch of one.
 
 A round, for every sequence of the batch at once: draft (a sequence copies what followed an earlier
-occurrence of its text's suffix, or the head drafts from its layer-k hidden state, each draft also going
+occurrence of its text's suffix, in its own text or in the traffic memory of what was served before, or the head drafts from its layer-k hidden state, each draft also going
 through the trunk; or it drafts nothing) -> verify (layers [k, L) on every sequence's pending token and
 drafts: one pass over the ragged block, padded and masked by position, reusing the trunk's hidden states
 and KV) -> accept (per sequence: the longest agreeing prefix plus one verifier token) -> observe (the
@@ -27,7 +27,8 @@ from selfspec.drafter import DrafterHead
 from selfspec.kv_cache import Block, carry
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
-from selfspec.ngram import MAX_NGRAM, NgramIndex, Proposal
+from selfspec.ngram import MAX_NGRAM, TEXT, NgramIndex, Proposal
+from selfspec.suffix_index import MEMORY, SuffixIndex
 from selfspec.span_clock import SpanClock
 from selfspec.split import SplitModel
 from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound, prompt_transition,
@@ -41,6 +42,7 @@ class RoundStats:
     t_draft: float  # the round's proposing drafts (whole batch): n-gram lookup, head calls, drafts' trunk passes
     t_verify: float  # the round's pending tokens' trunk pass, verification and acceptance (whole batch)
     batch: int = 1  # sequences in the round
+    kind: str = "none"  # what drafted: "copied" (own text), "remembered" (traffic memory), "drafted" (head)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class DecodeResult:
     def mean_accepted_length(self) -> float:
         return mean_accepted_length(r.accepted for r in self.rounds)
 
+
+COPY_KIND = {TEXT: "copied", MEMORY: "remembered"}  # a copy proposal's source -> its Draft kind
 
 @dataclass
 class DecodeOptions:
@@ -79,7 +83,7 @@ class TransitionSink:
 @dataclass
 class Draft:
     """One sequence's drafts in a round and what verifying them needs."""
-    kind: str  # "copied" (n-gram), "drafted" (head) or "none" (a round without drafts)
+    kind: str  # "copied" (own text), "remembered" (traffic memory), "drafted" (head) or "none" (no drafts)
     hiddens: list[torch.Tensor]  # layer-k hidden [1, m, d]: the pending token, then each draft
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # head drafts, over the draft vocab
@@ -114,18 +118,19 @@ class Sequence:
 class SelfSpecDecoder:
     def __init__(self, split: SplitModel, head: DrafterHead | None = None,
                  length_policy: LengthPolicy | None = None, ngram: int = 0, sink: TransitionSink | None = None,
-                 passes: PassRunner | None = None):
+                 passes: PassRunner | None = None, memory: SuffixIndex | None = None):
         """`passes`: what runs the passes (selfspec.passes; None: `pass_runner(split)`, CUDA graphs on
-        a GPU, the split itself elsewhere); give the one a cost-aware policy was measured on."""
+        a GPU, the split itself elsewhere); give the one a cost-aware policy was measured on. `memory`: the
+        traffic memory sequences copy drafts from too (its owner inserts what was served, between rounds)."""
         self.split, self.sink = split, sink
         self.passes = passes if passes is not None else pass_runner(split)
         self.length_policy = length_policy or LengthPolicy(0)
         if not 0 <= ngram <= MAX_NGRAM:
             raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must "
                              f"be in [0, {MAX_NGRAM}], got {ngram}")
-        self.ngram = ngram
-        if self.length_policy.max_drafts > 0 and head is None and not ngram:
-            raise ValueError("drafting (gamma > 0) needs a drafter head or n-gram drafts")
+        self.ngram, self.memory = ngram, memory
+        if self.length_policy.max_drafts > 0 and head is None and not ngram and memory is None:
+            raise ValueError("drafting (gamma > 0) needs a drafter head, n-gram drafts or a traffic memory")
         self.batch: list[Sequence] = []  # in slot order: batch[i].slot == i
         self.cache = None
         self.set_head(head)
@@ -259,7 +264,7 @@ class SelfSpecDecoder:
             seq.history = list(hidden[0, -self.window:])
         if self.head is not None:
             seq.head_cache = self.head.new_cache(self.cache.capacity)
-        if self.ngram:
+        if self.ngram or self.memory is not None:  # the memory matches the text's suffix too
             seq.ngram = NgramIndex([*prompt.tolist(), first])
         self.batch.append(seq)
         return seq
@@ -271,11 +276,12 @@ class SelfSpecDecoder:
         policy.begin_round(len(batch))
         rooms = [min(policy.max_drafts, seq.budget - 1) for seq in batch]  # keep a slot for the bonus token
         with clock("draft"):
-            proposals, copies = self._copies(batch, rooms)
+            proposals, copies, sources = self._copies(batch, rooms)
         with clock("verify"):  # copied drafts need no head: they go through the trunk with the pending token
             first = self._trunk(batch, [[seq.pending, *c] for seq, c in zip(batch, copies)])
         with clock("draft"):
-            drafts = [Draft("copied" if c else "none", [first[i:i + 1, :1 + len(c)]], c) for i, c in enumerate(copies)]
+            drafts = [Draft(COPY_KIND[s] if c else "none", [first[i:i + 1, :1 + len(c)]], c)
+                      for i, (c, s) in enumerate(zip(copies, sources))]
             head_rows = [i for i, (c, room) in enumerate(zip(copies, rooms)) if not c and room > 0]
             head_called = bool(head_rows) and self.head is not None and policy.start_round()
             if head_called:
@@ -292,30 +298,37 @@ class SelfSpecDecoder:
         if not head_called:  # what copy rounds of this width cost now: the policy judges goodput on it
             policy.observe_round(width - 1, clock["draft"] + clock["verify"])
         emitted_all = []
-        for seq, proposal, draft, hidden, lg, (n_acc, bonus) in zip(batch, proposals, drafts, hiddens, logits, accepted):
+        for seq, offered, draft, hidden, lg, (n_acc, bonus) in zip(batch, proposals, drafts, hiddens, logits, accepted):
             seq.rounds += 1
             emitted = draft.tokens[:n_acc] + [bonus]  # fits the budget: room kept a slot for the bonus token
-            policy.observe(RoundOutcome(proposal, draft.confidences, draft.shadow, n_acc, emitted))
+            policy.observe(RoundOutcome(offered, draft.confidences, draft.shadow, n_acc, emitted))
             if self.sink is not None:  # before commit: the record's context is the window before this round
                 context = seq.history[-self.window:] if self.window else []
                 verified = VerifiedRound(draft, hidden, context, lg, emitted)
                 self.sink.write(round_transition(self._meta(seq, seq.rounds, t_start), verified, self._topk(), self.head))
             self._commit(seq, hidden, n_acc, emitted)
-            seq.result.rounds.append(RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"], len(batch)))
+            seq.result.rounds.append(RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"], len(batch),
+                                                draft.kind))
             emitted_all.append(emitted)
         return emitted_all
 
-    def _copies(self, batch: list[Sequence], rooms: list[int]) -> tuple[list[Proposal], list[list[int]]]:
-        """Each sequence's n-gram proposal, and as much of it as the length policy expects to pay."""
-        proposals = [seq.ngram.propose(room, self.ngram) if seq.ngram is not None and room > 0 else Proposal([], 0)
-                     for seq, room in zip(batch, rooms)]
-        offered = [i for i, p in enumerate(proposals) if p.tokens]
+    def _copies(self, batch: list[Sequence], rooms: list[int]) -> tuple[list[list[Proposal]], list[list[int]], list[str]]:
+        """Each sequence's copy proposals (its own text's, the memory's), and of the one the length policy
+        offers, as much as it expects to pay, and that one's source."""
+        proposals = [self._proposals(seq, room) for seq, room in zip(batch, rooms)]
+        offers = [self.length_policy.choose_copy(p) for p in proposals]
+        offered = [i for i, p in enumerate(offers) if p.tokens]
         copies: list[list[int]] = [[] for _ in batch]
-        if offered:
-            counts = self.length_policy.copy_drafts([(proposals[i].ngram, len(proposals[i].tokens)) for i in offered])
-            for i, n in zip(offered, counts):
-                copies[i] = proposals[i].tokens[:n]
-        return proposals, copies
+        for i, n in zip(offered, self.length_policy.copy_drafts([offers[i] for i in offered]) if offered else []):
+            copies[i] = offers[i].tokens[:n]
+        return proposals, copies, [p.source for p in offers]
+
+    def _proposals(self, seq: Sequence, room: int) -> list[Proposal]:
+        if seq.ngram is None or room <= 0:
+            return []
+        found = [seq.ngram.propose(room, self.ngram) if self.ngram else None,
+                 self.memory.propose(seq.ngram.tokens, room) if self.memory is not None else None]
+        return [p for p in found if p is not None and p.tokens]
 
     def _trunk(self, batch: list[Sequence], rows: list[list[int]], starts: list[int] | None = None) -> torch.Tensor:
         """Token rows (ragged; an empty row is padding) through the trunk from each sequence's position (or
@@ -406,7 +419,7 @@ class SelfSpecDecoder:
         if temperature == 0:
             return greedy_accept(ids, target_logits)
         p = torch.softmax(target_logits.double() / temperature, -1)
-        if draft.kind == "copied":
+        if draft.kind in COPY_KIND.values():
             q = torch.nn.functional.one_hot(ids.to(p.device), p.shape[-1]).double()
         else:
             q = self._full_probs(torch.stack(draft.logits), temperature)

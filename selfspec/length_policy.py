@@ -1,19 +1,23 @@
 """How many tokens to draft each round, for each sequence of the batch.
 
-A round of B sequences starts with `begin_round(B)`. For the sequences with copied n-gram drafts on offer
-the engine asks `copy_drafts(offers)` how many of each to verify; for the others, `start_round()` says
+A round of B sequences starts with `begin_round(B)`. A sequence may have copies on offer from two sources,
+its own text and the traffic memory: `choose_copy(proposals)` picks the one it offers, and
+`copy_drafts(offers)` says how many of each offer to verify; for the others, `start_round()` says
 whether to call the head at all, then `keep(kept, top_prob, entropy)` decides on each candidate draft of
 a sequence (after the head produced it, before it is committed to verification; `kept` is that
 sequence's list of what the drafts kept so far are worth, which `keep` extends). After verification the
 engine reports each sequence's round, `observe(RoundOutcome)`, which policies learn from through `update`
-(head drafts) and `update_ngram` (copies).
+(head drafts) and `update_copies` (every proposal, verified or not, judged against what was emitted).
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
-from selfspec.ngram import MAX_NGRAM, Proposal
+from selfspec.ngram import TEXT, Proposal
+from selfspec.suffix_index import MEMORY
+
+NO_COPY = Proposal([], 0)
 from selfspec.pass_costs import CostTable, PassCosts
 
 
@@ -27,7 +31,7 @@ class Shadow:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    proposal: Proposal  # the n-gram proposal of the round, verified or not (empty when none matched)
+    proposals: list[Proposal]  # the round's copy proposals (own text, memory), verified or not
     confidences: list[float]  # top probability of each head draft verified
     shadow: Shadow | None
     n_accepted: int
@@ -65,8 +69,8 @@ class LengthPolicy:
 
     def observe(self, outcome: RoundOutcome) -> None:
         """All feedback from one verified round."""
-        if outcome.proposal.tokens:  # judged also when not verified: against the tokens emitted anyway
-            self.update_ngram(outcome.proposal.ngram, outcome.proposal.tokens, outcome.emitted)
+        for proposal in outcome.proposals:  # judged also when not verified: against the tokens emitted anyway
+            self.update_copies(proposal, outcome.emitted)
         if outcome.confidences:
             self.update(outcome.confidences, outcome.n_accepted)
         elif outcome.shadow is not None:
@@ -75,12 +79,17 @@ class LengthPolicy:
     def update(self, top_probs: list[float], n_accepted: int) -> None:
         pass
 
-    def copy_drafts(self, offers: list[tuple[int, int]]) -> list[int]:
-        """How many copied drafts each sequence verifies, of the (suffix match length, available) it has."""
-        return [min(available, self.max_drafts) for _, available in offers]
+    def choose_copy(self, proposals: list[Proposal]) -> Proposal:
+        """Which of a sequence's copy proposals it offers (none: an empty one): the longest match, its own
+        text's on a tie."""
+        return max(proposals, key=lambda p: p.ngram, default=NO_COPY)
 
-    def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
-        """A round had this n-gram proposal (verified or not) and emitted these tokens."""
+    def copy_drafts(self, offers: list[Proposal]) -> list[int]:
+        """How many copied drafts each sequence verifies of the proposal it offers."""
+        return [min(len(p.tokens), self.max_drafts) for p in offers]
+
+    def update_copies(self, proposal: Proposal, emitted: list[int]) -> None:
+        """A round had this copy proposal (verified or not) and emitted these tokens."""
 
     def observe_round(self, drafts: int, seconds: float) -> None:
         """A round of this batch without head calls, its widest block `drafts` copies wide, took `seconds`."""
@@ -100,6 +109,7 @@ class ConfidenceThreshold(LengthPolicy):
 
 
 ROUND_SMOOTHING = 0.1  # weight of a new round in the moving average of measured round times
+MATCH_BINS = 8  # copies' acceptance is learnt per suffix match length, longer matches in the last bin
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ class Calibration:
     prior_weight: float = 4.0  # observations the raw confidence is worth as a prior
     bins: int = 10  # confidence bins
     seed: int = 0  # of the exploration coin
-    ngram_prior: float = 0.3  # acceptance of copied drafts before any is judged
+    copy_prior: float = 0.3  # acceptance of copied drafts before any is judged
 
 
 class CostAware(LengthPolicy):
@@ -117,7 +127,8 @@ class CostAware(LengthPolicy):
 
     Acceptance of a draft is estimated per source: the head's from its top probability, calibrated
     online per confidence bin (the raw confidence acts as a prior worth `prior_weight` observations);
-    copies' per suffix match length. A round's value is expected tokens / expected time, with pass costs
+    copies' per source (own text, traffic memory) and suffix match length, which also decides which of
+    a sequence's proposals it offers. A round's value is expected tokens / expected time, with pass costs
     measured at this batch size (CostTable): uneven per width at batch 1 (verifying 3 tokens can cost more
     than 5), and, as the batch grows, each draft costs more of what a plain token costs, until speculation
     stops paying and the policy drafts nothing. When no confidence the head shows would pay, the head is
@@ -131,8 +142,9 @@ class CostAware(LengthPolicy):
         self.table = CostTable.of(costs)
         super().__init__(min(max_drafts, self.table.widths - 1))
         c = calibration
-        # copied drafts: per matched suffix length, accepted / judged positions, prior `ngram_prior`
-        self.ngram_stats = {m: [c.ngram_prior * c.prior_weight, c.prior_weight] for m in range(1, MAX_NGRAM + 1)}
+        # copied drafts: per (source, matched suffix length up to MATCH_BINS), accepted / judged positions
+        self.copy_stats = {(source, m): [c.copy_prior * c.prior_weight, c.prior_weight]
+                           for source in (TEXT, MEMORY) for m in range(1, MATCH_BINS + 1)}
         self.explore, self.prior_weight, self.bins = c.explore, c.prior_weight, c.bins
         self.accepted = [0.0] * c.bins
         self.trials = [0.0] * c.bins
@@ -189,24 +201,31 @@ class CostAware(LengthPolicy):
             self.accepted[b] += j < n_accepted
         self._head_value.clear()
 
-    def ngram_acceptance(self, match: int) -> float:
-        accepted, judged = self.ngram_stats[min(match, max(self.ngram_stats))]
+    def copy_acceptance(self, match: int, source: str = TEXT) -> float:
+        accepted, judged = self.copy_stats[source, min(match, MATCH_BINS)]
         return accepted / judged
 
-    def copy_drafts(self, offers: list[tuple[int, int]]) -> list[int]:
+    def choose_copy(self, proposals: list[Proposal]) -> Proposal:
+        """The proposal with the most tokens expected accepted, up to max_drafts."""
+        def expected(p: Proposal) -> float:
+            a = self.copy_acceptance(p.ngram, p.source)
+            return sum(a ** j for j in range(1, min(len(p.tokens), self.max_drafts) + 1))
+        return max(proposals, key=expected, default=NO_COPY)
+
+    def copy_drafts(self, offers: list[Proposal]) -> list[int]:
         """The block width with the best expected tokens/s for the batch, each sequence's copies accepted
         one after another with the calibrated rate of its match length (a sequence offering fewer copies
         verifies what it has), or none when plain decoding is faster: the round's other sequences count as
         one token each, and every sequence pays for the widest block."""
-        rates = [self.ngram_acceptance(match) for match, _ in offers]
+        rates = [self.copy_acceptance(p.ngram, p.source) for p in offers]
+        available = [len(p.tokens) for p in offers]
         others = self.batch - len(offers)
         best, best_rate = 0, self.batch / self._copy_seconds(0)
-        for width in range(1, min(max((a for _, a in offers), default=0), self.max_drafts) + 1):
-            expected = others + sum(sum(a ** j for j in range(min(width, available) + 1))
-                                    for a, (_, available) in zip(rates, offers))
+        for width in range(1, min(max(available, default=0), self.max_drafts) + 1):
+            expected = others + sum(sum(a ** j for j in range(min(width, n) + 1)) for a, n in zip(rates, available))
             if expected / self._copy_seconds(width) > best_rate:
                 best, best_rate = width, expected / self._copy_seconds(width)
-        return [min(best, available) for _, available in offers]
+        return [min(best, n) for n in available]
 
     def observe_round(self, drafts: int, seconds: float) -> None:
         # Goodput is judged on what rounds cost while serving: the start-up table is timed at one context
@@ -225,12 +244,12 @@ class CostAware(LengthPolicy):
         plain = self._seconds.get((self.batch, 0))
         return predicted * plain / (self.costs.copy_round_time(0) * self.batch) if plain is not None else predicted
 
-    def update_ngram(self, match: int, proposed: list[int], emitted: list[int]) -> None:
+    def update_copies(self, proposal: Proposal, emitted: list[int]) -> None:
         # Positions are judged up to the first disagreement with what was emitted, verified or not.
-        agree = 0
+        proposed, agree = proposal.tokens, 0
         while agree < min(len(proposed), len(emitted)) and proposed[agree] == emitted[agree]:
             agree += 1
-        stats = self.ngram_stats[min(match, max(self.ngram_stats))]
+        stats = self.copy_stats[proposal.source, min(proposal.ngram, MATCH_BINS)]
         stats[0] += agree
         stats[1] += min(agree + 1, len(proposed), len(emitted))
 

@@ -23,10 +23,15 @@ from selfspec.acceptance import mean_accepted_length
 MAX_NGRAM = 4  # longer matches barely change acceptance on Spec-Bench (docs/learning.md)
 
 
+TEXT = "text"  # the source of a Proposal copied from the request's own text
+
+
 @dataclass(frozen=True)
 class Proposal:
+    """Copied drafts: what followed the longest earlier occurrence of the text's suffix."""
     tokens: list[int]
     ngram: int  # length of the matched suffix, 0 when nothing matched
+    source: str = TEXT  # where from: the request's own text, or the traffic memory (selfspec.suffix_index)
 
 
 class NgramIndex:

@@ -3,7 +3,8 @@
 Every position a round verified is a row: the verifier computed the full model's distribution there
 and the trunk the layer-k hidden state, so each row is a distillation target whatever drafted it.
 Each row has a `kind`: `drafted` (the head proposed the next token: behaviour fields, and a reward
-up to the first reject), `copied` (an n-gram draft proposed it), `plain` (nothing did: the pending
+up to the first reject), `copied` (an n-gram of the request's own text proposed it), `remembered` (the traffic memory did:
+what other requests were served, selfspec.suffix_index), `plain` (nothing did: the pending
 token of a round without drafts, or the last verified position), `distill` (a position of known text
 distilled on: a prompt or a sampled response). Rows of any kind but `drafted` carry KL targets only:
 `accept_mask` and `on_path` False, `draft_tokens` -1 and no behaviour log-prob.
@@ -25,8 +26,8 @@ import numpy as np
 if TYPE_CHECKING:
     from selfspec.engine import Draft
 
-KINDS = ("drafted", "copied", "plain", "distill")
-DRAFTED, COPIED, PLAIN, DISTILL = range(len(KINDS))
+KINDS = ("drafted", "copied", "plain", "distill", "remembered")  # new kinds go last: stored values stay
+DRAFTED, COPIED, PLAIN, DISTILL, REMEMBERED = range(len(KINDS))
 
 # name -> (dtype, trailing shape spec). "n" = verified positions (rows), "K" = top-k, "d" = hidden size,
 # "W" = context window. Used by validation here and by the wire codec.
@@ -175,7 +176,7 @@ class Prefill:
 
 
 def round_transition(meta: RoundMeta, verified: VerifiedRound, k: int, head=None) -> Transition:
-    """A decoding round's record. Every position it verified is a row: the drafts' (head or copied) and the
+    """A decoding round's record. Every position it verified is a row: the drafts' (head, copied or remembered) and the
     last one, whose next token nothing drafted (plain); a round without drafts is one plain row. `head`:
     the drafter, for the draft side of drafted rows; `k`: the top-K of both sides."""
     import torch  # here, not above: the buffer imports this module and never needs torch
@@ -183,7 +184,7 @@ def round_transition(meta: RoundMeta, verified: VerifiedRound, k: int, head=None
     draft, target_logits, emitted = verified.draft, verified.target_logits, verified.emitted
     rows, n = target_logits.shape[0], len(draft.tokens)
     kind = np.full(rows, PLAIN, np.int8)
-    kind[:n] = DRAFTED if draft.kind == "drafted" else COPIED
+    kind[:n] = {"drafted": DRAFTED, "copied": COPIED, "remembered": REMEMBERED}.get(draft.kind, PLAIN)
     drafted = undrafted_fields(rows, k)
     if draft.kind == "drafted":
         tau = meta.temperature or 1.0  # greedy: store the head's own (T=1) distribution

@@ -229,7 +229,8 @@ def plot_over_time(series: list[dict], file: Path, *, ylabel: str = "head lag (v
 # ---------------------------------------------------------------- drift studies (dvi drift)
 
 ARM_STYLES = {"frozen_untrained": ("0.45", "--"), "frozen_offline": ("tab:orange", "-."),
-              "online_kl": ("tab:blue", "-"), "online_kl_rl": ("tab:green", "-")}
+              "online_kl": ("tab:blue", "-"), "online_kl_rl": ("tab:green", "-"),
+              "online_kl_rl_memory": ("tab:purple", "-")}
 
 
 def _arm_style(arm: str, i: int) -> tuple[str, str]:

@@ -7,6 +7,7 @@ whole `dvi run` (`dvi.run.runner.run`) in {drift_dir}/arms/<arm> (configs: `dvi.
     frozen_offline    serve only, with a head trained offline (`dvi online`) on the first phase's prompts
     online_kl         serve and learn, schedule kl_only
     online_kl_rl      serve and learn, schedule kl_rl
+    online_kl_rl_memory  the same, and every actor drafts from what all of them served (actors.memory shared)
 
 The arms run one after another on this machine. They share nothing but the trace file and the offline head,
 so on a Ray cluster they could run side by side (one `dvi drift --arms A` per arm into the same directory,

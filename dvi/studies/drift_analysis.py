@@ -19,7 +19,7 @@ from pathlib import Path
 from dvi.report.format import decode_tokens_per_s, mean, number, read_json, read_jsonl, read_yaml, rolling_mean
 
 DEFAULTS = {"recovery_fraction": 0.9, "plateau_fraction": 0.5, "rolling": 4,
-            "arms": ["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]}  # a study without config.yaml
+            "arms": ["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl", "online_kl_rl_memory"]}  # a study without config.yaml
 
 
 @dataclass

@@ -4,12 +4,13 @@ The base is a `dvi run` config (the same keys as `dvi.run.config.RunConfig`: mod
 trace, ...). Every arm replays the same trace with the same seed; what differs per arm is set by the study
 and may not be set in the base (one clear error naming the key):
 
-    arm               learn   actors.head_path                               learner.schedule
-    frozen_untrained  false   None (the untrained head of config `head`)   -
-    frozen_offline    false   {out_dir}/offline/head (trained offline on   -
-                              the first phase's prompts, `dvi online`)
-    online_kl         true    None (the learner's version 0)               kl_only
-    online_kl_rl      true    None                                         kl_rl
+    arm                  learn   actors.head_path                               learner.schedule  actors.memory
+    frozen_untrained     false   None (the untrained head of config `head`)   -                 off
+    frozen_offline       false   {out_dir}/offline/head (trained offline on   -                 off
+                                 the first phase's prompts, `dvi online`)
+    online_kl            true    None (the learner's version 0)               kl_only           off
+    online_kl_rl         true    None                                         kl_rl             off
+    online_kl_rl_memory  true    None                                         kl_rl             shared
 
 Arm `a` runs in `{out_dir}/arms/a` from `{out_dir}/trace.jsonl`, with run id `{study}-{a}` (the study's
 run_id, else its directory's name), so arms sharing an external Redis never share keys.
@@ -24,14 +25,16 @@ from pydantic import Field, field_validator, model_validator
 from dvi.run.config import RUN_OWNED, RunConfig
 from selfspec.config import ScheduleName, Strict
 
-ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl"]
+ArmName = Literal["frozen_untrained", "frozen_offline", "online_kl", "online_kl_rl", "online_kl_rl_memory"]
 ARMS: dict[str, dict] = {  # arm -> what it sets (head_path: "offline" is the study's offline-trained head)
-    "frozen_untrained": {"learn": False, "head_path": None, "schedule": None},
-    "frozen_offline": {"learn": False, "head_path": "offline", "schedule": None},
-    "online_kl": {"learn": True, "head_path": None, "schedule": "kl_only"},
-    "online_kl_rl": {"learn": True, "head_path": None, "schedule": "kl_rl"},
+    "frozen_untrained": {"learn": False, "head_path": None, "schedule": None, "memory": "off"},
+    "frozen_offline": {"learn": False, "head_path": "offline", "schedule": None, "memory": "off"},
+    "online_kl": {"learn": True, "head_path": None, "schedule": "kl_only", "memory": "off"},
+    "online_kl_rl": {"learn": True, "head_path": None, "schedule": "kl_rl", "memory": "off"},
+    # the head learns as online_kl_rl does, and every actor also drafts from what all of them served
+    "online_kl_rl_memory": {"learn": True, "head_path": None, "schedule": "kl_rl", "memory": "shared"},
 }
-STUDY_OWNED = (("learn",), ("actors", "head_path"), ("learner", "schedule"))
+STUDY_OWNED = (("learn",), ("actors", "head_path"), ("actors", "memory"), ("learner", "schedule"))
 STUDY_KEYS = ("arms", "recovery_fraction", "plateau_fraction", "rolling", "offline")
 
 
@@ -103,7 +106,7 @@ class DriftConfig(RunConfig):
         """The config as YAML data that loads back into the same DriftConfig: the keys the run or the study
         own inside `actors:` and `learner:` (and the Redis password) left out."""
         exclude = {"learn": True, "redis": {"password"},
-                   "actors": {*RUN_OWNED["actors"], "head_path"}, "learner": {*RUN_OWNED["learner"], "schedule"}}
+                   "actors": {*RUN_OWNED["actors"], "head_path", "memory"}, "learner": {*RUN_OWNED["learner"], "schedule"}}
         return self.model_dump(mode="json", exclude=exclude)
 
     def base_run_config(self) -> RunConfig:
@@ -127,6 +130,7 @@ def arm_config(cfg: DriftConfig, arm: str, drift_dir: str | Path | None = None,
     data["trace"] = {**data["trace"], "path": str(drift_dir / "trace.jsonl"), "make": None}
     data["actors"]["head_path"] = (str(offline_head if offline_head is not None else drift_dir / "offline" / "head")
                                  if spec["head_path"] == "offline" else None)
+    data["actors"]["memory"] = spec["memory"]
     if spec["schedule"] is not None:
         data["learner"]["schedule"] = spec["schedule"]
     return RunConfig.model_validate(data)

@@ -18,6 +18,7 @@ from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
 from selfspec.length_policy import LengthPolicy
 from selfspec.passes import StaticPasses, pass_runner
 from selfspec.split import SplitModel
+from selfspec.suffix_index import SuffixIndex, SuffixIndexConfig
 from selfspec.transitions import ARRAY_FIELDS, COPIED, DRAFTED, PLAIN
 
 
@@ -119,6 +120,24 @@ def test_every_row_is_plain_greedy(model, reference, k, gamma, policy, noise, vo
     else:
         assert drafted == 0
 
+
+
+@pytest.mark.parametrize("policy,noise,ngram", [("fixed", None, 0), ("fixed", 0.05, 1), ("cost_aware", 0.05, 1)])
+def test_rows_drafting_from_a_traffic_memory_are_plain_greedy(model, reference, policy, noise, ngram):
+    """A traffic memory holding earlier responses (the right continuation of half the requests, the wrong one
+    of others: another request's run after their prompt) drafts beside the request's own text and the head;
+    every row is still plain greedy, and remembered drafts were verified, some accepted, some rejected."""
+    rng = np.random.default_rng(30)
+    memory = SuffixIndex(SuffixIndexConfig(min_match=1))
+    for i, (prompt, _, expected) in enumerate(reference):
+        memory.insert([*prompt, *(expected if i % 2 else reference[(i + 5) % len(reference)][2])])
+        memory.insert(rng.integers(0, 256, 20).tolist())
+    decoder = make_decoder(model, 2, 4, policy, noise, ngram=ngram, memory=memory)
+    run = decode_batched(decoder, [(p, o) for p, o, _ in reference], max_batch=4)
+    for seq, (prompt, options, expected) in zip(run.seqs, reference, strict=True):
+        assert seq.result.tokens == expected, f"prompt={prompt} {options}"
+    remembered = [r for s in run.seqs for r in s.result.rounds if r.kind == "remembered"]
+    assert sum(r.accepted for r in remembered) > 0 and any(r.accepted < r.drafted for r in remembered)
 
 def test_eos_inside_a_draft_ends_its_row_only(model):
     """Rows of one prompt, each with its own EOS (the k-th token of the greedy run), one with none: a good

@@ -122,13 +122,16 @@ def test_the_shipped_config_loads_and_builds_every_arm():
         assert run.trace.path == str(Path("study") / "trace.jsonl") and run.trace.make is None
         assert (run.model, run.exit_layer, run.head, run.seed) == (cfg.model, cfg.exit_layer, cfg.head, cfg.seed)
         assert run.actors.count == cfg.actors.count and run.learner.batch_size == cfg.learner.batch_size
-    assert len({r.run_id for r in runs.values()}) == 4 and runs["online_kl"].run_id == "drift-online_kl"
+    assert len({r.run_id for r in runs.values()}) == 5 and runs["online_kl"].run_id == "drift-online_kl"
     assert not runs["frozen_untrained"].learn and runs["frozen_untrained"].actors.head_path is None
     assert not runs["frozen_offline"].learn
     assert runs["frozen_offline"].actors.head_path == str(Path("study") / "offline" / "head")
     assert runs["online_kl"].learn and runs["online_kl"].learner.schedule == "kl_only"
     assert runs["online_kl"].actors.head_path is None
     assert runs["online_kl_rl"].learn and runs["online_kl_rl"].learner.schedule == "kl_rl"
+    memory = runs["online_kl_rl_memory"]
+    assert memory.learn and memory.learner.schedule == "kl_rl" and memory.actors.memory == "shared"
+    assert {r.actors.memory for arm, r in runs.items() if arm != "online_kl_rl_memory"} == {"off"}
     assert arm_config(cfg, "frozen_offline", "s", offline_head="h").actors.head_path == "h"
     with pytest.raises(ValueError, match="unknown arm"):
         arm_config(cfg, "bogus")
@@ -144,6 +147,7 @@ def test_the_resolved_config_loads_back_and_overrides_apply(tmp_path):
 @pytest.mark.parametrize("change, key", [
     ({"learn": False}, "learn"),
     ({"actors": {"head_path": "heads/x"}}, "actors.head_path"),
+    ({"actors": {"memory": "shared"}}, "actors.memory"),
     ({"learner": {"schedule": "kl_only"}}, "learner.schedule"),
     ({"arms": ["frozen_untrained", "bogus"]}, "arms"),
     ({"arms": ["online_kl", "online_kl"]}, "arms"),

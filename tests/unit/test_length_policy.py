@@ -2,8 +2,15 @@
 and never a round length whose verification shape is too slow."""
 import pytest
 
-from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy
+from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
+from selfspec.ngram import Proposal
 from selfspec.pass_costs import CostTable, PassCosts
+from selfspec.suffix_index import MEMORY
+
+
+def offer(match: int, available: int, source: str = "text") -> Proposal:
+    """A copy proposal of `available` tokens after a suffix match `match` long."""
+    return Proposal(list(range(available)), match, source)
 
 # Shaped like the 2-core CPU: a trunk step ~0.11 of a full step, the head ~0.16, verifying 2-3 tokens slow.
 COSTS = PassCosts(trunk=0.11, head=0.16, verify=[0.0, 0.89, 1.5, 1.7, 1.3, 1.3])
@@ -66,16 +73,35 @@ def test_copied_drafts_only_when_their_match_length_pays():
     policy = CostAware(costs, 4)
     for _ in range(200):
         for match, right in ((1, False), (4, True)):
-            (n,) = policy.copy_drafts([(match, 4)])
+            (n,) = policy.copy_drafts([offer(match, 4)])
             proposal = [7, 8, 9, 10]
             emitted = proposal[:n + 1] if right else [99]  # right: the model emits the copy anyway
-            policy.update_ngram(match, proposal, emitted)
-    assert policy.copy_drafts([(1, 4)]) == [0]
-    assert policy.ngram_acceptance(1) < 0.05
-    assert policy.copy_drafts([(4, 4)]) == [4] and policy.copy_drafts([(4, 2)]) == [2]
-    assert policy.ngram_acceptance(4) > 0.9
-    assert ConfidenceThreshold(4).copy_drafts([(1, 3)]) == [3]  # the other policies verify every copy offered
+            policy.update_copies(Proposal(proposal, match), emitted)
+    assert policy.copy_drafts([offer(1, 4)]) == [0]
+    assert policy.copy_acceptance(1) < 0.05
+    assert policy.copy_drafts([offer(4, 4)]) == [4] and policy.copy_drafts([offer(4, 2)]) == [2]
+    assert policy.copy_acceptance(4) > 0.9
+    assert ConfidenceThreshold(4).copy_drafts([offer(1, 3)]) == [3]  # the other policies verify every copy offered
 
+
+
+def test_each_copy_source_is_calibrated_apart_and_the_better_one_offered():
+    """The memory's copies and the request's own are judged apart, per match length: with the memory's
+    4-matches right and the text's wrong, the memory's proposal is offered and verified, the text's is not
+    verified alone; the fixed policy offers the longest match, its own text's on a tie."""
+    costs = PassCosts(trunk=0.11, head=0.16, verify=COSTS.verify, trunk_block=[0.0, 0.11, 0.15, 0.17, 0.18, 0.19])
+    policy = CostAware(costs, 4)
+    text, memory = Proposal([7, 8, 9, 10], 4), Proposal([1, 2, 3, 4], 4, MEMORY)
+    for _ in range(200):  # the model goes on as the memory said; both proposals are judged every round
+        policy.observe(RoundOutcome([text, memory], [], None, 0, [1, 2, 3, 4, 5]))
+    assert policy.copy_acceptance(4, MEMORY) > 0.9 and policy.copy_acceptance(4) < 0.05
+    assert policy.copy_acceptance(2, MEMORY) == pytest.approx(0.3)  # other lengths: still the prior
+    assert policy.choose_copy([text, memory]) is memory
+    assert policy.copy_drafts([memory]) == [4] and policy.copy_drafts([text]) == [0]
+    assert policy.choose_copy([]).tokens == []
+    fixed = LengthPolicy(4)
+    assert fixed.choose_copy([text, memory]) is text
+    assert fixed.choose_copy([Proposal([1], 2), Proposal([2], 5, MEMORY)]).source == MEMORY
 
 # Batch-aware costs (issue 29). Whole-pass seconds over `batch` sequences, made up: at batch 1 a pass is
 # memory bound (verifying 5 tokens costs what 1 does), at batch 8 compute bound (a pass costs in proportion
@@ -88,7 +114,7 @@ BATCH_COSTS = CostTable({
 })
 # trusted estimates (prior_weight 1e9: the prior is the acceptance), no exploration; one confidence bin, so the
 # head's value is that of its bin centre, confidence 0.5
-TRUSTED = Calibration(explore=0.0, prior_weight=1e9, bins=1, ngram_prior=0.8)
+TRUSTED = Calibration(explore=0.0, prior_weight=1e9, bins=1, copy_prior=0.8)
 
 
 def test_copies_pay_alone_and_not_in_a_full_batch():
@@ -97,15 +123,15 @@ def test_copies_pay_alone_and_not_in_a_full_batch():
     # Batch 8, each row offering: a sequence's share (0.2 + 2.0)(w + 1) / 8 = 0.275 (w + 1); plain decoding gives
     # 8 / 0.275 = 29.1 tokens/s, w copies 29.1 * S(w) / (w + 1) = 29.1 * (0.9, 0.81, 0.74, 0.67): none pays.
     policy = CostAware(BATCH_COSTS, 4, TRUSTED)
-    assert policy.max_drafts == 4 and policy.ngram_acceptance(1) == pytest.approx(0.8)
+    assert policy.max_drafts == 4 and policy.copy_acceptance(1) == pytest.approx(0.8)
     policy.begin_round(1)
-    assert policy.copy_drafts([(1, 4)]) == [4]
-    assert policy.copy_drafts([(1, 2)]) == [2]  # what it has
+    assert policy.copy_drafts([offer(1, 4)]) == [4]
+    assert policy.copy_drafts([offer(1, 2)]) == [2]  # what it has
     policy.begin_round(8)
-    assert policy.copy_drafts([(1, 4)] * 8) == [0] * 8
-    assert policy.copy_drafts([(1, 4)]) == [0]  # one offering, the 7 others plain: still none
+    assert policy.copy_drafts([offer(1, 4)] * 8) == [0] * 8
+    assert policy.copy_drafts([offer(1, 4)]) == [0]  # one offering, the 7 others plain: still none
     policy.begin_round(1)
-    assert policy.copy_drafts([(1, 4)]) == [4]
+    assert policy.copy_drafts([offer(1, 4)]) == [4]
 
 
 def test_head_drafts_alone_and_is_not_called_in_a_full_batch():
@@ -169,14 +195,14 @@ def test_rows_without_copies_count_one_token_each():
     cheap_second = policy([0.0, 1.0, 1.05, 2.0, 3.0, 4.0])
     # one row offers, the other none (one token): w=1 (1 + 1.8) / 0.525 = 5.33 > 4, w=2 3.44 / 1.0, w=3 3.95 / 1.5:
     # 1 copy. (Counting the other row as nothing: 1.8 / 0.525 = 3.43 < 4, no copy.)
-    assert cheap_second.copy_drafts([(1, 4)]) == [1]
+    assert cheap_second.copy_drafts([offer(1, 4)]) == [1]
     steady = policy([0.0, 1.0, 1.5, 2.0, 2.5, 3.0])
     # one row offers: w = 1..4 gives 2.8 / 0.75 = 3.73, 3.44 / 1.0, 3.95 / 1.25 = 3.16, 4.36 / 1.5 = 2.91, all < 4: none
-    assert steady.copy_drafts([(1, 4)]) == [0]
+    assert steady.copy_drafts([offer(1, 4)]) == [0]
     # both offer: 3.6 / 0.75 = 4.8, 4.88 / 1.0 = 4.88, 5.90 / 1.25 = 4.72, 6.72 / 1.5 = 4.48: 2 copies each
-    assert steady.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
+    assert steady.copy_drafts([offer(1, 4), offer(1, 4)]) == [2, 2]
     # the second has one copy only: w=1 3.6 / 0.75 = 4.8, w=2 (2.44 + 1.8) / 1.0 = 4.24: 1 each
-    assert steady.copy_drafts([(1, 4), (1, 1)]) == [1, 1]
+    assert steady.copy_drafts([offer(1, 4), offer(1, 1)]) == [1, 1]
 
 
 def test_copy_widths_are_judged_on_measured_round_times():
@@ -185,19 +211,19 @@ def test_copy_widths_are_judged_on_measured_round_times():
                                                            trunk_block=[0.0] * 6, batch=2)})
     policy = CostAware(table, 4, TRUSTED)
     policy.begin_round(2)
-    assert policy.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
+    assert policy.copy_drafts([offer(1, 4), offer(1, 4)]) == [2, 2]
     # plain rounds measured at the table's 1.0 s, but 2-wide ones at 2.5 s (a long context, say): w=2 gives
     # 4.88 / 2.5 = 1.95 < 2 tokens/s; w=1 (table scaled by 1.0) 3.6 / 1.5 = 2.4 > 2: one copy each
     policy.observe_round(0, 1.0)
     policy.observe_round(2, 2.5)
-    assert policy.copy_drafts([(1, 4), (1, 4)]) == [1, 1]
+    assert policy.copy_drafts([offer(1, 4), offer(1, 4)]) == [1, 1]
     # plain rounds measured at twice the table: every unmeasured width scales alike (the choice stays 2 each);
     # the moving average moves a tenth of the way per round
     slow = CostAware(table, 4, TRUSTED)
     slow.begin_round(2)
     slow.observe_round(0, 2.0)
     assert slow._copy_seconds(1) == pytest.approx(3.0) and slow._copy_seconds(3) == pytest.approx(5.0)
-    assert slow.copy_drafts([(1, 4), (1, 4)]) == [2, 2]
+    assert slow.copy_drafts([offer(1, 4), offer(1, 4)]) == [2, 2]
     slow.observe_round(0, 3.0)
     assert slow._copy_seconds(0) == pytest.approx(2.1)
     assert LengthPolicy(4).observe_round(1, 1.0) is None  # the other policies do not judge costs
