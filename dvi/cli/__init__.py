@@ -19,6 +19,7 @@ COMMANDS = {
     "synth-prompts": "dvi.cli.synth_prompts",
     "redis": "dvi.cli.redis",
     "bench-buffer": "dvi.cli.bench_buffer",
+    "bench-memory": "dvi.cli.bench_memory",  # the traffic memory at its bound
     "trace": "dvi.cli.trace",
     "learner": "dvi.cli.learner", "bench-learner": "dvi.cli.bench_learner",  # learner/ (DeepSpeed ranks)
     "run": "dvi.cli.run",  # actors + learner + Redis, replaying a trace

@@ -30,6 +30,7 @@ from selfspec.engine import DecodeResult, SelfSpecDecoder
 from selfspec.loading import ModelParts, make_length_policy
 from selfspec.model import eos_ids
 from selfspec.prompts import Prompt, chat_ids, left_padded
+from selfspec.suffix_index import SuffixIndex
 from selfspec.versions import cpu_name, package_versions
 
 
@@ -59,6 +60,8 @@ DVI_METHODS = {
     # copied n-gram drafts when the text recurs, the head otherwise
     "dvi_spec_ngram": ("fixed", True, 1),
     "dvi_spec_ngram_dynamic": ("cost_aware", True, 1),
+    # ... and copies from a traffic memory of the answers it gave the bench's earlier prompts
+    "dvi_memory": ("cost_aware", True, 1),
 }
 
 
@@ -67,7 +70,8 @@ def make_decoder(parts: ModelParts, method: str, gamma: int, batch_sizes: tuple[
     policy, drafts, ngram = DVI_METHODS[method]
     gamma = gamma if drafts else 0
     length_policy = make_length_policy(policy, gamma, parts.passes, parts.head, batch_sizes)
-    return SelfSpecDecoder(parts.split, parts.head, length_policy, ngram=ngram, passes=parts.passes)
+    memory = SuffixIndex() if method == "dvi_memory" else None
+    return SelfSpecDecoder(parts.split, parts.head, length_policy, ngram=ngram, passes=parts.passes, memory=memory)
 
 
 def _hf_runner(model, max_new_tokens: int, **assist):
@@ -85,6 +89,8 @@ def _hf_runner(model, max_new_tokens: int, **assist):
 def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
     def run(ids: list[int]):
         result = decoder.generate(ids, max_new_tokens=max_new_tokens)
+        if decoder.memory is not None:  # served: the next prompts may draft from it
+            decoder.memory.insert(result.tokens)
         return result.tokens, result
     return run
 
