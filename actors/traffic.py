@@ -69,12 +69,18 @@ def make_trace(spec: TraceSpec) -> list[TraceRequest]:
 
 
 def trace_summary(requests: list[TraceRequest]) -> list[dict]:
-    """Per workload, in first-appearance order: requests, later turns among them, first and last arrival."""
+    """Per workload, in first-appearance order: requests, later turns among them, exact repeats (the same
+    prompt as an earlier request: a traffic memory serves it as a cache hit, not by learning), first and
+    last arrival."""
     rows: dict[str, dict] = {}
+    seen: set[str] = set()
     for r in requests:
-        row = rows.setdefault(r.workload, {"workload": r.workload, "requests": 0, "later_turns": 0,
+        row = rows.setdefault(r.workload, {"workload": r.workload, "requests": 0, "later_turns": 0, "repeats": 0,
                                            "first_s": r.arrival_s, "last_s": r.arrival_s})
         row["requests"] += 1
         row["later_turns"] += r.turn > 0
+        text = r.prompt if r.prompt is not None else repr([(m.role, m.content) for m in r.messages])
+        row["repeats"] += text in seen
+        seen.add(text)
         row["first_s"], row["last_s"] = min(row["first_s"], r.arrival_s), max(row["last_s"], r.arrival_s)
     return list(rows.values())

@@ -310,6 +310,7 @@ class SelfSpecDecoder:
             seq.result.rounds.append(RoundStats(len(draft.tokens), n_acc, clock["draft"], clock["verify"], len(batch),
                                                 draft.kind))
             emitted_all.append(emitted)
+        policy.observe_goodput(head_called or any(copies), sum(map(len, emitted_all)), clock["draft"] + clock["verify"])
         return emitted_all
 
     def _copies(self, batch: list[Sequence], rooms: list[int]) -> tuple[list[list[Proposal]], list[list[int]], list[str]]:

@@ -7,7 +7,8 @@ whether to call the head at all, then `keep(kept, top_prob, entropy)` decides on
 a sequence (after the head produced it, before it is committed to verification; `kept` is that
 sequence's list of what the drafts kept so far are worth, which `keep` extends). After verification the
 engine reports each sequence's round, `observe(RoundOutcome)`, which policies learn from through `update`
-(head drafts) and `update_copies` (every proposal, verified or not, judged against what was emitted).
+(head drafts) and `update_copies` (every proposal, verified or not, judged against what was emitted), and
+what the round cost: `observe_round` (its width and seconds) and `observe_goodput` (tokens per second).
 """
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ class LengthPolicy:
     def observe_round(self, drafts: int, seconds: float) -> None:
         """A round of this batch without head calls, its widest block `drafts` copies wide, took `seconds`."""
 
+    def observe_goodput(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """A round of this batch emitted `tokens` in `seconds`; `drafted`: it called the head or verified copies."""
+
 
 class ConfidenceThreshold(LengthPolicy):
     """SVIP / AdaEDL style: stop drafting once the head is unsure (entropy high or top probability low)."""
@@ -108,7 +112,9 @@ class ConfidenceThreshold(LengthPolicy):
         return self._kept(kept, top_prob, top_prob >= self.min_top_prob and entropy <= self.max_entropy)
 
 
-ROUND_SMOOTHING = 0.1  # weight of a new round in the moving average of measured round times
+ROUND_SMOOTHING = 0.1  # weight of a new round in the moving averages of measured rounds
+GOODPUT_ROUNDS = 16  # rounds of each kind (drafting, plain) at a batch size before their goodput decides
+GOODPUT_PROBE = 0.05  # share of rounds that run the other kind, so that both stay measured
 MATCH_BINS = 8  # copies' acceptance is learnt per suffix match length, longer matches in the last bin
 
 
@@ -133,7 +139,9 @@ class CostAware(LengthPolicy):
     than 5), and, as the batch grows, each draft costs more of what a plain token costs, until speculation
     stops paying and the policy drafts nothing. When no confidence the head shows would pay, the head is
     not called at all, except in a small `explore` fraction of rounds. A round that calls the head but
-    drafts nothing still learns from its `Shadow`.
+    drafts nothing still learns from its `Shadow`. Above all that, the goodput measured while serving has
+    the last word at each batch size: where drafting rounds emitted fewer tokens per second than plain
+    ones, the round drafts nothing (`_plain_pays`).
     """
 
     name = "cost_aware"
@@ -152,6 +160,30 @@ class CostAware(LengthPolicy):
         self.rng = random.Random(c.seed)
         self._head_value: dict[int, float] = {}  # per batch size, until the next update
         self._seconds: dict[tuple[int, int], float] = {}  # (batch, drafts) -> a copy round's measured seconds
+        self._goodput: dict[tuple[int, bool], list[float]] = {}  # (batch, drafted) -> [rounds, tokens/s average]
+        self._plain = False  # this round drafts nothing: measured goodput says plain rounds are faster
+
+    def begin_round(self, batch: int) -> None:
+        super().begin_round(batch)
+        self._plain = self._plain_pays()
+
+    def _plain_pays(self) -> bool:
+        """The last word on drafting at this batch size is the goodput rounds showed: once drafting rounds
+        and plain ones are both measured, the slower kind runs only in a GOODPUT_PROBE share of rounds.
+        The cost model above can be wrong about a machine (context length, padding, what a pass costs
+        next to the others); tokens per second measured while serving cannot (vLLM #26504)."""
+        drafting, plain = self._goodput.get((self.batch, True)), self._goodput.get((self.batch, False))
+        if drafting is None or drafting[0] < GOODPUT_ROUNDS:
+            return False
+        probe = self.rng.random() < GOODPUT_PROBE
+        if plain is None or plain[0] < GOODPUT_ROUNDS:
+            return probe  # plain rounds measured too
+        return (drafting[1] < plain[1]) != probe
+
+    def observe_goodput(self, drafted: bool, tokens: int, seconds: float) -> None:
+        key, rate = (self.batch, drafted), tokens / seconds
+        old = self._goodput.get(key)
+        self._goodput[key] = [1, rate] if old is None else [old[0] + 1, old[1] + ROUND_SMOOTHING * (rate - old[1])]
 
     @property
     def costs(self) -> PassCosts:
@@ -184,7 +216,7 @@ class CostAware(LengthPolicy):
         head_pays = self._head_value[self.batch] > 1.0 / self.costs.round_time(0, 0)
         # exploring calls the head for every sequence of the batch: explore / batch of the rounds keeps the
         # share of sequence-rounds (what calibration learns from, and what exploring costs) the same
-        return self.max_drafts > 0 and (head_pays or self.rng.random() < self.explore / self.batch)
+        return self.max_drafts > 0 and not self._plain and (head_pays or self.rng.random() < self.explore / self.batch)
 
     def keep(self, kept: list[float], top_prob: float, entropy: float) -> bool:
         self.seen[self._bin(top_prob)] += 1
@@ -217,6 +249,8 @@ class CostAware(LengthPolicy):
         one after another with the calibrated rate of its match length (a sequence offering fewer copies
         verifies what it has), or none when plain decoding is faster: the round's other sequences count as
         one token each, and every sequence pays for the widest block."""
+        if self._plain:
+            return [0] * len(offers)
         rates = [self.copy_acceptance(p.ngram, p.source) for p in offers]
         available = [len(p.tokens) for p in offers]
         others = self.batch - len(offers)

@@ -92,11 +92,11 @@ def print_summary(trace) -> None:
     from actors.traffic import trace_summary
 
     table = Table(title="requests per workload")
-    for column in ("workload", "requests", "later turns", "first arrival (s)", "last arrival (s)"):
+    for column in ("workload", "requests", "later turns", "exact repeats", "first arrival (s)", "last arrival (s)"):
         table.add_column(column, justify="left" if column == "workload" else "right")
     for row in trace_summary(trace):
-        table.add_row(row["workload"], str(row["requests"]), str(row["later_turns"]), f"{row['first_s']:.2f}",
-                      f"{row['last_s']:.2f}")
+        table.add_row(row["workload"], str(row["requests"]), str(row["later_turns"]), str(row["repeats"]),
+                      f"{row['first_s']:.2f}", f"{row['last_s']:.2f}")
     span = max((r.arrival_s for r in trace), default=0.0) - min((r.arrival_s for r in trace), default=0.0)
     table.caption = f"arrival span {span:.2f} s"
     Console(width=120).print(table)

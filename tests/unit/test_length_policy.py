@@ -2,7 +2,7 @@
 and never a round length whose verification shape is too slow."""
 import pytest
 
-from selfspec.length_policy import Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
+from selfspec.length_policy import GOODPUT_PROBE, GOODPUT_ROUNDS, Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
 from selfspec.ngram import Proposal
 from selfspec.pass_costs import CostTable, PassCosts
 from selfspec.suffix_index import MEMORY
@@ -227,3 +227,31 @@ def test_copy_widths_are_judged_on_measured_round_times():
     slow.observe_round(0, 3.0)
     assert slow._copy_seconds(0) == pytest.approx(2.1)
     assert LengthPolicy(4).observe_round(1, 1.0) is None  # the other policies do not judge costs
+
+
+def test_measured_goodput_has_the_last_word_at_each_batch_size():
+    """Copies that the cost model says pay (accepted with 0.8, batch 1 costs) are still dropped at a batch
+    size whose drafting rounds were measured slower than its plain ones, in all but a probe share of rounds;
+    at a batch size where drafting measured faster, and before both kinds are measured, the model decides."""
+    policy = CostAware(BATCH_COSTS, 4, Calibration(explore=0.0, prior_weight=1e9, bins=1, copy_prior=0.8, seed=1))
+    policy.begin_round(1)
+    assert policy.copy_drafts([offer(1, 4)]) == [4] and policy.start_round()
+    for drafted, tokens, seconds in [(True, 5, 1.0), (False, 4, 0.5)] * GOODPUT_ROUNDS:  # 5 vs 8 tokens/s
+        policy.observe_goodput(drafted, tokens, seconds)
+    for drafted, tokens, seconds in [(True, 9, 1.0), (False, 4, 0.5)] * GOODPUT_ROUNDS:
+        policy.begin_round(2)  # batch 2: drafting 9 tokens/s against plain 8
+        policy.observe_goodput(drafted, tokens, seconds)
+    plain_rounds = 0
+    for _ in range(400):
+        policy.begin_round(1)
+        if policy.copy_drafts([offer(1, 4)]) == [0]:
+            plain_rounds += 1
+            assert not policy.start_round()  # no head either
+    assert 400 * (1 - 2 * GOODPUT_PROBE) < plain_rounds < 400
+    drafting_rounds = sum(policy.begin_round(2) or policy.copy_drafts([offer(1, 4), offer(1, 4)]) != [0, 0]
+                          for _ in range(400))
+    assert 400 * (1 - 2 * GOODPUT_PROBE) < drafting_rounds < 400
+    model_only = CostAware(BATCH_COSTS, 4, TRUSTED)
+    for p in (policy, model_only):  # nothing measured at batch 4: the cost model decides
+        p.begin_round(4)
+    assert policy.copy_drafts([offer(1, 4)] * 4) == model_only.copy_drafts([offer(1, 4)] * 4)

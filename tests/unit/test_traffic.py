@@ -11,7 +11,7 @@ from actors.arrivals import ClosedLoop, OpenLoop, RecordedSpec, burst_times, on_
 from actors.dispatch import Dispatcher, replay, replay_trace
 from actors.schedules import MixturePoint, MixtureSchedule, MixtureSpec, Phase, PhaseSchedule
 from actors.trace import ConversationMemory, TraceRequest, read_trace, write_trace
-from actors.traffic import TraceSpec, make_trace
+from actors.traffic import TraceSpec, make_trace, trace_summary
 from actors.workloads import SpecBenchSource
 from dvi.cli import main
 
@@ -104,6 +104,17 @@ def test_spec_bench_two_turn_question_becomes_two_requests_with_a_placeholder(tm
     with pytest.raises(ValueError, match="no answer to turn 0 of conversation spec_bench:2#0"):
         ConversationMemory().messages_for(second.to_dict())
 
+
+
+def test_trace_summary_counts_exact_repeats(tmp_path):
+    """A source smaller than the trace starts over: its prompts come back, counted as exact repeats (a traffic
+    memory serves them as cache hits), per workload; a fresh trace has none."""
+    path = write_spec_bench(tmp_path / "q.jsonl")
+    spec = dict(sources=[SpecBenchSource(kind="spec_bench", path=str(path), categories=["writing"])],
+                arrival={"kind": "burst", "size": 1, "every_s": 1.0})
+    rows = trace_summary(make_trace(TraceSpec(n=5, **spec)))
+    assert [(r["workload"], r["requests"], r["repeats"]) for r in rows] == [("writing", 5, 3)]
+    assert trace_summary(make_trace(TraceSpec(n=2, **spec)))[0]["repeats"] == 0
 
 def test_the_spec_bench_file_loads_every_turn(spec_bench_file):
     workloads = SpecBenchSource(kind="spec_bench").load()  # no path: Spec-Bench's own questions
