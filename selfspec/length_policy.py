@@ -115,6 +115,7 @@ class ConfidenceThreshold(LengthPolicy):
 ROUND_SMOOTHING = 0.1  # weight of a new round in the moving averages of measured rounds
 GOODPUT_ROUNDS = 16  # rounds of each kind (drafting, plain) at a batch size before their goodput decides
 GOODPUT_PROBE = 0.05  # share of rounds that run the other kind, so that both stay measured
+GOODPUT_FIRST_PROBE = 0.25  # ... until plain rounds are measured at that batch size
 MATCH_BINS = 8  # copies' acceptance is learnt per suffix match length, longer matches in the last bin
 
 
@@ -160,7 +161,9 @@ class CostAware(LengthPolicy):
         self.rng = random.Random(c.seed)
         self._head_value: dict[int, float] = {}  # per batch size, until the next update
         self._seconds: dict[tuple[int, int], float] = {}  # (batch, drafts) -> a copy round's measured seconds
-        self._goodput: dict[tuple[int, bool], list[float]] = {}  # (batch, drafted) -> [rounds, tokens/s average]
+        # (batch bucket, drafted) -> [rounds, tokens/s average]; buckets 1, 2, 3-4, 5-8, ...: a batch that
+        # changes size as requests come and go still gathers enough rounds in each
+        self._goodput: dict[tuple[int, bool], list[float]] = {}
         self._plain = False  # this round drafts nothing: measured goodput says plain rounds are faster
 
     def begin_round(self, batch: int) -> None:
@@ -172,16 +175,15 @@ class CostAware(LengthPolicy):
         and plain ones are both measured, the slower kind runs only in a GOODPUT_PROBE share of rounds.
         The cost model above can be wrong about a machine (context length, padding, what a pass costs
         next to the others); tokens per second measured while serving cannot (vLLM #26504)."""
-        drafting, plain = self._goodput.get((self.batch, True)), self._goodput.get((self.batch, False))
+        drafting, plain = (self._goodput.get((_bucket(self.batch), kind)) for kind in (True, False))
         if drafting is None or drafting[0] < GOODPUT_ROUNDS:
             return False
-        probe = self.rng.random() < GOODPUT_PROBE
         if plain is None or plain[0] < GOODPUT_ROUNDS:
-            return probe  # plain rounds measured too
-        return (drafting[1] < plain[1]) != probe
+            return self.rng.random() < GOODPUT_FIRST_PROBE  # plain rounds measured too
+        return (drafting[1] < plain[1]) != (self.rng.random() < GOODPUT_PROBE)
 
     def observe_goodput(self, drafted: bool, tokens: int, seconds: float) -> None:
-        key, rate = (self.batch, drafted), tokens / seconds
+        key, rate = (_bucket(self.batch), drafted), tokens / seconds
         old = self._goodput.get(key)
         self._goodput[key] = [1, rate] if old is None else [old[0] + 1, old[1] + ROUND_SMOOTHING * (rate - old[1])]
 
@@ -296,3 +298,8 @@ class CostAware(LengthPolicy):
             value += self.seen[b] / total * max(self._best_rate([a], a, 1), 1.0 / self.costs.round_time(0, 1))
         return value
 
+
+
+def _bucket(batch: int) -> int:
+    """The power of two at or above `batch`."""
+    return 1 << (batch - 1).bit_length()

@@ -2,7 +2,7 @@
 and never a round length whose verification shape is too slow."""
 import pytest
 
-from selfspec.length_policy import GOODPUT_PROBE, GOODPUT_ROUNDS, Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
+from selfspec.length_policy import GOODPUT_FIRST_PROBE, GOODPUT_PROBE, GOODPUT_ROUNDS, Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
 from selfspec.ngram import Proposal
 from selfspec.pass_costs import CostTable, PassCosts
 from selfspec.suffix_index import MEMORY
@@ -241,6 +241,14 @@ def test_measured_goodput_has_the_last_word_at_each_batch_size():
     for drafted, tokens, seconds in [(True, 9, 1.0), (False, 4, 0.5)] * GOODPUT_ROUNDS:
         policy.begin_round(2)  # batch 2: drafting 9 tokens/s against plain 8
         policy.observe_goodput(drafted, tokens, seconds)
+    policy.begin_round(3)  # 3 and 4 share a bucket: 8 drafting rounds at each are its 16
+    for _ in range(GOODPUT_ROUNDS // 2):
+        policy.observe_goodput(True, 6, 1.0)
+    policy.begin_round(4)
+    for _ in range(GOODPUT_ROUNDS // 2):
+        policy.observe_goodput(True, 6, 1.0)
+    first = sum(policy.begin_round(4) or policy._plain for _ in range(400))  # plain rounds unmeasured: probed often
+    assert 400 * GOODPUT_FIRST_PROBE / 2 < first < 400 * GOODPUT_FIRST_PROBE * 2
     plain_rounds = 0
     for _ in range(400):
         policy.begin_round(1)
@@ -252,6 +260,6 @@ def test_measured_goodput_has_the_last_word_at_each_batch_size():
                           for _ in range(400))
     assert 400 * (1 - 2 * GOODPUT_PROBE) < drafting_rounds < 400
     model_only = CostAware(BATCH_COSTS, 4, TRUSTED)
-    for p in (policy, model_only):  # nothing measured at batch 4: the cost model decides
-        p.begin_round(4)
+    for p in (policy, model_only):  # nothing measured at batch 8: the cost model decides
+        p.begin_round(8)
     assert policy.copy_drafts([offer(1, 4)] * 4) == model_only.copy_drafts([offer(1, 4)] * 4)
