@@ -127,6 +127,7 @@ class Calibration:
     bins: int = 10  # confidence bins
     seed: int = 0  # of the exploration coin
     copy_prior: float = 0.3  # acceptance of copied drafts before any is judged
+    measured: bool = True  # what rounds measured while serving (times, goodput) corrects the cost model
 
 
 class CostAware(LengthPolicy):
@@ -154,7 +155,7 @@ class CostAware(LengthPolicy):
         # copied drafts: per (source, matched suffix length up to MATCH_BINS), accepted / judged positions
         self.copy_stats = {(source, m): [c.copy_prior * c.prior_weight, c.prior_weight]
                            for source in (TEXT, MEMORY) for m in range(1, MATCH_BINS + 1)}
-        self.explore, self.prior_weight, self.bins = c.explore, c.prior_weight, c.bins
+        self.explore, self.prior_weight, self.bins, self.measured = c.explore, c.prior_weight, c.bins, c.measured
         self.accepted = [0.0] * c.bins
         self.trials = [0.0] * c.bins
         self.seen = [1.0] * c.bins  # how often the head shows each confidence (uniform prior)
@@ -176,7 +177,7 @@ class CostAware(LengthPolicy):
         The cost model above can be wrong about a machine (context length, padding, what a pass costs
         next to the others); tokens per second measured while serving cannot (vLLM #26504)."""
         drafting, plain = (self._goodput.get((_bucket(self.batch), kind)) for kind in (True, False))
-        if drafting is None or drafting[0] < GOODPUT_ROUNDS:
+        if not self.measured or drafting is None or drafting[0] < GOODPUT_ROUNDS:
             return False
         if plain is None or plain[0] < GOODPUT_ROUNDS:
             return self.rng.random() < GOODPUT_FIRST_PROBE  # plain rounds measured too
@@ -273,11 +274,11 @@ class CostAware(LengthPolicy):
     def _copy_seconds(self, drafts: int) -> float:
         """What a round of the batch with copies `drafts` wide takes: as measured while serving, else the
         start-up table's prediction scaled by how the measured plain rounds compare with their prediction."""
-        measured = self._seconds.get((self.batch, drafts))
+        measured = self._seconds.get((self.batch, drafts)) if self.measured else None
         if measured is not None:
             return measured
         predicted = self.costs.copy_round_time(drafts) * self.batch
-        plain = self._seconds.get((self.batch, 0))
+        plain = self._seconds.get((self.batch, 0)) if self.measured else None
         return predicted * plain / (self.costs.copy_round_time(0) * self.batch) if plain is not None else predicted
 
     def update_copies(self, proposal: Proposal, emitted: list[int]) -> None:

@@ -1,16 +1,27 @@
-"""What the batching tests share: 16 requests with their plain greedy runs on the tiny model, and decoders
-with seeded heads."""
+"""What the batching tests share: the tiny model and 16 requests with their plain greedy runs on it (fixtures
+`model` and `reference`, imported by name), and decoders with seeded heads."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy_batch
+import pytest
+from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy_batch, tiny_llama
 
 from selfspec.engine import SelfSpecDecoder
 from selfspec.split import SplitModel
 
 
 FREE_RUN = 8  # EOS candidates: the first tokens of the model's own greedy run
+
+
+@pytest.fixture(scope="module", name="model")
+def model_fixture():
+    return tiny_llama(max_positions=MAX_POS)
+
+
+@pytest.fixture(scope="module", name="reference")
+def reference_fixture(model):
+    return requests_and_runs(model)
 
 
 def requests_and_runs(model) -> list[tuple[list[int], dict, list[int]]]:

@@ -8,20 +8,10 @@ import time
 
 import pytest
 import torch
-from batch_cases import make_decoder, requests_and_runs
-from tiny_model import MAX_POS, plain_greedy, plain_greedy_batch, tiny_llama
+from batch_cases import make_decoder, model_fixture, reference_fixture  # noqa: F401 - fixtures
+from tiny_model import MAX_POS, plain_greedy, plain_greedy_batch
 
 from selfspec.batching import Batcher
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(max_positions=MAX_POS)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return requests_and_runs(model)
 
 
 def finish(handle, timeout: float = 60.0):

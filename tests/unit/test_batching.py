@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from batch_cases import make_decoder, model_fixture, reference_fixture, seeded_head  # noqa: F401 - fixtures
 from test_sampling import ALPHA, chi_square_pvalue
-from batch_cases import make_decoder, requests_and_runs, seeded_head
-from tiny_model import MAX_POS, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
+from tiny_model import make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
@@ -19,18 +19,8 @@ from selfspec.length_policy import LengthPolicy
 from selfspec.passes import StaticPasses, pass_runner
 from selfspec.split import SplitModel
 from selfspec.suffix_index import SuffixIndex, SuffixIndexConfig
-from selfspec.transitions import ARRAY_FIELDS, COPIED, DRAFTED, PLAIN
+from selfspec.transitions import ARRAY_FIELDS, COPIED, DRAFTED, PLAIN, REMEMBERED
 
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(max_positions=MAX_POS)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return requests_and_runs(model)
 
 
 @dataclass
@@ -122,7 +112,7 @@ def test_every_row_is_plain_greedy(model, reference, k, gamma, policy, noise, vo
 
 
 
-@pytest.mark.parametrize("policy,noise,ngram", [("fixed", None, 0), ("fixed", 0.05, 1), ("cost_aware", 0.05, 1)])
+@pytest.mark.parametrize("policy,noise,ngram", [("fixed", None, 0), ("cost_aware", 0.05, 1)])
 def test_rows_drafting_from_a_traffic_memory_are_plain_greedy(model, reference, policy, noise, ngram):
     """A traffic memory holding earlier responses (the right continuation of half the requests, the wrong one
     of others: another request's run after their prompt) drafts beside the request's own text and the head;
@@ -212,17 +202,21 @@ def exact_marginals(model, prompt: list[int], vocab: int) -> list[np.ndarray]:
 def test_sampled_rows_follow_the_model_distribution():
     """Two prompts decoded in one batch of 8 (rows joining as others finish, each with its own seed): each
     row's first three sampled tokens follow its own prompt's exact marginals (chi-square, fixed seeds),
-    through the head's drafts and copied ones, both accepted and rejected. The test tells the rows apart:
-    one prompt's tokens do not fit the other's marginals."""
+    through the head's drafts, copied ones and remembered ones (a traffic memory holding the second prompt's
+    greedy answer), each kind both accepted and rejected. The test tells the rows apart: one prompt's tokens
+    do not fit the other's marginals."""
     vocab = 32
     model = tiny_llama(seed=2, vocab=vocab)
     split = SplitModel(model, 2)
     head = DrafterHead(split, HeadConfig(adapter_hidden=0, lora_rank=0))
     transitions = []
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=1, sink=TransitionSink(transitions.append))
     a = [5, 9, 2, 30]
     b = [11, 4, 20]
     b = [*b, *plain_greedy(model, b, 4), *b]  # copies: the prompt repeats with the model's continuation between
+    memory = SuffixIndex(SuffixIndexConfig(min_match=1))
+    memory.insert([*b, *plain_greedy(model, b, 6)])  # an earlier answer to b
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=1, sink=TransitionSink(transitions.append),
+                              memory=memory)
     prompts, samples = (a, b), 800
     requests = [(prompts[s % 2], dict(max_new_tokens=3, temperature=TEMPERATURE, seed=s, eos_ids=set()))
                 for s in range(2 * samples)]
@@ -234,7 +228,7 @@ def test_sampled_rows_follow_the_model_distribution():
         for i, tok in enumerate(seq.result.tokens):
             counts[s % 2, i, tok] += 1
     rounds = {s.options.request_id: s.result.rounds for s in run.seqs}
-    for kind in (DRAFTED, COPIED):  # rounds of both kinds of drafts, some accepted, some rejected
+    for kind in (DRAFTED, COPIED, REMEMBERED):  # rounds of every kind of drafts, some accepted, some rejected
         verified = [rounds[t.request_id][t.round - 1] for t in transitions if t.kind[0] == kind]
         assert sum(r.accepted > 0 for r in verified) > 50 and sum(r.accepted < r.drafted for r in verified) > 50, kind
     exact = [exact_marginals(model, p, vocab) for p in prompts]

@@ -58,7 +58,7 @@ def check_acceptance_rule(device) -> None:
 
 
 @pytest.mark.heavy  # 3000 decodes each: tests/conftest.py spreads them over the xdist workers
-@pytest.mark.parametrize("drafts", ["head", "ngram", "memory"])
+@pytest.mark.parametrize("drafts", ["head", "ngram"])  # remembered drafts: tests/unit/test_batching.py
 def test_decoder_samples_from_the_model_distribution(drafts):
     check_decoder_samples(drafts, "cpu")
 
