@@ -1,10 +1,10 @@
 """Lossless self-speculative decoding of a batch of requests; one request alone is a batch of one.
 
 A round, for every sequence of the batch at once: draft (a sequence copies what followed an earlier
-occurrence of its text's suffix, in its own text or in the traffic memory of what was served before, or the head drafts from its layer-k hidden state, each draft also going
-through the trunk; or it drafts nothing) -> verify (layers [k, L) on every sequence's pending token and
-drafts: one pass over the ragged block, padded and masked by position, reusing the trunk's hidden states
-and KV) -> accept (per sequence: the longest agreeing prefix plus one verifier token) -> observe (the
+occurrence of its text's suffix, in its own text or in the traffic memory of what was served before, or
+the head drafts from its layer-k hidden state, each draft also going through the trunk; or it drafts
+nothing) -> verify (layers [k, L) on every sequence's pending token and drafts: one pass over the ragged
+block, padded and masked by position, reusing the trunk's hidden states and KV) -> accept (per sequence: the longest agreeing prefix plus one verifier token) -> observe (the
 length policy learns what paid) -> emit (each sequence's Transition for the learner, built by
 selfspec.transitions) -> commit (each sequence moves to what it kept; the verifier's token is pending).
 Requests join between rounds (`join`: the prompt's prefill, a pass of its own, whose next token is the
@@ -59,6 +59,7 @@ class DecodeResult:
 
 
 COPY_KIND = {TEXT: "copied", MEMORY: "remembered"}  # a copy proposal's source -> its Draft kind
+
 
 @dataclass
 class DecodeOptions:

@@ -40,8 +40,8 @@ def run_memory_bench(parts, questions: list[list[int]], max_tokens: int, sequenc
     insert_s = time.perf_counter() - start
     memory_mb = tracemalloc.get_traced_memory()[0] / 2**20
     tracemalloc.stop()
-    tails = [q[:int(rng.integers(8, len(q)))] for q in rng.choice(np.array(stored + held, dtype=object), 2000)
-             if len(q) > 8]
+    texts = [q for q in stored + held if len(q) > 8]
+    tails = [q[:int(rng.integers(8, len(q)))] for q in (texts[i] for i in rng.integers(0, len(texts), 2000))]
     times, found = [], 0
     for text in tails:
         t = time.perf_counter()
