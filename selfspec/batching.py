@@ -9,12 +9,12 @@ iterate its `Handle` for token chunks as rounds settle them.
 The loop's thread should be the only one in its process that runs the model. PyTorch's OpenMP (libgomp)
 gives every thread that runs a parallel region a team of its own, and once the teams hold more threads
 than the machine has cores, libgomp stops spinning between regions and every small op pays a wake-up:
-decoding ran 35% slower on 2 cores when the model had been loaded, or a baseline run, on another thread.
+decoding ran up to 45% slower on 2 cores when the model had been loaded, or a baseline run, on another thread.
 So the loop builds its decoder itself when given a function that does (an actor, a replica), or runs on
 the caller's thread (`own_thread=False`, then `run()`: a benchmark whose main thread ran the model already).
 
-What to draft for each sequence is the length
-policy's decision, made per round for the batch size of that round (selfspec.length_policy.CostAware).
+What to draft for each sequence is the length policy's decision, made per round for the batch size of that
+round (selfspec.length_policy.CostAware).
 """
 from __future__ import annotations
 
