@@ -63,6 +63,9 @@ class LearnerConfig(TrainingConfig, ModelSideConfig):
                                                            "steps")
     publish_every_s: float = Field(30.0, gt=0, description="... or when this many seconds passed since the last "
                                                            "version and it has trained since, whichever comes first")
+    publish_gate: float | None = Field(
+        0.02, ge=0, description="hold a version back (not published) when its held-out MAL is more than this below "
+                                "the best version published so far; null: publish every version")
     save_heads: bool = Field(True, description="also save every published version to out_dir/heads/vNNNN")
     heldout: HeldoutConfig = Field(HeldoutConfig(), description="the prompts every published version is scored on")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="when and where to checkpoint")

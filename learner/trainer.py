@@ -6,7 +6,8 @@ One rank's loop, the same with one rank or many:
     sync   one all-reduce of a few flags: step now? stop? (a step needs every rank, data or not)
     step   selfspec.objectives.train_step with the DeepSpeed engine as the optimizer, `reuse` times:
            the exact training step of `dvi online`, gradients averaged over the ranks
-    publish  every publish_every_steps steps or publish_every_s seconds (rank 0), then score it
+    publish  every publish_every_steps steps or publish_every_s seconds (rank 0), then score it; once the
+             held-out paths exist, a head scoring below the best published one (beyond publish_gate) is held back
     commit   every checkpoint.every_steps steps or every_s seconds: checkpoint, then acknowledge what it
              holds (learner/checkpoint.py): acknowledgement waits for the checkpoint, never for less
 
@@ -60,7 +61,7 @@ class LearnerSetup:
     record_ids: bool = False  # keep the ids of trained transitions (tests check exactly-once)
 POLL_MS = 100  # longest a read blocks: the ranks meet at least this often
 COUNTERS = ("steps", "zero_steps", "trained_transitions", "trained_positions", "consumed", "stale", "duplicates",
-            "deadletter", "published", "commits")
+            "deadletter", "published", "held_back", "commits")
 
 
 class Learner:
@@ -73,6 +74,7 @@ class Learner:
         self.cfg, self.client, self.rank, self.world_size = cfg, client, rank, world_size
         self.heldout = setup.heldout
         self._unscored: list[tuple[dict, tuple | None]] = []  # (published entry, its head's weights) awaiting paths
+        self._best: float | None = None  # the best held-out MAL of a published version (the gate's bar)
         self.log = log if rank == 0 and log is not None else (lambda record: None)
         self.ckpt = Checkpoints(cfg.checkpoint_dir, rank, world_size)
         if not resume and self.ckpt.latest_tag() is not None:
@@ -135,6 +137,7 @@ class Learner:
         tag, side = self.ckpt.load(self.engine)
         self.state.load_state_dict(side["train_state"])
         self.step = side["step"]
+        self._best = side.get("best_heldout_mal")  # absent from checkpoints written before the gate
         self._steps_at_publish = self._steps_at_commit = self.step
         self.counters.update(side["counters"])
         latest = self._latest_version()
@@ -285,7 +288,17 @@ class Learner:
 
     def _publish(self, first: bool = False) -> None:
         """The next version (`first`: the current one, at a fresh start): rank 0 publishes and scores
-        it, every rank measures staleness against it from now on."""
+        it, every rank measures staleness against it from now on. Once the held-out paths exist, the
+        gate (`publish_gate`) holds back a head that scores worse than the best version published, beyond
+        the tolerance: the actors keep serving the better one while this one trains on. Rank 0 decides,
+        every rank learns it (the version numbers stay the same on all)."""
+        score = None if first or self.rank != 0 else self._candidate_score()
+        (ship,) = sync_min([0.0 if self._held_back(score) else 1.0])
+        self._last_publish, self._steps_at_publish = time.monotonic(), self.step
+        if not ship:
+            self.counters["held_back"] += 1
+            self.log({"step": self.step, "version": self.version, "charts/held_back_total": self.counters["held_back"]})
+            return
         if not first:
             self.version += 1
         if self.rank == 0:
@@ -296,14 +309,30 @@ class Learner:
             ready = self.heldout is None or self.heldout.ready() is not None
             # scored now, or kept until the held-out paths exist (the head trains on meanwhile)
             self._unscored.append((entry, None if ready and not self._unscored else weights))
-            self._score()
+            self._score(known={id(entry): score})
         self.reader.current_version = self.version
         self.counters["published"] += 1
-        self._last_publish, self._steps_at_publish = time.monotonic(), self.step
 
-    def _score(self, wait: bool = False) -> None:
+    def _candidate_score(self) -> float | None:
+        """Rank 0, gate on: the head's held-out MAL as it stands, once the paths exist (the versions
+        published before them are scored first, so that the best one is known)."""
+        paths = None if self.cfg.publish_gate is None or self.heldout is None else self.heldout.ready()
+        if not paths:
+            return None
+        self._score()
+        started = time.perf_counter()
+        score = mean_accepted_length(paths, self.head, self.cfg.gamma)
+        self.log({"step": self.step, "version": self.version, "charts/candidate_mal": score,
+                  "charts/best_published_mal": self._best, "charts/candidate_score_s": time.perf_counter() - started})
+        return score
+
+    def _held_back(self, score: float | None) -> bool:
+        return score is not None and self._best is not None and score < self._best - self.cfg.publish_gate
+
+    def _score(self, wait: bool = False, known: dict[int, float | None] | None = None) -> None:
         """Rank 0: the held-out MAL of every published version not scored yet, once the held-out paths
-        exist (`wait`: until they do); each is then recorded in order (versions.jsonl, the scores hash)."""
+        exist (`wait`: until they do); each is then recorded in order (versions.jsonl, the scores hash).
+        `known`: scores already computed (by the gate), by id of the entry."""
         if not self._unscored:
             return
         paths = None if self.heldout is None else (self.heldout.wait() if wait else self.heldout.ready())
@@ -312,7 +341,9 @@ class Learner:
         for entry, weights in self._unscored:
             if paths:
                 head = self.head if weights is None else head_from_weights(self.split, *weights)
-                entry["heldout_mal"] = mean_accepted_length(paths, head, self.cfg.gamma)
+                score = (known or {}).get(id(entry))
+                entry["heldout_mal"] = score if score is not None else mean_accepted_length(paths, head, self.cfg.gamma)
+                self._best = max(entry["heldout_mal"], self._best if self._best is not None else -math.inf)
                 self.log({"step": entry["step"], "version": entry["version"], "charts/heldout_mal": entry["heldout_mal"]})
             else:
                 entry["heldout_mal"] = None
@@ -346,7 +377,7 @@ class Learner:
                          "commits": self.counters["commits"] + 1}
         tag = f"step{self.step}-c{self.counters['commits']}"  # unique: a tag is never rewritten
         state = {"step": self.step, "version": self.version, "train_state": self.state.state_dict(),
-                 "counters": self.counters}
+                 "counters": self.counters, "best_heldout_mal": self._best}
         self.ckpt.save(self.engine, tag, state, {**state, "dedup": self.reader.seen_ids(),
                                                  "commit": commit_record(batch)})
         return tag, batch

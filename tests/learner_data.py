@@ -22,8 +22,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dvi"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def verifier(dtype=torch.float64):
-    model = tiny_llama(seed=5, damp=1.0, init=0.3)
+def verifier(dtype=torch.float64, seed: int = 5):
+    model = tiny_llama(seed=seed, damp=1.0, init=0.3)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()

@@ -28,6 +28,9 @@ def add_parser(sub, name):
                    help="instead of batch 1: for each N, N requests in flight on one model (N clients, each "
                         "sending its next prompt when its last one is answered); hf_ar runs at batch 1 only, "
                         "as the reference for identical_to_ar")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --concurrency: run every level this many times, methods interleaved, and report "
+                        "each cell's median run (the machine's noise shows in tokens_per_s_runs; default: 1)")
     p.add_argument("--out", default="runs/bench.json", help="JSON report path (default: runs/bench.json)")
     p.set_defaults(func=run)
 
@@ -38,6 +41,8 @@ def run(args) -> int:
 
     if args.gamma < 0:  # before the model loads: a cost-aware policy would first time passes of no width
         raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     if args.concurrency:
         methods = parse_methods(args.methods or ",".join(CONCURRENT_DEFAULT), CONCURRENT_METHODS)
     else:
@@ -55,7 +60,7 @@ def run(args) -> int:
     parts.meta["path"] = args.head_path
     if args.concurrency:
         report = run_concurrency_bench(parts, prompts, args.max_new_tokens, args.gamma,
-                                       Concurrency(args.concurrency, methods))
+                                       Concurrency(args.concurrency, methods, args.repeat))
     else:
         report = run_bench(parts, prompts, args.max_new_tokens, args.gamma, methods)
     print_table(report)
@@ -102,7 +107,8 @@ def print_concurrency_tables(report: dict) -> None:
     levels = report["by_concurrency"]
     names = list(next(iter(levels.values())))
     where = f"{report['machine']} ({report.get('device', 'cpu')}, {report.get('dtype', 'float32')})"
-    tables = (Table(title=f"N requests in flight on {where}: total tok/s (per request), mean batch"),
+    runs = f", median of {report['repeat']} runs" if report.get("repeat", 1) > 1 else ""
+    tables = (Table(title=f"N requests in flight on {where}: total tok/s (per request), mean batch{runs}"),
               Table(title="TTFT p50 / latency p50 (s), identical to hf_ar at batch 1"))
     for table in tables:
         table.add_column("method", justify="right")

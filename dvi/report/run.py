@@ -32,6 +32,7 @@ SUMMARY_ROWS = (  # (key, label, kind, core): core keys are named when summary.j
     ("deadletter", "dead-lettered", "int", True),
     ("counts_balance", "written = trained + dropped + dead-lettered + buffered", "bool", False),
     ("versions_published", "drafter versions published", "int", True),
+    ("versions_held_back", "heads held back by the publish gate", "int", True),
     ("mal_first_window", "held-out MAL, first version (tokens/round)", "float", True),
     ("mal_last_window", "held-out MAL, last version (tokens/round)", "float", True),
     ("heldout_mal_by_version", "held-out MAL by version", "versions", True),

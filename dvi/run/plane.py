@@ -88,6 +88,7 @@ class LearningPlane:
             return {}
         return {"stats": run_stats(self.client, self.run_id),
                 "trained": sum(s["counters"]["trained_transitions"] for s in summaries),
+                "held_back": max((s["counters"].get("held_back", 0) for s in summaries), default=0),
                 "versions": _versions(self.run_dir), "buffered": stream_buffered(self.client, self.run_id)}
 
     def __exit__(self, *exc):

@@ -59,9 +59,9 @@ def per_workload(records: list[dict]) -> dict[str, dict]:
 
 def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None = None,
               trained: int | None = None, versions: list[dict] | None = None,
-              buffered: int | None = None) -> dict:
-    """summary.json's numbers. `stats`, `trained`, `versions` (versions.jsonl's entries) and `buffered`
-    are None in a serve-only run."""
+              buffered: int | None = None, held_back: int | None = None) -> dict:
+    """summary.json's numbers. `stats`, `trained`, `versions` (versions.jsonl's entries), `buffered` and
+    `held_back` (heads the publish gate kept from the actors) are None in a serve-only run."""
     ok = [r for r in records if r["ok"]]
     first, last = windows(records, fraction)
     summary = {
@@ -89,7 +89,7 @@ def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None
         "dropped_detail": {k: stats.get(k, 0) for k in ("dropped_oldest", "stale", "duplicates")},
         "counts_balance": trained is not None and buffered is not None
         and written == trained + dropped + stats.get("deadletter", 0) + buffered,
-        "versions_published": len({v["version"] for v in versions}),
+        "versions_published": len({v["version"] for v in versions}), "versions_held_back": held_back,
         "heldout_mal_by_version": {str(v): m for v, m in scores.items()},
         "mal_first_window": scores[min(scores)] if scores else None,
         "mal_last_window": scores[max(scores)] if scores else None,

@@ -272,6 +272,7 @@ class Concurrency:
     of `levels`."""
     levels: tuple[int, ...]
     methods: tuple[str, ...] = CONCURRENT_DEFAULT
+    repeat: int = 1  # every level this many times, methods interleaved; a cell reports the median run
 
 
 @dataclass
@@ -302,36 +303,47 @@ def run_concurrency_bench(parts: ModelParts, prompts: list[Prompt], max_new_toke
     report = bench_report(parts, prompts, encoded, runs, max_new_tokens, gamma)
     servers = {name: _hf_batched_runner(parts.model) if name == "hf_batched" else
                _batcher_runner(make_decoder(parts, name, gamma, concurrency.levels)) for name in concurrency.methods}
-    levels = run_levels(servers, encoded, concurrency.levels, max_new_tokens, parts.split.device)
+    levels = run_levels(servers, encoded, concurrency, max_new_tokens, parts.split.device)
     reference = runs["hf_ar"].tokens
+    report["repeat"] = concurrency.repeat
     report["by_concurrency"] = {str(n): {name: level_summary(levels[n][name], reference) for name in servers}
                                 for n in concurrency.levels}
     return report
 
 
-def run_levels(servers: dict, encoded: list[list[int]], levels: tuple[int, ...], max_new_tokens: int,
-               device: torch.device) -> dict[int, dict[str, LevelRun]]:
-    """Every server (method) on every prompt at every level, each after an untimed warm-up at that level."""
-    names = list(servers)
-    out: dict[int, dict[str, LevelRun]] = {n: {} for n in levels}
-    with tqdm(total=len(levels) * len(names) * len(encoded), desc="bench --concurrency", unit="req") as bar:
-        for j, level in enumerate(levels):
-            for name in names[j % len(names):] + names[: j % len(names)]:  # rotated, as run_prompt's order
-                bar.set_postfix_str(f"{name}, {level} in flight")
-                servers[name]([ids[:16] for ids in encoded[:level]], level, WARM_UP_TOKENS, lambda n: None)
-                synchronize(device)
-                out[level][name] = servers[name](encoded, level, max_new_tokens, bar.update)
+def run_levels(servers: dict, encoded: list[list[int]], concurrency: Concurrency, max_new_tokens: int,
+               device: torch.device) -> dict[int, dict[str, list[LevelRun]]]:
+    """Every server (method) on every prompt at every level, `repeat` times, each run after an untimed
+    warm-up at its level. The method order rotates with the level and the repetition, so that no method
+    always runs first (or right after the same one) while the machine's speed drifts."""
+    names, levels = list(servers), concurrency.levels
+    out: dict[int, dict[str, list[LevelRun]]] = {n: {name: [] for name in names} for n in levels}
+    total = concurrency.repeat * len(levels) * len(names) * len(encoded)
+    with tqdm(total=total, desc="bench --concurrency", unit="req") as bar:
+        for r in range(concurrency.repeat):
+            for j, level in enumerate(levels):
+                turn = (j + r) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    bar.set_postfix_str(f"{name}, {level} in flight, run {r + 1}/{concurrency.repeat}")
+                    servers[name]([ids[:16] for ids in encoded[:level]], level, WARM_UP_TOKENS, lambda n: None)
+                    synchronize(device)
+                    out[level][name].append(servers[name](encoded, level, max_new_tokens, bar.update))
     return out
 
 
-def level_summary(run: LevelRun, reference: list[list[int]]) -> dict:
-    """A method's numbers at one level; `reference`: hf_ar's batch-1 tokens, prompt by prompt."""
+def level_summary(runs: list[LevelRun], reference: list[list[int]]) -> dict:
+    """A method's numbers at one level, from the run of median throughput (`tokens_per_s_runs` holds every
+    run's); `reference`: hf_ar's batch-1 tokens, prompt by prompt. Every run's outputs count for
+    identical_to_ar."""
+    rates = [sum(len(r.tokens) for r in run.requests) / run.seconds for run in runs]
+    run = runs[sorted(range(len(runs)), key=rates.__getitem__)[(len(runs) - 1) // 2]]  # the lower median
     requests, tokens = run.requests, [r.tokens for r in run.requests]
-    out = {"tokens_per_s": sum(map(len, tokens)) / run.seconds,
+    out = {"tokens_per_s": sum(map(len, tokens)) / run.seconds, "tokens_per_s_runs": rates,
            "tokens_per_s_per_request": float(np.mean([len(r.tokens) / r.latency for r in requests])),
            "ttft_p50_s": float(np.median([r.ttft for r in requests])),
            "latency_p50_s": float(np.median([r.latency for r in requests])),
-           "identical_to_ar": _identical(tokens, reference),
+           "identical_to_ar": float(np.mean([_identical([r.tokens for r in other.requests], reference)
+                                             for other in runs])),
            "tokens": int(sum(map(len, tokens))), "seconds": run.seconds}
     if all(r.result is not None for r in requests):
         out["mean_batch_size"] = run.mean_batch_size

@@ -55,6 +55,47 @@ def test_a_batch_decodes_each_row_as_hf_generate(parts):
     assert batcher.mean_batch_size > 1.5 and max(r.batch for res in results for r in res.rounds) == 3
 
 
+def test_sampled_rows_drafting_from_a_traffic_memory_follow_the_model(parts):
+    """Sampling through remembered drafts on the real model: 300 requests of one prompt, each with its own
+    seed, batched up to 32, whose traffic memory holds the prompt's greedy answer. The second token, the first
+    one verified against a draft, follows the model's exact marginal (chi-square); remembered drafts were
+    both accepted and rejected; and a decoder that accepted them all would fail the same test."""
+    from selfspec.batching import Batcher
+    from selfspec.suffix_index import SuffixIndex, SuffixIndexConfig
+    from test_sampling import ALPHA, chi_square_pvalue
+
+    temperature, samples = 0.6, 300
+    ids = parts.tokenizer("The capital of France is").input_ids
+    with torch.inference_mode():
+        greedy = parts.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        p1 = torch.softmax(parts.model(torch.tensor([ids])).logits[0, -1].double() / temperature, -1)
+        first = torch.argsort(p1, descending=True)[:256]
+        assert p1[first].sum() > 0.999  # the exact marginal below leaves out less than 0.1% of the mass
+        p2_given = torch.softmax(parts.model(torch.tensor([[*ids, t] for t in first.tolist()])).logits[:, -1].double()
+                                 / temperature, -1)
+    exact = (p1[first, None] * p2_given).sum(0) / p1[first].sum()
+    memory = SuffixIndex(SuffixIndexConfig(min_match=1))
+    memory.insert([*ids, *greedy])
+    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("fixed", 4, parts.split, parts.head),
+                              memory=memory)
+    batcher = Batcher(decoder, 32)
+    try:
+        # 3 tokens: the round after the first token has room for a draft
+        handles = [batcher.submit(ids, max_new_tokens=3, temperature=temperature, seed=s, eos_ids=set())
+                   for s in range(samples)]
+        results = [h.wait() for h in handles]
+    finally:
+        batcher.close()
+    remembered = [r.rounds[0] for r in results if r.rounds[0].kind == "remembered"]
+    assert sum(r.accepted > 0 for r in remembered) > 10 and sum(r.accepted < r.drafted for r in remembered) > 10
+    counts = np.bincount([r.tokens[1] for r in results], minlength=len(exact))
+    assert chi_square_pvalue(counts, exact.numpy()) > ALPHA
+    g0 = (first == greedy[0]).nonzero().item()  # power: every remembered draft accepted moves mass to greedy[1]
+    always = exact * p1[first].sum() - p1[greedy[0]] * p2_given[g0]
+    always[greedy[1]] += p1[greedy[0]]
+    assert chi_square_pvalue(counts, (always / always.sum()).numpy()) < ALPHA
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()

@@ -116,6 +116,39 @@ def test_metrics_are_logged_like_cleanrl(trained):
     assert any(p.name.startswith("events.out.tfevents") for p in (cfg.checkpoint_dir.parent / "tb").iterdir())
 
 
+@pytest.mark.parametrize("gate", [0.02, None])
+def test_publish_gate_keeps_a_worse_head_from_the_actors(server, model, paths, tmp_path, gate):
+    """A learner learns this model's paths, then trains on another model's, which makes it draft worse here.
+    With the gate, no version more than `gate` below the best published one reaches the weight store; without
+    it, the worse head is published."""
+    run_id = f"gate-{gate}"
+    cfg = config(tmp_path, server.url, run_id=run_id, publish_gate=gate,
+                 schedule_config={"warmup_steps": 40, "ramp_steps": 40}, **{"head.draft_vocab": 128})
+    vocab = frequent_ids(paths[:48], SplitModel(model, K), 128)
+    head0 = fresh_head(model, cfg, vocab)
+    client, records = server.client(), []
+    learner = Learner(cfg, client, model, LearnerSetup(heldout=HeldoutPaths(paths[48:]), vocab_ids=vocab,
+                                                       log=records.append))
+    write(client, run_id, [t for p in paths[:24] for t in rounds(p, head0, run_id=run_id)])
+    learner.run()
+    learned = learner.version
+    other = greedy_paths(verifier(seed=6), 24, seed=1)  # another model's continuations
+    write(client, run_id, [t for p in other for t in rounds(p, head0, run_id=run_id)])
+    learner.run()
+
+    scores = [json.loads(line)["heldout_mal"] for line in (Path(cfg.out_dir) / "versions.jsonl").read_text().splitlines()]
+    best = max(scores)
+    served, _, _ = WeightStore(client, run_id).pull_if_newer(None)
+    if gate is None:
+        assert best > 3.0 and learner.counters["held_back"] == 0 and scores[served] < best - 0.5
+        return
+    candidates = [r["charts/candidate_mal"] for r in records if "charts/candidate_mal" in r]
+    assert best > 3.0 and min(candidates) < best - 0.5, "the second phase made the head draft worse here"
+    assert learner.counters["held_back"] > 0 and learner.version - learned < learner.counters["held_back"]
+    assert all(s >= max(scores[:i + 1]) - gate for i, s in enumerate(scores)), "each version near the best before it"
+    assert served == learner.version and scores[served] >= best - gate
+
+
 def test_published_version_loads_in_another_process(trained, server, tmp_path):
     learner, cfg, _, _ = trained
     out = tmp_path / "loaded.npz"

@@ -11,7 +11,7 @@ from dvi import cli
 
 PROMPTS = ["Sort a list.", "Why is the sky blue?", "Write a haiku about rain.", "Add 2 and 3."]
 LEVEL_KEYS = {"tokens_per_s", "tokens_per_s_per_request", "ttft_p50_s", "latency_p50_s", "identical_to_ar", "tokens",
-              "seconds"}
+              "seconds", "tokens_per_s_runs"}
 
 
 @pytest.fixture
@@ -24,8 +24,9 @@ def bench_args(tmp_path, monkeypatch):
 
 
 def test_concurrency_report_and_tables(bench_args, tmp_path, capsys):
-    assert cli.main([*bench_args, "--concurrency", "1,2"]) == 0
+    assert cli.main([*bench_args, "--concurrency", "1,2", "--repeat", "2"]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["repeat"] == 2
     assert [m["name"] for m in report["methods"]] == ["hf_ar"]  # batch 1: the reference alone
     levels = report["by_concurrency"]
     assert list(levels) == ["1", "2"]
@@ -38,6 +39,7 @@ def test_concurrency_report_and_tables(bench_args, tmp_path, capsys):
             assert m["tokens_per_s"] > 0 and 0 < m["ttft_p50_s"] <= m["latency_p50_s"]
             # the whole set's rate; a request's own rate is lower while others share the model with it
             assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["seconds"])
+            assert len(m["tokens_per_s_runs"]) == 2 and m["tokens_per_s"] == min(m["tokens_per_s_runs"])  # lower median
             if dvi:  # greedy decoding is lossless at any batch size
                 assert m["identical_to_ar"] == 1.0, (n, name)
                 assert 1 <= m["mean_batch_size"] <= int(n)
@@ -45,13 +47,15 @@ def test_concurrency_report_and_tables(bench_args, tmp_path, capsys):
                 assert 0 <= m["identical_to_ar"] <= 1
     assert levels["1"]["dvi_ar"]["mean_batch_size"] == 1.0
     out = capsys.readouterr().out
-    assert "N=2" in out and "TTFT p50 / latency p50" in out and "dvi_spec_ngram_dynamic" in out
+    assert "N=2" in out and "median of 2 runs" in out and "TTFT p50 / latency p50" in out and "dvi_spec_ngram_dynamic" in out
 
 
 def test_concurrency_methods_and_levels_are_checked_before_the_model_loads(bench_args, capsys):
     assert cli.main([*bench_args, "--concurrency", "2", "--methods", "dvi_ar,hf_prompt_lookup"]) == 2
     assert "--methods: unknown ['hf_prompt_lookup']; choose from hf_batched" in capsys.readouterr().err
     assert cli.main([*bench_args, "--methods", "hf_batched"]) == 2  # batch 1 has no hf_batched
+    assert cli.main([*bench_args, "--concurrency", "2", "--repeat", "0"]) == 2
+    assert "--repeat must be >= 1, got 0" in capsys.readouterr().err
     for bad in ("0", "2,x"):
         with pytest.raises(SystemExit):
             cli.main([*bench_args, "--concurrency", bad])
