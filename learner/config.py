@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from buffer.config import RedisConfig, StreamConfig, WeightsConfig
-from selfspec.config import ModelSideConfig, Strict, TrainingConfig
+from selfspec.config import ModelSideConfig, ScheduleName, Strict, TrainingConfig
 
 
 class HeldoutConfig(Strict):
@@ -43,6 +43,12 @@ class PlacementConfig(Strict):
 
 class LearnerConfig(TrainingConfig, ModelSideConfig):
     """The DeepSpeed learner: reads transitions from the stream, trains the head, publishes versions."""
+    # Not dvi online's kl_rl: live, the cost-aware policy lets the head draft in a few % of positions, so the
+    # RL terms have almost no on-policy rows, and once kl_rl's KL weight falls to its floor the head drifts
+    # (held-out MAL 1.20 -> 1.12 over 250 Spec-Bench requests; kl_only reached 1.24: docs/distributed.md).
+    schedule: ScheduleName = Field("kl_only", description="loss schedule by learner step: kl_only (the verifier's "
+                                                          "distribution on every served row), kl_rl, ce_only or "
+                                                          "pg_only")
     run_id: str = Field("default", description="the run's Redis keys live under dvi:{run_id}:")
     draft_vocab_from: Literal["lowest", "served"] = Field(
         "lowest", description="with head.draft_vocab: the lowest ids (BPE merge order), or the ids the verifier "

@@ -64,10 +64,11 @@ def save_model(model, folder: Path) -> Path:
 
 
 def config(tmp: Path, redis_url: str, **overrides):
-    """A learner config for the tiny verifier: small head, ZeRO 1, no held-out prompts (tests pass paths)."""
+    """A learner config for the tiny verifier: small head, ZeRO 1, no held-out prompts (tests pass paths),
+    kl_rl (every loss term takes part)."""
     from learner.config import LearnerConfig
 
-    data = {"run_id": "learn", "model": str(tmp / "model"), "deepspeed": str(REPO / "configs/deepspeed/zero1.json"),
+    data = {"run_id": "learn", "schedule": "kl_rl", "model": str(tmp / "model"), "deepspeed": str(REPO / "configs/deepspeed/zero1.json"),
             "exit_layer": K, "head": {"adapter_hidden": 128, "lora_rank": 8}, "lr": 3e-3, "batch_size": 16,
             "min_fill": 0.01, "fill_timeout_s": 0.2, "idle_exit_s": 1.0, "publish_every_steps": 5,
             "heldout": {"prompts": 0}, "out_dir": str(tmp / "out"), "redis": {"url": redis_url},

@@ -67,8 +67,8 @@ def print_summary(summary: dict, command: str = "dvi run") -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     keys = ("requests_completed", "requests_failed", "tokens_per_s_first_window", "tokens_per_s_last_window",
-            "live_mal_first_window", "live_mal_last_window", "versions_published", "mal_first_window",
-            "mal_last_window", "transitions_written", "transitions_trained", "transitions_dropped",
+            "live_mal_first_window", "live_mal_last_window", "versions_published", "versions_held_back",
+            "mal_first_window", "mal_last_window", "transitions_written", "transitions_trained", "transitions_dropped",
             "transitions_buffered", "deadletter", "counts_balance", "wall_s")
     for key in keys:
         if key in summary:
