@@ -56,7 +56,7 @@ def test_a_batch_decodes_each_row_as_hf_generate(parts):
 
 
 def test_sampled_rows_drafting_from_a_traffic_memory_follow_the_model(parts):
-    """Sampling through remembered drafts on the real model: 300 requests of one prompt, each with its own
+    """Sampling through remembered drafts on the real model: 160 requests of one prompt, each with its own
     seed, batched up to 32, whose traffic memory holds the prompt's greedy answer. The second token, the first
     one verified against a draft, follows the model's exact marginal (chi-square); remembered drafts were
     both accepted and rejected; and a decoder that accepted them all would fail the same test."""
@@ -64,7 +64,7 @@ def test_sampled_rows_drafting_from_a_traffic_memory_follow_the_model(parts):
     from selfspec.suffix_index import SuffixIndex, SuffixIndexConfig
     from test_sampling import ALPHA, chi_square_pvalue
 
-    temperature, samples = 0.6, 300
+    temperature, samples = 0.6, 160
     ids = parts.tokenizer("The capital of France is").input_ids
     with torch.inference_mode():
         greedy = parts.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
@@ -87,7 +87,8 @@ def test_sampled_rows_drafting_from_a_traffic_memory_follow_the_model(parts):
     finally:
         batcher.close()
     remembered = [r.rounds[0] for r in results if r.rounds[0].kind == "remembered"]
-    assert sum(r.accepted > 0 for r in remembered) > 10 and sum(r.accepted < r.drafted for r in remembered) > 10
+    # each request costs a prefill pass of its own, so few of them: enough that drafts are both accepted and rejected
+    assert sum(r.accepted > 0 for r in remembered) > 5 and sum(r.accepted < r.drafted for r in remembered) > 5
     counts = np.bincount([r.tokens[1] for r in results], minlength=len(exact))
     assert chi_square_pvalue(counts, exact.numpy()) > ALPHA
     g0 = (first == greedy[0]).nonzero().item()  # power: every remembered draft accepted moves mass to greedy[1]
