@@ -306,10 +306,12 @@ class Learner:
             entry = self.publisher.publish(*weights, self.version, self.step)
             self.log({"step": self.step, "version": self.version, "charts/publish_latency_ms": entry["latency_ms"],
                       "charts/publish_mb": entry["bytes"] / 1e6})
+            if score is not None:  # the gate scored this head already
+                entry["heldout_mal"] = score
             ready = self.heldout is None or self.heldout.ready() is not None
             # scored now, or kept until the held-out paths exist (the head trains on meanwhile)
             self._unscored.append((entry, None if ready and not self._unscored else weights))
-            self._score(known={id(entry): score})
+            self._score()
         self.reader.current_version = self.version
         self.counters["published"] += 1
 
@@ -329,10 +331,9 @@ class Learner:
     def _held_back(self, score: float | None) -> bool:
         return score is not None and self._best is not None and score < self._best - self.cfg.publish_gate
 
-    def _score(self, wait: bool = False, known: dict[int, float | None] | None = None) -> None:
-        """Rank 0: the held-out MAL of every published version not scored yet, once the held-out paths
-        exist (`wait`: until they do); each is then recorded in order (versions.jsonl, the scores hash).
-        `known`: scores already computed (by the gate), by id of the entry."""
+    def _score(self, wait: bool = False) -> None:
+        """Rank 0: the held-out MAL of every published version not scored yet (by the gate), once the
+        held-out paths exist (`wait`: until they do); each is then recorded in order (versions.jsonl)."""
         if not self._unscored:
             return
         paths = None if self.heldout is None else (self.heldout.wait() if wait else self.heldout.ready())
@@ -341,8 +342,8 @@ class Learner:
         for entry, weights in self._unscored:
             if paths:
                 head = self.head if weights is None else head_from_weights(self.split, *weights)
-                score = (known or {}).get(id(entry))
-                entry["heldout_mal"] = score if score is not None else mean_accepted_length(paths, head, self.cfg.gamma)
+                if entry.get("heldout_mal") is None:
+                    entry["heldout_mal"] = mean_accepted_length(paths, head, self.cfg.gamma)
                 self._best = max(entry["heldout_mal"], self._best if self._best is not None else -math.inf)
                 self.log({"step": entry["step"], "version": entry["version"], "charts/heldout_mal": entry["heldout_mal"]})
             else:
