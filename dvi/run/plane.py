@@ -14,10 +14,14 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dvi.report.format import read_jsonl
 from dvi.run.config import SystemConfig
 from dvi.run.files import learner_dir
+
+if TYPE_CHECKING:  # summary imports redis; the plane imports it when it finishes
+    from dvi.run.summary import LearningCounts
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FINISH_TIMEOUT_S = 1800
@@ -70,11 +74,11 @@ class LearningPlane:
         self.ready_at = time.time()
         self.monitor.actors_ready(detail)
 
-    def finish(self) -> dict:
+    def finish(self) -> LearningCounts | None:
         """Let the learner read what the generators wrote and train it, finish (checkpoint, publish, score
-        every version), and return the stream's counts for the summary."""
+        every version), and return the stream's counts for the summary (None without a Redis)."""
         from buffer.stream import run_stats
-        from dvi.run.summary import stream_buffered
+        from dvi.run.summary import LearningCounts, stream_buffered
 
         summaries = []
         if self.learner is not None:
@@ -85,11 +89,11 @@ class LearningPlane:
             self.learner = None
         self.monitor.stop()
         if self.client is None:
-            return {}
-        return {"stats": run_stats(self.client, self.run_id),
-                "trained": sum(s["counters"]["trained_transitions"] for s in summaries),
-                "held_back": max((s["counters"].get("held_back", 0) for s in summaries), default=0),
-                "versions": _versions(self.run_dir), "buffered": stream_buffered(self.client, self.run_id)}
+            return None
+        return LearningCounts(stats=run_stats(self.client, self.run_id),
+                              trained=sum(s["counters"]["trained_transitions"] for s in summaries),
+                              versions=_versions(self.run_dir), buffered=stream_buffered(self.client, self.run_id),
+                              held_back=max((s["counters"].get("held_back", 0) for s in summaries), default=0))
 
     def __exit__(self, *exc):
         if self.monitor is not None:  # after finish() a no-op; after a failure, before its log closes
@@ -105,12 +109,13 @@ class LearningPlane:
             self.server.stop()
 
 
-def write_summary(cfg: SystemConfig, run_dir: Path, records: list[dict], counts: dict, plane: LearningPlane,
+def write_summary(cfg: SystemConfig, run_dir: Path, records: list[dict], counts: LearningCounts | None,
+                  plane: LearningPlane,
                   **extra) -> dict:
     """summary.json: the requests' numbers (dvi.run.summary), the stream's counts and the run's times."""
     from dvi.run.summary import summarize
 
-    summary = summarize(records, cfg.window, **counts)
+    summary = summarize(records, cfg.window, counts)
     monitor = plane.monitor
     summary.update(run_id=plane.run_id, actors=cfg.actors.count, started_at=plane.started,
                    wall_s=time.time() - plane.started,

@@ -7,6 +7,8 @@ buffered in the stream. `counts_balance` says whether the four add up to `transi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import redis
 
@@ -57,11 +59,18 @@ def per_workload(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None = None,
-              trained: int | None = None, versions: list[dict] | None = None,
-              buffered: int | None = None, held_back: int | None = None) -> dict:
-    """summary.json's numbers. `stats`, `trained`, `versions` (versions.jsonl's entries), `buffered` and
-    `held_back` (heads the publish gate kept from the actors) are None in a serve-only run."""
+@dataclass(frozen=True)
+class LearningCounts:
+    """What the learning side counted by the end of a run (dvi.run.plane.LearningPlane.finish)."""
+    stats: dict[str, int]  # the stream's run-wide counters (buffer.stream.run_stats)
+    trained: int  # transitions the learner trained
+    versions: list[dict]  # versions.jsonl's entries
+    buffered: int  # entries still in the stream
+    held_back: int  # heads the publish gate kept from the actors
+
+
+def summarize(records: list[dict], fraction: float, learning: LearningCounts | None = None) -> dict:
+    """summary.json's numbers; `learning` is None in a serve-only run."""
     ok = [r for r in records if r["ok"]]
     first, last = windows(records, fraction)
     summary = {
@@ -77,11 +86,12 @@ def summarize(records: list[dict], fraction: float, stats: dict[str, int] | None
         "workloads": per_workload(records),
         "versions": package_versions(),  # what the actors and the learner ran with (selfspec.versions)
     }
-    if stats is None:
+    if learning is None:
         return summary
+    stats, trained, buffered, held_back = learning.stats, learning.trained, learning.buffered, learning.held_back
     dropped = sum(stats.get(k, 0) for k in ("dropped_oldest", "stale", "duplicates"))
     written = stats.get("written", 0)
-    versions = versions or []
+    versions = learning.versions
     scores = dict(sorted((v["version"], v["heldout_mal"]) for v in versions if v.get("heldout_mal") is not None))
     summary.update({
         "transitions_written": written, "transitions_trained": trained, "transitions_dropped": dropped,
