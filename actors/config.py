@@ -13,13 +13,18 @@ from pydantic import Field
 
 from buffer.config import StreamConfig
 from selfspec.config import DecodingConfig, Strict
+from selfspec.suffix_index import SuffixIndexConfig
+
+INDEX = SuffixIndexConfig()  # the memory's own defaults
 
 
 class MemoryConfig(Strict):
     """The traffic memory's bounds (selfspec.suffix_index) and what goes into it."""
-    max_sequences: int = Field(2_000, ge=1, description="responses (and prompts) an actor's memory holds; the oldest go first")
-    max_tokens: int = Field(500_000, ge=1, description="tokens it holds; the oldest sequences go first")
-    min_match: int = Field(2, ge=1, le=16, description="shortest suffix match with stored text that drafts")
+    max_sequences: int = Field(INDEX.max_sequences, ge=1, description="responses (and prompts) an actor's memory "
+                                                                      "holds; the oldest go first")
+    max_tokens: int = Field(INDEX.max_tokens, ge=1, description="tokens it holds; the oldest sequences go first")
+    min_match: int = Field(INDEX.min_match, ge=1, le=INDEX.max_match, description="shortest suffix match with stored "
+                                                                                  "text that drafts")
     prompts: bool = Field(False, description="also store each request's prompt, not only its response")
     stream_maxlen: int = Field(10_000, ge=1, description="shared: entries the run's `served` stream keeps "
                                                          "(approximately), which a new actor reads to catch up")

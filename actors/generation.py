@@ -46,6 +46,7 @@ from buffer.served import ServedLog
 from buffer.stream import BackpressureTimeout, TransitionWriter
 from buffer.weights import WeightsRefused, WeightStore
 from selfspec.batching import Batcher
+from selfspec.copy_sources import CopySources
 from selfspec.drafter import head_from_weights, head_weights
 from selfspec.engine import DecodeOptions, TransitionSink, SelfSpecDecoder
 from selfspec.head_format import HeadSpec
@@ -120,8 +121,8 @@ class GenerationWorker:
                             cfg.memory_bounds.stream_maxlen) if shared else None
             self.traffic = TrafficMemory(cfg.memory_bounds, log)
             self.traffic.catch_up()
-        return SelfSpecDecoder(self.split, self.head, policy, ngram=cfg.ngram, sink=sink, passes=parts.passes,
-                               memory=self.traffic.index if self.traffic is not None else None)
+        copies = CopySources(cfg.ngram, self.traffic.index if self.traffic is not None else None)
+        return SelfSpecDecoder(self.split, self.head, policy, copies, sink=sink, passes=parts.passes)
 
     # -- serving ----------------------------------------------------------------------------------
 

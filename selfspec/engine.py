@@ -23,12 +23,13 @@ import torch
 
 from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
 from selfspec.passes import PassRunner, pass_runner
+from selfspec.copy_sources import CopySources
 from selfspec.drafter import DrafterHead
 from selfspec.kv_cache import Block, carry
 from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
-from selfspec.ngram import MAX_NGRAM, TEXT, NgramIndex, Proposal
-from selfspec.suffix_index import MEMORY, SuffixIndex
+from selfspec.ngram import NgramIndex
+from selfspec.proposal import MEMORY, TEXT, Proposal
 from selfspec.span_clock import SpanClock
 from selfspec.split import SplitModel
 from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound, prompt_transition,
@@ -118,19 +119,16 @@ class Sequence:
 
 class SelfSpecDecoder:
     def __init__(self, split: SplitModel, head: DrafterHead | None = None,
-                 length_policy: LengthPolicy | None = None, ngram: int = 0, sink: TransitionSink | None = None,
-                 passes: PassRunner | None = None, memory: SuffixIndex | None = None):
-        """`passes`: what runs the passes (selfspec.passes; None: `pass_runner(split)`, CUDA graphs on
-        a GPU, the split itself elsewhere); give the one a cost-aware policy was measured on. `memory`: the
-        traffic memory sequences copy drafts from too (its owner inserts what was served, between rounds)."""
+                 length_policy: LengthPolicy | None = None, copies: CopySources | None = None,
+                 sink: TransitionSink | None = None, passes: PassRunner | None = None):
+        """`copies`: where sequences copy drafts from (their own text, a traffic memory; None: nowhere).
+        `passes`: what runs the passes (selfspec.passes; None: `pass_runner(split)`, CUDA graphs on a GPU, the
+        split itself elsewhere); give the one a cost-aware policy was measured on."""
         self.split, self.sink = split, sink
         self.passes = passes if passes is not None else pass_runner(split)
         self.length_policy = length_policy or LengthPolicy(0)
-        if not 0 <= ngram <= MAX_NGRAM:
-            raise ValueError(f"ngram (shortest suffix match to copy drafts from, 0 = off) must "
-                             f"be in [0, {MAX_NGRAM}], got {ngram}")
-        self.ngram, self.memory = ngram, memory
-        if self.length_policy.max_drafts > 0 and head is None and not ngram and memory is None:
+        self.copies = copies or CopySources()
+        if self.length_policy.max_drafts > 0 and head is None and not self.copies.on:
             raise ValueError("drafting (gamma > 0) needs a drafter head, n-gram drafts or a traffic memory")
         self.batch: list[Sequence] = []  # in slot order: batch[i].slot == i
         self.cache = None
@@ -265,8 +263,7 @@ class SelfSpecDecoder:
             seq.history = list(hidden[0, -self.window:])
         if self.head is not None:
             seq.head_cache = self.head.new_cache(self.cache.capacity)
-        if self.ngram or self.memory is not None:  # the memory matches the text's suffix too
-            seq.ngram = NgramIndex([*prompt.tolist(), first])
+        seq.ngram = self.copies.text_index([*prompt.tolist(), first])
         self.batch.append(seq)
         return seq
 
@@ -317,20 +314,13 @@ class SelfSpecDecoder:
     def _copies(self, batch: list[Sequence], rooms: list[int]) -> tuple[list[list[Proposal]], list[list[int]], list[str]]:
         """Each sequence's copy proposals (its own text's, the memory's), and of the one the length policy
         offers, as much as it expects to pay, and that one's source."""
-        proposals = [self._proposals(seq, room) for seq, room in zip(batch, rooms)]
+        proposals = [self.copies.propose(seq.ngram, room) for seq, room in zip(batch, rooms)]
         offers = [self.length_policy.choose_copy(p) for p in proposals]
         offered = [i for i, p in enumerate(offers) if p.tokens]
         copies: list[list[int]] = [[] for _ in batch]
         for i, n in zip(offered, self.length_policy.copy_drafts([offers[i] for i in offered]) if offered else []):
             copies[i] = offers[i].tokens[:n]
         return proposals, copies, [p.source for p in offers]
-
-    def _proposals(self, seq: Sequence, room: int) -> list[Proposal]:
-        if seq.ngram is None or room <= 0:
-            return []
-        found = [seq.ngram.propose(room, self.ngram) if self.ngram else None,
-                 self.memory.propose(seq.ngram.tokens, room) if self.memory is not None else None]
-        return [p for p in found if p is not None and p.tokens]
 
     def _trunk(self, batch: list[Sequence], rows: list[list[int]], starts: list[int] | None = None) -> torch.Tensor:
         """Token rows (ragged; an empty row is padding) through the trunk from each sequence's position (or

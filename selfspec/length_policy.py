@@ -15,8 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from selfspec.ngram import TEXT, Proposal
-from selfspec.suffix_index import MEMORY
+from selfspec.proposal import MEMORY, TEXT, Proposal
 
 NO_COPY = Proposal([], 0)
 from selfspec.pass_costs import CostTable, PassCosts

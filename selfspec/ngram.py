@@ -11,27 +11,18 @@ was accepted, and then its context is the path's, so the head's draft is its arg
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from selfspec.acceptance import mean_accepted_length
+from selfspec.proposal import Proposal
 
 
 MAX_NGRAM = 4  # longer matches barely change acceptance on Spec-Bench (docs/learning.md)
 
 
-TEXT = "text"  # the source of a Proposal copied from the request's own text
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """Copied drafts: what followed the longest earlier occurrence of the text's suffix."""
-    tokens: list[int]
-    ngram: int  # length of the matched suffix, 0 when nothing matched
-    source: str = TEXT  # where from: the request's own text, or the traffic memory (selfspec.suffix_index)
 
 
 class NgramIndex:
@@ -120,7 +111,7 @@ def head_predictions(path, head) -> tuple[np.ndarray, np.ndarray]:
 
 def mean_accepted_length_with_ngram(paths, gamma: int, head=None, min_ngram: int = 1) -> float:
     """MAL along these paths with copied drafts when the suffix matches, else the head's (none without
-    a head): what `SelfSpecDecoder(..., ngram=min_ngram)` with fixed γ decides."""
+    a head): what `SelfSpecDecoder(..., CopySources(ngram=min_ngram))` with fixed γ decides."""
     rule = ngram_rule(min_ngram) if head is None else switch_rule(min_ngram)
     return mean_accepted_length(r.accepted for path in paths
                                 for r in simulate_ngram_rounds(path, gamma, rule, *(head_predictions(path, head) if head else ())))

@@ -24,9 +24,8 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from selfspec.ngram import Proposal
+from selfspec.proposal import MEMORY, Proposal
 
-MEMORY = "memory"  # the source of a Proposal drafted from the traffic memory
 SEPARATOR = -1  # after each stored sequence: no continuation crosses it
 INDEXED = (8, 4, 2, 1)  # n-gram lengths a position is found by, longest first
 
@@ -76,7 +75,7 @@ class SuffixIndex:
     def propose(self, text, max_tokens: int) -> Proposal:
         """Drafts for what follows `text` (its last max_match tokens are all that matter): the common
         continuation of its longest suffix stored at least min_match long, or nothing."""
-        if max_tokens <= 0:
+        if max_tokens <= 0 or not self._sequences:  # an empty memory answers at once
             return Proposal([], 0, MEMORY)
         tail = [int(t) for t in text[-self.config.max_match:]]
         live = self._live_start

@@ -25,6 +25,7 @@ def run(args) -> int:
 
     check_decoding_args(args)  # --exit-layer, --head-path, --max-new-tokens against the model, before torch loads
     from selfspec.device import dtype_name
+    from selfspec.copy_sources import CopySources
     from selfspec.engine import SelfSpecDecoder
     from selfspec.loading import make_length_policy
     from selfspec.model import quiet_transformers
@@ -39,7 +40,7 @@ def run(args) -> int:
     ids = parts.tokenizer(args.prompt)["input_ids"] if args.raw else chat_ids(parts.tokenizer, args.prompt)
     policy = make_length_policy(args.length_policy, args.gamma, parts.passes, parts.head)
     ngram = args.ngram if args.gamma else 0  # gamma 0 is plain decoding: nothing is drafted or copied
-    decoder = SelfSpecDecoder(parts.split, parts.head if args.gamma else None, policy, ngram=ngram,
+    decoder = SelfSpecDecoder(parts.split, parts.head if args.gamma else None, policy, CopySources(ngram),
                               passes=parts.passes)
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     print(parts.tokenizer.decode(result.tokens, skip_special_tokens=True))

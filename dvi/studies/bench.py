@@ -24,6 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from dvi.studies.methods import CONCURRENT_DEFAULT, METHODS
 from selfspec.acceptance import mean_accepted_length
 from selfspec.batching import Batcher
+from selfspec.copy_sources import CopySources
 from selfspec.passes import StaticPasses, passes_mode
 from selfspec.device import dtype_name, synchronize
 from selfspec.engine import DecodeResult, SelfSpecDecoder
@@ -62,7 +63,10 @@ DVI_METHODS = {
     "dvi_spec_ngram_dynamic": ("cost_aware", True, 1),
     # ... and copies from a traffic memory of the answers it gave the bench's earlier prompts
     "dvi_memory": ("cost_aware", True, 1),
+    # ... with a memory that stays empty: what consulting a memory costs when it never has anything to offer
+    "dvi_memory_empty": ("cost_aware", True, 1),
 }
+MEMORY_FILLED = {"dvi_memory": True, "dvi_memory_empty": False}
 
 
 def make_decoder(parts: ModelParts, method: str, gamma: int, batch_sizes: tuple[int, ...] = (1,)) -> SelfSpecDecoder:
@@ -70,8 +74,8 @@ def make_decoder(parts: ModelParts, method: str, gamma: int, batch_sizes: tuple[
     policy, drafts, ngram = DVI_METHODS[method]
     gamma = gamma if drafts else 0
     length_policy = make_length_policy(policy, gamma, parts.passes, parts.head, batch_sizes)
-    memory = SuffixIndex() if method == "dvi_memory" else None
-    return SelfSpecDecoder(parts.split, parts.head, length_policy, ngram=ngram, passes=parts.passes, memory=memory)
+    memory = SuffixIndex() if method in MEMORY_FILLED else None
+    return SelfSpecDecoder(parts.split, parts.head, length_policy, CopySources(ngram, memory), passes=parts.passes)
 
 
 def _hf_runner(model, max_new_tokens: int, **assist):
@@ -86,11 +90,13 @@ def _hf_runner(model, max_new_tokens: int, **assist):
     return run
 
 
-def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int):
+def _dvi_runner(decoder: SelfSpecDecoder, max_new_tokens: int, fill_memory: bool = False):
+    memory = decoder.copies.memory if fill_memory else None
+
     def run(ids: list[int]):
         result = decoder.generate(ids, max_new_tokens=max_new_tokens)
-        if decoder.memory is not None:  # served: the next prompts may draft from it
-            decoder.memory.insert(result.tokens)
+        if memory is not None:  # served: the next prompts may draft from it
+            memory.insert(result.tokens)
         return result.tokens, result
     return run
 
@@ -109,7 +115,8 @@ def make_runners(parts: ModelParts, max_new_tokens: int, gamma: int, methods: tu
         # every new cache length, i.e. per prompt length); elsewhere it is hf_static
         "hf_compile": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
         # built only when asked for: cost_aware measures costs at start-up
-        **{name: (lambda name=name: _dvi_runner(make_decoder(parts, name, gamma), max_new_tokens))
+        **{name: (lambda name=name: _dvi_runner(make_decoder(parts, name, gamma), max_new_tokens,
+                                                MEMORY_FILLED.get(name, False)))
            for name in DVI_METHODS},
     }
     names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]

@@ -136,6 +136,7 @@ def _generation(cfg, spec: LearnerBenchSpec) -> dict:
     """One decoding process with the config's (untrained) head, dvi generate's defaults."""
     import torch
 
+    from selfspec.copy_sources import CopySources
     from selfspec.engine import TransitionSink, SelfSpecDecoder
     from selfspec.loading import load_model_parts, make_length_policy
     from selfspec.model import quiet_transformers
@@ -151,7 +152,7 @@ def _generation(cfg, spec: LearnerBenchSpec) -> dict:
         counts["positions"] += t.n
 
     decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("cost_aware", 4, parts.passes, parts.head),
-                              ngram=1, sink=TransitionSink(sink), passes=parts.passes)
+                              CopySources(ngram=1), sink=TransitionSink(sink), passes=parts.passes)
     prompts = load_prompts("builtin")[:spec.generation_prompts]
     tokens, seconds = 0, 0.0
     for p in prompts:

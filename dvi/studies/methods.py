@@ -6,8 +6,9 @@ METHODS = ("hf_ar", "hf_prompt_lookup", "hf_early_exit", "dvi_ar", "dvi_spec", "
            "dvi_spec_ngram_dynamic")
 # Only when named in --methods: generate with transformers' preallocated ("static") KV cache, uncompiled
 # (hf_static) and as transformers runs it by default, compiled on CUDA (hf_compile); dvi_spec_ngram_dynamic
-# with a traffic memory of the answers to the bench's earlier prompts (dvi_memory).
-EXTRA_METHODS = ("hf_static", "hf_compile", "dvi_memory")
+# with a traffic memory of the answers to the bench's earlier prompts (dvi_memory), or with one that stays
+# empty (dvi_memory_empty: the memory's cost when it has nothing to offer).
+EXTRA_METHODS = ("hf_static", "hf_compile", "dvi_memory", "dvi_memory_empty")
 # `dvi bench --concurrency`: N requests in flight on one model. hf_batched is transformers' generate on N
 # left-padded prompts at once; the dvi methods serve them through one decoder with continuous batching.
 CONCURRENT_METHODS = ("hf_batched", "dvi_ar", "dvi_spec", "dvi_spec_dynamic", "dvi_spec_ngram",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dvi.cli import main
+from selfspec.copy_sources import CopySources
 from selfspec.engine import SelfSpecDecoder
 from selfspec.loading import load_model_parts, make_length_policy
 from selfspec.prompts import chat_ids, load_prompts
@@ -40,7 +41,8 @@ def test_a_batch_decodes_each_row_as_hf_generate(parts):
     on it alone."""
     from selfspec.batching import Batcher
 
-    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("fixed", 4, parts.split, parts.head), ngram=1)
+    decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("fixed", 4, parts.split, parts.head),
+                              CopySources(ngram=1))
     requests = [(chat_ids(parts.tokenizer, p.text), n) for p, n in zip(load_prompts("builtin", 4), (12, 40, 24, 32))]
     batcher = Batcher(decoder, 3)
     try:
@@ -77,7 +79,7 @@ def test_sampled_rows_drafting_from_a_traffic_memory_follow_the_model(parts):
     memory = SuffixIndex(SuffixIndexConfig(min_match=1))
     memory.insert([*ids, *greedy])
     decoder = SelfSpecDecoder(parts.split, parts.head, make_length_policy("fixed", 4, parts.split, parts.head),
-                              memory=memory)
+                              copies=CopySources(memory=memory))
     batcher = Batcher(decoder, 32)
     try:
         # 3 tokens: the round after the first token has room for a draft

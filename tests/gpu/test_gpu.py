@@ -19,6 +19,7 @@ from test_sampling import check_acceptance_rule, check_decoder_samples  # noqa: 
 from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, save_tiny_model, tiny_llama, write_prompts  # noqa: E402,E501
 
 from dvi import cli  # noqa: E402
+from selfspec.copy_sources import CopySources
 from selfspec.passes import StaticPasses, pass_runner, passes_mode  # noqa: E402
 from selfspec.engine import SelfSpecDecoder  # noqa: E402
 from selfspec.loading import make_length_policy as named_policy  # noqa: E402
@@ -65,7 +66,7 @@ def test_greedy_identical_on_cuda(dtype, policy, mode):
     assert head.proj.weight.device.type == "cuda" and head.proj.weight.dtype == dtype
     split = SplitModel(model, 2)
     passes = pass_runner(split, "auto" if mode == "graphs" else mode)
-    decoder = SelfSpecDecoder(split, head, make_length_policy(policy, 4), ngram=1, passes=passes)
+    decoder = SelfSpecDecoder(split, head, make_length_policy(policy, 4), copies=CopySources(ngram=1), passes=passes)
     rng = np.random.default_rng(3)
     drafted = accepted = identical = 0
     n = 30
@@ -95,7 +96,7 @@ def test_batched_graphs_decode_like_alone_on_cuda(max_batch):
 
     model = tiny_llama(max_positions=MAX_POS).to(CUDA, torch.float64)
     split = SplitModel(model, 2)
-    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_length_policy("fixed", 4), ngram=1,
+    decoder = SelfSpecDecoder(split, make_head(model, 2, 0.05), make_length_policy("fixed", 4), CopySources(ngram=1),
                               passes=pass_runner(split, "graphs"))
     rng = np.random.default_rng(5)
     requests = [(rng.integers(0, 256, int(rng.integers(1, 24))).tolist(), int(rng.integers(1, 30))) for _ in range(12)]

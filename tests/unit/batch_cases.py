@@ -59,7 +59,7 @@ def seeded_head(model, k, noise, vocab=None, attention=None):
     return make_head(model, k, noise, vocab, attention=attention)
 
 
-def make_decoder(model, k, gamma, policy, noise, vocab=None, attention=None, ngram=0, **kwargs) -> SelfSpecDecoder:
-    """A decoder with a fresh length policy and head (noise None: none)."""
+def make_decoder(model, k, gamma, policy, noise, vocab=None, attention=None, **kwargs) -> SelfSpecDecoder:
+    """A decoder with a fresh length policy and head (noise None: none); `kwargs` go to SelfSpecDecoder."""
     head = seeded_head(model, k, noise, vocab, attention)
-    return SelfSpecDecoder(SplitModel(model, k), head, make_length_policy(policy, gamma), ngram=ngram, **kwargs)
+    return SelfSpecDecoder(SplitModel(model, k), head, make_length_policy(policy, gamma), **kwargs)

@@ -12,6 +12,7 @@ from batch_cases import make_decoder, model_fixture, reference_fixture  # noqa: 
 from tiny_model import MAX_POS, plain_greedy, plain_greedy_batch
 
 from selfspec.batching import Batcher
+from selfspec.copy_sources import CopySources
 
 
 def finish(handle, timeout: float = 60.0):
@@ -37,7 +38,7 @@ def test_batcher_rows_are_plain_greedy(model, reference, policy, ngram):
     """Requests submitted to a Batcher (at most 3 at once) stream their chunks and end as plain greedy
     decoding; between_rounds runs on the loop thread."""
     calls = []
-    batcher = Batcher(make_decoder(model, 2, 4, policy, 0.05, ngram=ngram), max_batch=3,
+    batcher = Batcher(make_decoder(model, 2, 4, policy, 0.05, copies=CopySources(ngram=ngram)), max_batch=3,
                       between_rounds=lambda: calls.append(threading.current_thread().name))
     try:
         handles = [batcher.submit(p, **o) for p, o, _ in reference]
@@ -90,7 +91,7 @@ def test_cancel_frees_the_slot(model, reference):
     take the freed slots and decode correctly."""
     companion_prompt = reference[1][0]
     (companion_run,) = plain_greedy_batch(model, [companion_prompt], 50)
-    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05, ngram=1), max_batch=2)
+    batcher = Batcher(make_decoder(model, 2, 4, "fixed", 0.05, copies=CopySources(ngram=1)), max_batch=2)
     try:
         running = batcher.submit(reference[0][0], max_new_tokens=60, eos_ids=set())
         companion = batcher.submit(companion_prompt, max_new_tokens=50, eos_ids=set())

@@ -13,6 +13,7 @@ from batch_cases import make_decoder, model_fixture, reference_fixture, seeded_h
 from test_sampling import ALPHA, chi_square_pvalue
 from tiny_model import make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
+from selfspec.copy_sources import CopySources
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
 from selfspec.length_policy import LengthPolicy
@@ -90,9 +91,9 @@ def test_every_row_is_plain_greedy(model, reference, k, gamma, policy, noise, vo
     """Each row of a batch whose rows join and leave at different rounds is plain greedy decoding, and what
     the request decodes alone; where the length policy's decisions do not depend on the batch (fixed,
     threshold), the rounds are the same too: speculation is per sequence."""
-    decoder = make_decoder(model, k, gamma, policy, noise, vocab, attention, ngram)
+    decoder = make_decoder(model, k, gamma, policy, noise, vocab, attention, copies=CopySources(ngram))
     run = decode_batched(decoder, [(p, o) for p, o, _ in reference], max_batch=4, seed=k * 10 + gamma)
-    alone = make_decoder(model, k, gamma, policy, noise, vocab, attention, ngram)
+    alone = make_decoder(model, k, gamma, policy, noise, vocab, attention, copies=CopySources(ngram))
     for seq, (prompt, options, expected) in zip(run.seqs, reference, strict=True):
         assert seq.finished
         assert seq.result.tokens == expected, f"prompt={prompt} {options}"
@@ -122,7 +123,7 @@ def test_rows_drafting_from_a_traffic_memory_are_plain_greedy(model, reference, 
     for i, (prompt, _, expected) in enumerate(reference):
         memory.insert([*prompt, *(expected if i % 2 else reference[(i + 5) % len(reference)][2])])
         memory.insert(rng.integers(0, 256, 20).tolist())
-    decoder = make_decoder(model, 2, 4, policy, noise, ngram=ngram, memory=memory)
+    decoder = make_decoder(model, 2, 4, policy, noise, copies=CopySources(ngram=ngram, memory=memory))
     run = decode_batched(decoder, [(p, o) for p, o, _ in reference], max_batch=4)
     for seq, (prompt, options, expected) in zip(run.seqs, reference, strict=True):
         assert seq.result.tokens == expected, f"prompt={prompt} {options}"
@@ -137,7 +138,7 @@ def test_eos_inside_a_draft_ends_its_row_only(model):
     # EOS candidates: tokens first emitted by a round (not prefill), each at its first occurrence
     eos_tokens = [t for j, t in enumerate(run_[:12]) if j > 0 and t not in run_[:j]]
     requests = [(prompt, dict(max_new_tokens=30, eos_ids=eos)) for eos in [*({t} for t in eos_tokens), set()]]
-    decoder = make_decoder(model, 3, 5, "fixed", 0.0, ngram=1)
+    decoder = make_decoder(model, 3, 5, "fixed", 0.0, copies=CopySources(ngram=1))
     run = decode_batched(decoder, requests, max_batch=len(requests), most=len(requests))  # all join at once
     cut_short = 0
     for seq, t in zip(run.seqs, eos_tokens):
@@ -153,7 +154,7 @@ def test_join_and_leave_between_steps(model, reference):
     pa, pb, pc = (reference[i][0] for i in (0, 4, 6))
     pd, od, ed = reference[8]
     ea, ec = plain_greedy_batch(model, [pa, pc], [40, 30])
-    decoder = make_decoder(model, 2, 4, "fixed", 0.05, ngram=1)
+    decoder = make_decoder(model, 2, 4, "fixed", 0.05, copies=CopySources(ngram=1))
     with pytest.raises(ValueError, match="empty prompt"):
         decoder.join([])
     a = decoder.join(pa, max_new_tokens=40, eos_ids=set())
@@ -215,8 +216,8 @@ def test_sampled_rows_follow_the_model_distribution():
     b = [*b, *plain_greedy(model, b, 4), *b]  # copies: the prompt repeats with the model's continuation between
     memory = SuffixIndex(SuffixIndexConfig(min_match=1))
     memory.insert([*b, *plain_greedy(model, b, 6)])  # an earlier answer to b
-    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), ngram=1, sink=TransitionSink(transitions.append),
-                              memory=memory)
+    decoder = SelfSpecDecoder(split, head, LengthPolicy(3), CopySources(ngram=1, memory=memory),
+                              sink=TransitionSink(transitions.append))
     prompts, samples = (a, b), 800
     requests = [(prompts[s % 2], dict(max_new_tokens=3, temperature=TEMPERATURE, seed=s, eos_ids=set()))
                 for s in range(2 * samples)]
@@ -246,10 +247,11 @@ def test_seeded_sampled_rows_repeat(model, reference):
     requests = [(reference[i][0], dict(max_new_tokens=24, temperature=t, seed=s, eos_ids=set()))
                 for i, t, s in ((0, 0.7, 1), (5, 1.0, 2), (6, 1.3, 3), (1, 1.0, 4))]
     requests.append(reference[2][:2])
-    first, second = (decode_batched(make_decoder(model, 2, 3, "fixed", 0.05, ngram=1), requests, 3, seed=5)
+    first, second = (decode_batched(make_decoder(model, 2, 3, "fixed", 0.05, copies=CopySources(ngram=1)), requests, 3,
+                                    seed=5)
                      for _ in range(2))
     assert [s.result.tokens for s in first.seqs] == [s.result.tokens for s in second.seqs]
-    alone = make_decoder(model, 2, 3, "fixed", 0.05, ngram=1)
+    alone = make_decoder(model, 2, 3, "fixed", 0.05, copies=CopySources(ngram=1))
     for seq, (prompt, options) in zip(first.seqs, requests, strict=True):
         assert seq.result.tokens == alone.generate(prompt, **options).tokens
     assert first.seqs[-1].result.tokens == reference[2][2]
@@ -265,7 +267,7 @@ def test_one_transition_per_row_per_round(model, reference):
     round index (and each request's prompt rows, round 0, when it joins); a request's transitions are the
     ones it emits alone (fixed γ)."""
     def decoder(out):
-        return make_decoder(model, 2, 3, "fixed", 0.05, attention=(1, 4), ngram=1,
+        return make_decoder(model, 2, 3, "fixed", 0.05, attention=(1, 4), copies=CopySources(ngram=1),
                             sink=TransitionSink(out.append, prompt_rows=2))
     requests = [(p, {**o, "request_id": f"r{i}"}) for i, (p, o, _) in enumerate(reference[:10])]
     batched = []
@@ -314,7 +316,7 @@ def test_static_passes_decode_a_batch_like_eager(model, reference, k, gamma, pol
     requests = [(p, o) for p, o, _ in reference]
     runs = {}
     for name, passes in (("eager", split), ("static", static)):
-        decoder = SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram, passes=passes)
+        decoder = SelfSpecDecoder(split, head, make_length_policy(policy, gamma), CopySources(ngram), passes=passes)
         runs[name] = decode_batched(decoder, requests, max_batch=4, seed=7)
     for e, s, (_, _, expected) in zip(runs["eager"].seqs, runs["static"].seqs, reference, strict=True):
         assert s.result.tokens == e.result.tokens == expected

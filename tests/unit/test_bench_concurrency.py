@@ -1,5 +1,6 @@
-"""`dvi bench --concurrency` on the tiny model: N requests in flight on one decoder (or HF generate on N
-prompts at once), the report's shape, and that batching changes no dvi token against hf_ar at batch 1."""
+"""`dvi bench` on the tiny model. With --concurrency: N requests in flight on one decoder (or HF generate on N
+prompts at once), the report's shape, and that batching changes no dvi token against hf_ar at batch 1. At
+batch 1: the traffic-memory methods."""
 from __future__ import annotations
 
 import json
@@ -60,3 +61,13 @@ def test_concurrency_methods_and_levels_are_checked_before_the_model_loads(bench
         with pytest.raises(SystemExit):
             cli.main([*bench_args, "--concurrency", bad])
         assert "--concurrency: expected request counts" in capsys.readouterr().err
+
+
+def test_memory_methods_at_batch_1_change_no_token(bench_args, tmp_path):
+    """dvi_memory (a memory of the bench's earlier answers) and dvi_memory_empty (one that stays empty, the
+    memory's cost alone) are rows of the batch-1 table, token-identical to hf_ar."""
+    assert cli.main([*bench_args, "--methods", "dvi_memory,dvi_memory_empty"]) == 0
+    methods = {m["name"]: m for m in json.loads((tmp_path / "bench.json").read_text())["methods"]}
+    assert list(methods) == ["hf_ar", "dvi_memory", "dvi_memory_empty"]
+    for name in ("dvi_memory", "dvi_memory_empty"):
+        assert methods[name]["identical_to_ar"] == 1.0 and methods[name]["tokens"] == 4 * 6

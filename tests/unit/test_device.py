@@ -10,6 +10,7 @@ import torch
 from tiny_model import plain_greedy, save_tiny_model, tiny_llama, write_prompts
 
 from dvi import cli
+from selfspec.copy_sources import CopySources
 from selfspec.device import DeviceError, decode_attention, resolve_device, resolve_dtype, synchronize
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.engine import SelfSpecDecoder
@@ -76,9 +77,8 @@ def test_explicit_cpu_float32_decodes_as_the_defaults_did(model_dir):
     for a, b in zip(before.model.state_dict().values(), explicit.model.state_dict().values()):
         assert torch.equal(a, b)
     prompt = [5, 9, 2, 30, 7, 7, 1]
-    outputs = [SelfSpecDecoder(d.split, d.head, LengthPolicy(3), ngram=1).generate(prompt, max_new_tokens=20,
-                                                                                 eos_ids=set()).tokens
-               for d in (before, explicit)]
+    outputs = [SelfSpecDecoder(d.split, d.head, LengthPolicy(3), CopySources(ngram=1))
+               .generate(prompt, max_new_tokens=20, eos_ids=set()).tokens for d in (before, explicit)]
     assert outputs[0] == outputs[1] == plain_greedy(before.model, prompt, 20)
 
 

@@ -3,9 +3,8 @@ and never a round length whose verification shape is too slow."""
 import pytest
 
 from selfspec.length_policy import GOODPUT_FIRST_PROBE, GOODPUT_PROBE, GOODPUT_ROUNDS, Calibration, ConfidenceThreshold, CostAware, LengthPolicy, RoundOutcome
-from selfspec.ngram import Proposal
 from selfspec.pass_costs import CostTable, PassCosts
-from selfspec.suffix_index import MEMORY
+from selfspec.proposal import MEMORY, Proposal
 
 
 def offer(match: int, available: int, source: str = "text") -> Proposal:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny_model import MAX_POS, make_head, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
+from selfspec.copy_sources import CopySources
 from selfspec.engine import SelfSpecDecoder
 from selfspec.length_policy import LengthPolicy
 from selfspec.split import SplitModel
@@ -138,7 +139,7 @@ def test_copied_ngram_drafts_are_lossless(model, ngram_cases, drafter, policy):
     """Prompts that repeat spans (and the model's own continuations) so that copied drafts are
     proposed, accepted and rejected; with a head, rounds without a match draft with it."""
     head = None if drafter is None else make_head(model, 2, 0.05, attention=(1, 6) if drafter == "attention" else None)
-    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_length_policy(policy, 4), ngram=1)
+    decoder = SelfSpecDecoder(SplitModel(model, 2), head, make_length_policy(policy, 4), copies=CopySources(ngram=1))
     drafted = accepted = rejected = 0
     for prompt, max_new, expected in ngram_cases:
         result = decoder.generate(prompt, max_new_tokens=max_new, eos_ids=set())

@@ -7,7 +7,8 @@ from tiny_model import tiny_llama
 
 from selfspec.drafter import DrafterHead, HeadConfig
 from selfspec.greedy_paths import annotate_path, simulate_rounds
-from selfspec.ngram import NgramIndex, Proposal, Round, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
+from selfspec.ngram import NgramIndex, Round, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
+from selfspec.proposal import Proposal
 from selfspec.split import SplitModel
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_model import make_head, make_length_policy, plain_greedy, plain_greedy_batch, tiny_llama
 
+from selfspec.copy_sources import CopySources
 from selfspec.passes import StaticPasses, pass_runner, passes_mode
 from selfspec.engine import SelfSpecDecoder
 from selfspec.kv_cache import StaticKVCache
@@ -68,8 +69,8 @@ def test_static_decoding_is_token_identical(k, gamma, policy, noise, vocab, atte
     head = make_head(model, k, noise, vocab, attention=attention)
     split = SplitModel(model, k)
     static = StaticPasses(split, graphs=False)
-    decoders = {"eager": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram),
-                "static": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), ngram=ngram, passes=static)}
+    decoders = {"eager": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), CopySources(ngram)),
+                "static": SelfSpecDecoder(split, head, make_length_policy(policy, gamma), CopySources(ngram), passes=static)}
     assert decoders["eager"].passes is split
     rng = np.random.default_rng(k * 10 + gamma)
     requests = [(rng.integers(0, 256, int(rng.integers(1, 40))).tolist(), int(rng.integers(1, 40))) for _ in range(8)]
@@ -92,8 +93,9 @@ def test_static_sampling_draws_what_eager_draws():
     model = tiny_llama(seed=2, vocab=32)
     split = SplitModel(model, 2)
     head = make_head(model, 2, 0.05)
-    eager = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), ngram=1)
-    static = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), ngram=1, passes=StaticPasses(split, graphs=False))
+    eager = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), CopySources(ngram=1))
+    static = SelfSpecDecoder(split, head, make_length_policy("fixed", 3), CopySources(ngram=1),
+                             passes=StaticPasses(split, graphs=False))
     for seed in range(4):
         a = eager.generate([5, 9, 2], max_new_tokens=24, temperature=0.9, seed=seed, eos_ids=set()).tokens
         b = static.generate([5, 9, 2], max_new_tokens=24, temperature=0.9, seed=seed, eos_ids=set()).tokens

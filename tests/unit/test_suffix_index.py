@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from selfspec.ngram import Proposal
-from selfspec.suffix_index import MEMORY, SuffixIndexConfig, SuffixIndex
+from selfspec.proposal import MEMORY, Proposal
+from selfspec.suffix_index import SuffixIndexConfig, SuffixIndex
 
 ALL = 10**9  # max_candidates that walks every occurrence: what the brute force does
 

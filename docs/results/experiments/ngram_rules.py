@@ -17,7 +17,8 @@ from dvi.config import load_config
 from selfspec.drafter import load_head
 from selfspec.greedy_paths import mean_accepted_length
 from selfspec.model import load_model
-from selfspec.ngram import NgramIndex, Proposal, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
+from selfspec.ngram import NgramIndex, head_predictions, ngram_rule, simulate_ngram_rounds, switch_rule
+from selfspec.proposal import Proposal
 from selfspec.online import OnlineConfig, cached_paths_for, split_prompts
 
 
