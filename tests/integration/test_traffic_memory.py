@@ -62,6 +62,22 @@ def test_what_one_actor_served_another_drafts_from(model, redis_client):
             w.close()
 
 
+def test_a_related_request_drafts_what_another_actor_served(model, redis_client):
+    """Not a repeat: B's prompt is A's prompt with the start of A's answer after it (a "go on" request). B
+    drafts the rest of that answer from the shared memory, accepted, and decodes its own prompt plain greedy."""
+    a = worker(model, redis_client, "shared", 0)
+    b = worker(model, redis_client, "shared", 1)
+    try:
+        served = serve(a, PROMPTS[0], 0)["output_ids"]
+        related = [*PROMPTS[0], *served[:6]]
+        got = serve(b, related, 0)
+        assert got["output_ids"] == plain_greedy(model, related, 24)
+        assert got["drafted_by_kind"].get("remembered", 0) > 0 and got["accepted_by_kind"]["remembered"] > 0
+    finally:
+        for w in (a, b):
+            w.close()
+
+
 def test_a_new_actor_catches_up_and_corrupt_entries_are_dead_lettered(model, redis_client):
     """Two responses served, one corrupt entry in the stream: a new actor (or the first one restarted) reads
     the two back before serving (timed), dead-letters the corrupt one and counts it, and drafts from them."""
