@@ -110,8 +110,7 @@ class LearningPlane:
 
 
 def write_summary(cfg: SystemConfig, run_dir: Path, records: list[dict], counts: LearningCounts | None,
-                  plane: LearningPlane,
-                  **extra) -> dict:
+                  plane: LearningPlane, **extra) -> dict:
     """summary.json: the requests' numbers (dvi.run.summary), the stream's counts and the run's times."""
     from dvi.run.summary import summarize
 

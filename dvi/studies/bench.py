@@ -53,28 +53,28 @@ class MethodRuns:
                           [self.results[i] for i in keep] if self.results else [])
 
 
-# dvi method -> (length policy, drafts up to the bench's γ (else none: plain decoding), n-gram copies)
+# dvi method -> (length policy, drafts up to the bench's γ (else none: plain decoding), n-gram copies,
+# traffic memory: None, "filled" with the answers to the bench's earlier prompts, or "empty")
 DVI_METHODS = {
-    "dvi_ar": ("fixed", False, 0),
-    "dvi_spec": ("fixed", True, 0),
-    "dvi_spec_dynamic": ("cost_aware", True, 0),
+    "dvi_ar": ("fixed", False, 0, None),
+    "dvi_spec": ("fixed", True, 0, None),
+    "dvi_spec_dynamic": ("cost_aware", True, 0, None),
     # copied n-gram drafts when the text recurs, the head otherwise
-    "dvi_spec_ngram": ("fixed", True, 1),
-    "dvi_spec_ngram_dynamic": ("cost_aware", True, 1),
+    "dvi_spec_ngram": ("fixed", True, 1, None),
+    "dvi_spec_ngram_dynamic": ("cost_aware", True, 1, None),
     # ... and copies from a traffic memory of the answers it gave the bench's earlier prompts
-    "dvi_memory": ("cost_aware", True, 1),
+    "dvi_memory": ("cost_aware", True, 1, "filled"),
     # ... with a memory that stays empty: what consulting a memory costs when it never has anything to offer
-    "dvi_memory_empty": ("cost_aware", True, 1),
+    "dvi_memory_empty": ("cost_aware", True, 1, "empty"),
 }
-MEMORY_FILLED = {"dvi_memory": True, "dvi_memory_empty": False}
 
 
 def make_decoder(parts: ModelParts, method: str, gamma: int, batch_sizes: tuple[int, ...] = (1,)) -> SelfSpecDecoder:
     """The decoder of a dvi method; a cost-aware one times the passes at `batch_sizes`, the batches it will run."""
-    policy, drafts, ngram = DVI_METHODS[method]
+    policy, drafts, ngram, memory = DVI_METHODS[method]
     gamma = gamma if drafts else 0
     length_policy = make_length_policy(policy, gamma, parts.passes, parts.head, batch_sizes)
-    memory = SuffixIndex() if method in MEMORY_FILLED else None
+    memory = SuffixIndex() if memory else None
     return SelfSpecDecoder(parts.split, parts.head, length_policy, CopySources(ngram, memory), passes=parts.passes)
 
 
@@ -116,7 +116,7 @@ def make_runners(parts: ModelParts, max_new_tokens: int, gamma: int, methods: tu
         "hf_compile": lambda: _hf_runner(model, max_new_tokens, cache_implementation="static"),
         # built only when asked for: cost_aware measures costs at start-up
         **{name: (lambda name=name: _dvi_runner(make_decoder(parts, name, gamma), max_new_tokens,
-                                                MEMORY_FILLED.get(name, False)))
+                                                DVI_METHODS[name][3] == "filled"))
            for name in DVI_METHODS},
     }
     names = ["hf_ar"] + [m for m in methods if m != "hf_ar"]
