@@ -1,8 +1,8 @@
 """Continuous batching: many requests on one decoder, round by round.
 
 Up to `max_batch` requests decode together; the others wait in arrival order. Between rounds, waiting
-requests join (each prompt's prefill is a pass of its own) and requests that ended leave, so a short
-request never waits for a long one (vLLM's and SGLang's schedulers work the same way, in tokens rather
+requests join (their prompts prefill together, those of similar length in one pass) and requests that
+ended leave, so a short request never waits for a long one (vLLM's and SGLang's schedulers work the same way, in tokens rather
 than requests). One thread, the loop, owns the decoder; callers on any thread `submit` a request and
 iterate its `Handle` for token chunks as rounds settle them.
 
@@ -171,24 +171,34 @@ class Batcher:
             handle._finish(None, RuntimeError("the batcher closed"))
 
     def _admit(self) -> None:
-        """Waiting requests join while the batch has room; one that cannot run fails alone."""
+        """Waiting requests join while the batch has room, their prefills batched; one that cannot run fails
+        alone."""
         if not self.waiting or len(self.decoder.batch) >= self.max_batch:
             return
         if self.between_rounds is not None:
             self.between_rounds()
-        while len(self.decoder.batch) < self.max_batch:
-            with self._wake:
-                if not self.waiting:
-                    return
+        joining = []
+        with self._wake:
+            while self.waiting and len(self.decoder.batch) + len(joining) < self.max_batch:
                 handle = self.waiting.popleft()
-            if handle.cancelled:
-                handle._finish(None, None)
-                continue
-            try:
-                seq = self.decoder.join(handle.prompt_ids, handle.options)
-            except Exception as err:  # this request's alone (a bad one): the batch goes on
+                if handle.cancelled:
+                    handle._finish(None, None)
+                    continue
+                try:
+                    self.decoder.check(handle.prompt_ids, handle.options)
+                except Exception as err:  # this request's alone (a bad one): the batch goes on
+                    handle._finish(None, err)
+                    continue
+                joining.append(handle)
+        if not joining:
+            return
+        try:
+            seqs = self.decoder.join_all([(handle.prompt_ids, handle.options) for handle in joining])
+        except Exception as err:  # the joining requests fail; the batch in flight goes on
+            for handle in joining:
                 handle._finish(None, err)
-                continue
+            return
+        for seq, handle in zip(seqs, joining):
             handle._put(list(seq.result.tokens))
             if seq.finished:
                 handle._finish(seq.result)

@@ -42,7 +42,8 @@ class PassRunner(Protocol):
 
     def new_cache(self, capacity: int, slots: int = 1): ...
     def trunk(self, token_ids: torch.Tensor, start: int | Block, cache) -> torch.Tensor: ...  # layers [0, k): hidden
-    def verify(self, hidden: torch.Tensor, start: int | Block, cache) -> torch.Tensor: ...  # layers [k, L) + lm_head
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache,
+               last: int | None = None) -> torch.Tensor: ...  # layers [k, L) + lm_head (of each row's last tokens)
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor: ...
 
 
@@ -123,8 +124,14 @@ class StaticPasses:
         ids = token_ids if token_ids.dim() == 2 else token_ids[None]
         return self._pass("trunk", self.split.trunk, ids, start, cache)
 
-    def verify(self, hidden: torch.Tensor, start: int | Block, cache: StaticKVCache) -> torch.Tensor:
-        logits = self._pass("verify", self.split.verify, hidden, Block.of(start, hidden.shape[1]), cache)
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache: StaticKVCache,
+               last: int | None = None) -> torch.Tensor:
+        block = Block.of(start, hidden.shape[1])
+        if last is not None:  # a prefill: eager, as its width varies with every prompt
+            cache.set_starts(block, hidden.shape[1])
+            logits = self.split.verify(hidden, block, cache, last)
+        else:
+            logits = self._pass("verify", self.split.verify, hidden, block, cache)
         return logits if isinstance(start, Block) else logits[0]
 
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:

@@ -87,12 +87,29 @@ class SplitModel:
         ids = token_ids if token_ids.dim() == 2 else token_ids[None]
         return self._run(self.embed(ids), 0, self.exit_layer, start, cache)
 
-    def verify(self, hidden: torch.Tensor, start: int | Block, cache: BatchKVCache) -> torch.Tensor:
-        """layer-k hidden [B, n, d] -> full-model logits (float32): [n, V] for one row, [B, n, V] for a Block."""
-        logits = self.lm_head(self.norm(self._run(hidden, self.exit_layer, self.num_layers, start, cache))).float()
+    def verify(self, hidden: torch.Tensor, start: int | Block, cache: BatchKVCache,
+               last: int | None = None) -> torch.Tensor:
+        """layer-k hidden [B, n, d] -> full-model logits (float32): [n, V] for one row, [B, n, V] for a Block.
+        With `last`, only each row's last `last` own tokens' ([last, V], [B, last, V]): a prefill needs
+        nothing more, and the lm_head is a fifth of SmolLM2's arithmetic."""
+        out = self._run(hidden, self.exit_layer, self.num_layers, start, cache)
+        if last is not None:
+            out = last_tokens(out, Block.of(start, hidden.shape[1]).counts, last)
+        logits = self.lm_head(self.norm(out)).float()
         return logits if isinstance(start, Block) else logits[0]
 
     def head_logits(self, head, hidden: torch.Tensor, start: int, head_cache) -> torch.Tensor:
         """A drafting step of `head` (DrafterHead.next_logits): here eager, captured in
         selfspec.passes.StaticPasses, whose passes the engine calls by these same names."""
         return head.next_logits(hidden, start, head_cache)
+
+
+def last_tokens(hidden: torch.Tensor, counts: tuple[int, ...], last: int) -> torch.Tensor:
+    """Each row's last `last` own tokens of hidden [B, n, d], its first `counts[b]` ([B, last, d]); a row with
+    fewer than `last` repeats its first token in front."""
+    n = hidden.shape[1]
+    last = min(last, n)
+    if all(c == n for c in counts):
+        return hidden[:, n - last:]
+    index = torch.tensor([[max(c - last + j, 0) for j in range(last)] for c in counts], device=hidden.device)
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[2]))

@@ -15,7 +15,7 @@ from tiny_model import make_length_policy, plain_greedy, plain_greedy_batch, tin
 
 from selfspec.copy_sources import CopySources
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
+from selfspec.engine import PREFILL_TOKENS, DecodeOptions, SelfSpecDecoder, Sequence, TransitionSink, prefill_groups
 from selfspec.length_policy import LengthPolicy
 from selfspec.passes import StaticPasses, pass_runner
 from selfspec.split import SplitModel
@@ -34,19 +34,24 @@ class Run:
 
 def decode_batched(decoder: SelfSpecDecoder, requests: list[tuple[list[int], dict]], max_batch: int,
                    seed: int = 0, most: int = 2) -> Run:
-    """Continuous batching by hand, on join/step: before each step() 0 to `most` waiting requests join (at least
-    one into an empty batch) while there is room, so requests join and leave at different rounds. Checks what a step
+    """Continuous batching by hand, on join/join_all/step: before each step() 0 to `most` waiting requests join
+    (at least one into an empty batch; several at once prefill together) while there is room, so requests join
+    and leave at different rounds. Checks what a step
     promises: one (sequence, new tokens) per row in slot order, the new tokens at the end of its result,
     the rows still in the batch in the first slots."""
     rng = np.random.default_rng(seed)
     waiting = list(enumerate(requests))
     run = Run([None] * len(requests))
     while waiting or decoder.batch:
-        for _ in range(int(rng.integers(0 if decoder.batch else 1, most + 1))):
-            if not waiting or len(decoder.batch) >= max_batch:
-                break
-            i, (prompt, options) = waiting.pop(0)
+        joining = waiting[:min(int(rng.integers(0 if decoder.batch else 1, most + 1)), max_batch - len(decoder.batch))]
+        del waiting[:len(joining)]
+        if len(joining) == 1:
+            i, (prompt, options) = joining[0]
             run.seqs[i] = decoder.join(prompt, **options)
+        elif joining:  # their prefills batched
+            for (i, _), seq in zip(joining, decoder.join_all([(p, DecodeOptions(**o)) for _, (p, o) in joining])):
+                run.seqs[i] = seq
+        for i, _ in joining:
             assert run.seqs[i].finished == (run.seqs[i] not in decoder.batch)
         if not decoder.batch:
             continue
@@ -146,6 +151,41 @@ def test_eos_inside_a_draft_ends_its_row_only(model):
         cut_short += 1 + sum(r.accepted + 1 for r in seq.result.rounds) > len(seq.result.tokens)
     assert run.seqs[-1].result.tokens == run_ and run.seqs[-1].result.stop_reason == "length"
     assert len(eos_tokens) >= 4 and cut_short > 0 and run.eos_beside_others == len(eos_tokens)
+
+
+def test_prefill_groups_batch_prompts_of_similar_length():
+    """Short prompts share a pass (padding them costs less than another pass), one far longer than the rest
+    prefills alone, and a pass stays within PREFILL_TOKENS."""
+    assert prefill_groups([5, 9, 3]) == [[2, 0, 1]]
+    assert prefill_groups([400, 40, 420, 30]) == [[3, 1], [0, 2]]  # 2 x 40 wastes 10; 40 and 400 would waste 360
+    assert prefill_groups([PREFILL_TOKENS // 2 + 1] * 2) == [[0], [1]]
+    assert prefill_groups([]) == []
+
+
+def test_prompts_joining_together_prefill_in_one_pass(model, reference):
+    """join_all of short prompts runs one trunk pass and one verify pass for all of them, and every row is
+    still plain greedy (one of them ending at its prefill)."""
+    cases = [reference[i] for i in (0, 3, 5, 6)]  # 3: max_new 1, it ends at its prefill
+    decoder = make_decoder(model, 2, 4, "fixed", 0.05, copies=CopySources(ngram=1))
+    calls = []
+    trunk, verify = decoder.passes.trunk, decoder.passes.verify
+    decoder.passes.trunk = lambda *a, **kw: calls.append("trunk") or trunk(*a, **kw)
+    decoder.passes.verify = lambda *a, **kw: calls.append("verify") or verify(*a, **kw)
+    seqs = decoder.join_all([(p, DecodeOptions(**o)) for p, o, _ in cases])
+    assert calls == ["trunk", "verify"] and len(prefill_groups([len(p) for p, _, _ in cases])) == 1
+    assert seqs[1].finished and [s for s in seqs if not s.finished] == decoder.batch
+    while decoder.batch:
+        decoder.step()
+    for seq, (prompt, options, expected) in zip(seqs, cases, strict=True):
+        assert seq.result.tokens == expected, f"prompt={prompt} {options}"
+
+
+def test_a_bad_request_joins_nothing(model, reference):
+    """join_all checks every request before any prefill: one bad request, and none of them joins."""
+    decoder = make_decoder(model, 2, 4, "fixed", 0.05)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.join_all([(reference[0][0], DecodeOptions()), (reference[1][0], DecodeOptions(max_new_tokens=0))])
+    assert decoder.batch == []
 
 
 def test_join_and_leave_between_steps(model, reference):

@@ -12,7 +12,7 @@ from tiny_model import make_head, make_length_policy, plain_greedy, plain_greedy
 from selfspec.copy_sources import CopySources
 from selfspec.passes import StaticPasses, pass_runner, passes_mode
 from selfspec.engine import SelfSpecDecoder
-from selfspec.kv_cache import StaticKVCache
+from selfspec.kv_cache import Block, StaticKVCache
 from selfspec.split import SplitModel
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -54,6 +54,23 @@ def test_static_passes_equal_dynamic(dtype, lean):
     for a, b in zip(dynamic, placed, strict=True):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= TOL[dtype] * max(1.0, float(a.abs().max()))
+
+
+@pytest.mark.parametrize("passes", ["eager", "static"])
+def test_verify_of_the_last_tokens_is_those_rows_of_the_whole(passes):
+    """verify(last=m), what a prefill asks for, gives each row's last m own tokens' logits of the whole pass
+    (a ragged block: the rows' own tokens end at different widths; a row shorter than m repeats its first)."""
+    split = SplitModel(tiny_llama(max_positions=64).to(torch.float64), 2)
+    runner = pass_runner(split, passes)
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(2))
+    block = Block((0, 0, 0), (7, 5, 2))
+    with torch.inference_mode():
+        hidden = runner.trunk(ids, block, runner.new_cache(16, 3))
+        whole = runner.verify(hidden, block, runner.new_cache(16, 3))
+        last = runner.verify(hidden, block, runner.new_cache(16, 3), last=3)
+    assert last.shape == (3, 3, whole.shape[-1])
+    for row, (count, index) in enumerate(zip(block.counts, ([4, 5, 6], [2, 3, 4], [0, 0, 1]))):
+        assert torch.allclose(last[row], whole[row, index], atol=1e-12), count
 
 
 SETTINGS = [  # (exit layer, gamma, policy, head noise, draft vocab, attention (layers, window), ngram)
