@@ -8,8 +8,9 @@ block, padded and masked by position, reusing the trunk's hidden states and KV) 
 length policy learns what paid) -> emit (each sequence's Transition for the learner, built by
 selfspec.transitions) -> commit (each sequence moves to what it kept; the verifier's token is pending).
 Requests join between rounds (`join`, `join_all`: the prompts' prefill, one pass for prompts of similar
-length, whose next token is each one's first pending one) and leave when done (`step` retires them) or when the caller ends them (`leave`):
-continuous batching, which selfspec.batching runs for a queue of requests. γ=0 is plain batched decoding.
+length, whose next token is each one's first pending one) and leave when done (`step` retires them) or
+when the caller ends them (`leave`): continuous batching, which selfspec.batching runs for a queue of
+requests. γ=0 is plain batched decoding.
 """
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ class _Joining:
 
 
 # Prompts prefill together when padding them to the longest adds at most this share of their tokens, or at
-# most PREFILL_SLACK tokens: on the 2-core CPU a pass costs what ~25 more prompt tokens cost (SmolLM2: 57 ms
-# for 8 tokens, 728 ms for 400), and on a GPU far more. A pass holds at most PREFILL_TOKENS (padded) tokens.
+# most PREFILL_SLACK tokens: on the 2-core CPU a pass costs what ~25 more prompt tokens cost (SmolLM2: 61 ms
+# for 8 tokens, 734 ms for 400), and on a GPU far more. A pass holds at most PREFILL_TOKENS (padded) tokens.
 PREFILL_PADDING, PREFILL_SLACK, PREFILL_TOKENS = 0.25, 64, 4096
 
 
@@ -199,18 +200,16 @@ class SelfSpecDecoder:
     def join_all(self, requests: list[tuple[object, DecodeOptions]]) -> list[Sequence]:
         """Add several requests, (prompt ids, options) each, as `join` does: prompts of similar length
         prefill together in one pass (`prefill_groups`). Every request is checked before any runs."""
-        for prompt_ids, opts in requests:
-            self.check(prompt_ids, opts)
         joining = [self._joining(prompt_ids, opts) for prompt_ids, opts in requests]
         seqs: list[Sequence | None] = [None] * len(joining)
+        before = len(self.batch)
         try:
             for group in prefill_groups([j.prompt.numel() for j in joining]):
                 for i, seq in zip(group, self._prefill([joining[i] for i in group])):
                     seqs[i] = seq
-        except BaseException:  # none of them joins: the batch goes on as it was
-            for seq in seqs:
-                if seq is not None:
-                    self.leave(seq)
+        except BaseException:  # none of them joins (they are the last slots): the batch goes on as it was
+            while len(self.batch) > before:
+                self.leave(self.batch[-1])
             raise
         for seq in seqs:
             if seq.pending in seq.eos:
