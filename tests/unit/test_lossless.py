@@ -18,11 +18,11 @@ FREE_RUN = 8  # EOS candidates: the first tokens of the model's own greedy run
 
 
 def greedy_cases(seed: int) -> list[tuple[list[int], int, int | None]]:
-    """A greedy setting's 50 random requests: (prompt, max_new, index into the free run of the EOS or
+    """A greedy setting's 32 random requests: (prompt, max_new, index into the free run of the EOS or
     None); the seed alone decides them, so they are drawn before any decoding."""
     rng = np.random.default_rng(seed)
     cases = []
-    for _ in range(50):
+    for _ in range(32):
         prompt = rng.integers(0, 256, int(rng.integers(1, 24))).tolist()
         max_new = int(rng.integers(1, 30))  # often lands mid-draft
         eos_at = int(rng.integers(0, FREE_RUN)) if rng.random() < 0.5 else None
