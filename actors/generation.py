@@ -48,7 +48,8 @@ from buffer.weights import WeightsRefused, WeightStore
 from selfspec.batching import Batcher
 from selfspec.copy_sources import CopySources
 from selfspec.drafter import head_from_weights, head_weights
-from selfspec.engine import DecodeOptions, TransitionSink, SelfSpecDecoder
+from selfspec.engine import TransitionSink, SelfSpecDecoder
+from selfspec.request import DecodeOptions
 from selfspec.head_format import HeadSpec
 from selfspec.loading import ModelParts, DeviceSettings, cost_batch_sizes, load_model_parts, make_length_policy
 from selfspec.prompts import messages_ids

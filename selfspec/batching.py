@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from selfspec.engine import DecodeOptions, DecodeResult, SelfSpecDecoder, Sequence
+from selfspec.engine import SelfSpecDecoder, Sequence
+from selfspec.request import DecodeOptions, DecodeResult
 
 _END = object()
 

@@ -22,8 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from selfspec.acceptance import greedy_accept, mean_accepted_length, sampling_accept
+from selfspec.acceptance import greedy_accept, sampling_accept
 from selfspec.passes import PassRunner, pass_runner
+from selfspec.prefill_groups import prefill_groups
 from selfspec.copy_sources import CopySources
 from selfspec.drafter import DrafterHead
 from selfspec.kv_cache import Block, carry
@@ -31,46 +32,14 @@ from selfspec.length_policy import LengthPolicy, RoundOutcome, Shadow
 from selfspec.model import eos_ids as model_eos_ids
 from selfspec.ngram import NgramIndex
 from selfspec.proposal import MEMORY, TEXT, Proposal
+from selfspec.request import DecodeOptions, DecodeResult, RoundStats
 from selfspec.span_clock import SpanClock
 from selfspec.split import SplitModel
 from selfspec.transitions import (Prefill, RoundMeta, Transition, VerifiedRound, prompt_transition,
                                   round_transition)
 
 
-@dataclass
-class RoundStats:
-    drafted: int
-    accepted: int
-    t_draft: float  # the round's proposing drafts (whole batch): n-gram lookup, head calls, drafts' trunk passes
-    t_verify: float  # the round's pending tokens' trunk pass, verification and acceptance (whole batch)
-    batch: int = 1  # sequences in the round
-    kind: str = "none"  # what drafted: "copied" (own text), "remembered" (traffic memory), "drafted" (head)
-
-
-@dataclass
-class DecodeResult:
-    tokens: list[int]
-    rounds: list[RoundStats] = field(default_factory=list)
-    stop_reason: str = "length"  # "eos", "length", or "stop" (the caller ended it: a stop sequence)
-    t_prefill: float = 0.0
-    t_total: float = 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return mean_accepted_length(r.accepted for r in self.rounds)
-
-
 COPY_KIND = {TEXT: "copied", MEMORY: "remembered"}  # a copy proposal's source -> its Draft kind
-
-
-@dataclass
-class DecodeOptions:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    seed: int | None = None
-    eos_ids: set[int] | None = None  # None: the model's own
-    request_id: str | None = None
-    workload: str = ""  # tag carried by the request's transitions
 
 
 @dataclass
@@ -125,31 +94,6 @@ class _Joining:
     budget: int
     options: DecodeOptions
     eos: set[int]
-
-
-# Prompts prefill together when padding them to the longest adds at most this share of their tokens, or at
-# most PREFILL_SLACK tokens: on the 2-core CPU a pass costs what ~25 more prompt tokens cost (SmolLM2: 61 ms
-# for 8 tokens, 734 ms for 400), and on a GPU far more. A pass holds at most PREFILL_TOKENS (padded) tokens.
-PREFILL_PADDING, PREFILL_SLACK, PREFILL_TOKENS = 0.25, 64, 4096
-
-
-def prefill_groups(lengths: list[int]) -> list[list[int]]:
-    """The prompts (indices into `lengths`) that prefill in one pass: by length, shortest first, a prompt
-    joining the pass before it while the padding stays within PREFILL_PADDING or PREFILL_SLACK, and the pass
-    within PREFILL_TOKENS."""
-    groups: list[list[int]] = []
-    tokens = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if groups:
-            padded = (len(groups[-1]) + 1) * lengths[i]  # sorted: the newest is the longest
-            waste = padded - tokens - lengths[i]
-            if padded <= PREFILL_TOKENS and waste <= max(PREFILL_PADDING * (tokens + lengths[i]), PREFILL_SLACK):
-                groups[-1].append(i)
-                tokens += lengths[i]
-                continue
-        groups.append([i])
-        tokens = lengths[i]
-    return groups
 
 
 class SelfSpecDecoder:

@@ -27,7 +27,8 @@ from selfspec.batching import Batcher
 from selfspec.copy_sources import CopySources
 from selfspec.passes import StaticPasses, passes_mode
 from selfspec.device import dtype_name, synchronize
-from selfspec.engine import DecodeResult, SelfSpecDecoder
+from selfspec.engine import SelfSpecDecoder
+from selfspec.request import DecodeResult
 from selfspec.loading import ModelParts, make_length_policy
 from selfspec.model import eos_ids
 from selfspec.prompts import Prompt, chat_ids, left_padded

@@ -15,7 +15,9 @@ from tiny_model import make_length_policy, plain_greedy, plain_greedy_batch, tin
 
 from selfspec.copy_sources import CopySources
 from selfspec.drafter import DrafterHead, HeadConfig
-from selfspec.engine import PREFILL_TOKENS, DecodeOptions, SelfSpecDecoder, Sequence, TransitionSink, prefill_groups
+from selfspec.engine import SelfSpecDecoder, Sequence, TransitionSink
+from selfspec.prefill_groups import PREFILL_TOKENS, prefill_groups
+from selfspec.request import DecodeOptions
 from selfspec.length_policy import LengthPolicy
 from selfspec.passes import StaticPasses, pass_runner
 from selfspec.split import SplitModel

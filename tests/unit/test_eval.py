@@ -13,7 +13,7 @@ from dvi.cli.eval import print_table
 from dvi.studies.bench import MethodRuns
 from dvi.studies.eval import Turn, conversation, run_head_dir, select_questions, summarise
 from selfspec.drafter import DrafterHead, HeadConfig, save_head
-from selfspec.engine import DecodeResult, RoundStats
+from selfspec.request import DecodeResult, RoundStats
 from selfspec.prompts import messages_ids, spec_bench_prompts
 from selfspec.split import SplitModel
 from tiny_model import byte_tokenizer, tiny_llama
